@@ -1,0 +1,5 @@
+import sys
+
+from fedmed.cli import main
+
+sys.exit(main())
