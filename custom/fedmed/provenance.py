@@ -1,0 +1,425 @@
+"""Model provenance card: where a federated model came from, with a hash chain over every round.
+
+The card (``DIR/provenance.json``) says which sites contributed and with how many samples, how
+many rounds ran and how updates were aggregated, which privacy scope each site ran under, which
+software versions built the model, and it carries a hash chain:
+
+- record 0 (``kind: "initial"``) holds the hash of the initial global model;
+- one record per round (``kind: "round"``) holds the hash of that round's aggregated global model
+  and the sites that contributed to it with their sample counts;
+- the last record (``kind: "release"``) holds the hash of the released model, the index of the
+  round record it was released from and the hash of the card's ``summary`` section.
+
+Every record holds ``prev_record_sha256`` (the previous record's ``record_sha256``; 64 zeros for
+record 0) and its own ``record_sha256`` (SHA-256 of the record's canonical JSON without that key).
+Changing any record, any model hash or the summary breaks the chain at that record, and
+``python -m fedmed verify-provenance PATH`` names the first broken record.
+
+A hash chain shows that a card is internally consistent; it cannot stop someone who rewrites the
+whole card. The bundle's ``metadata.json`` therefore also records the chain head
+(``provenance.head_sha256``); publishing that value (or the bundle) pins the lineage.
+
+Pure module: numpy and (for loading model files) torch; never imports ``nvflare``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+CARD_FORMAT = "fedmed-provenance/1"
+CARD_FILENAME = "provenance.json"
+GENESIS_SHA256 = "0" * 64
+SOFTWARE_PACKAGES = ("fedmed", "nvflare", "monai", "torch", "numpy")
+
+
+class ProvenanceError(ValueError):
+    """A provenance card or a recording call is malformed; the message says what and where."""
+
+
+# --------------------------------------------------------------------------------------------
+# hashing
+# --------------------------------------------------------------------------------------------
+def canonical_json(obj: Any) -> bytes:
+    """The bytes that are hashed: sorted keys, no whitespace, UTF-8, no NaN/Infinity."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def weights_sha256(weights: Mapping[str, Any]) -> str:
+    """SHA-256 over a model's weights, independent of how they were serialised.
+
+    Hashes, for every parameter name in sorted order: the name, the dtype, the shape and the raw
+    little-endian C-order bytes. Accepts numpy arrays or torch tensors (anything ``np.asarray``
+    takes, after ``.detach().cpu()`` for tensors).
+    """
+    if not isinstance(weights, Mapping) or not weights:
+        raise ProvenanceError("weights_sha256 needs a non-empty mapping of parameter name -> array")
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        value = weights[name]
+        if hasattr(value, "detach"):  # torch tensor
+            value = value.detach().cpu().numpy()
+        array = np.ascontiguousarray(np.asarray(value))
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        header = f"{name}|{array.dtype.str}|{list(array.shape)}|".encode("utf-8")
+        digest.update(len(header).to_bytes(8, "little"))
+        digest.update(header)
+        digest.update(array.tobytes(order="C"))
+    return digest.hexdigest()
+
+
+def record_sha256(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a chain record's canonical JSON, leaving out its own ``record_sha256``."""
+    body = {key: value for key, value in record.items() if key != "record_sha256"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def summary_sha256(summary: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(summary)).hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the packages that built the model (read from package metadata, nothing imported)."""
+    versions = {"python": platform.python_version()}
+    for package in SOFTWARE_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["platform"] = platform.platform()
+    return versions
+
+
+def load_model_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a saved model's weights (a state_dict, or a dict holding one under ``model``/``state_dict``)."""
+    import torch  # local import: the rest of the module works without torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ProvenanceError(f"model file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - report any load failure with the file name
+        raise ProvenanceError(f"model file {path} could not be loaded with torch.load: {exc}") from exc
+    for key in ("model", "state_dict", "weights"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ProvenanceError(f"model file {path} does not hold a state_dict (a mapping of name -> tensor)")
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# recording
+# --------------------------------------------------------------------------------------------
+def _now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    try:
+        json.loads(canonical_json(value))
+    except (TypeError, ValueError) as exc:
+        raise ProvenanceError(f"{where} is not JSON-serialisable (or holds NaN/Infinity): {exc}") from exc
+    return value
+
+
+class ProvenanceRecorder:
+    """Builds a provenance card while a federation runs.
+
+    Call :meth:`record_initial_model` once, :meth:`record_round` after each round's aggregation,
+    :meth:`set_site` whenever a site's counts or privacy scope are known, then :meth:`write`.
+    Each ``record_round`` appends a chained record immediately, so the chain can be written after
+    every round (a crashed run still leaves a verifiable card of the rounds that finished).
+    """
+
+    def __init__(self, job: str, network: Mapping[str, Any] | None = None, aggregation: Mapping[str, Any] | None = None):
+        self.job = str(job)
+        self.network = _jsonable(dict(network or {}), "network spec")
+        self.aggregation = _jsonable(
+            dict(aggregation or {"method": "fedavg", "weighting": "num_samples"}), "aggregation description"
+        )
+        self.created_utc = _now_utc()
+        self.sites: dict[str, dict[str, Any]] = {}
+        self.chain: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+
+    # -- chain ---------------------------------------------------------------------------
+    def _append(self, body: dict[str, Any]) -> dict[str, Any]:
+        record = {
+            "index": len(self.chain),
+            "prev_record_sha256": self.chain[-1]["record_sha256"] if self.chain else GENESIS_SHA256,
+            **body,
+            "timestamp_utc": _now_utc(),
+        }
+        _jsonable(record, f"provenance record {record['index']}")
+        record["record_sha256"] = record_sha256(record)
+        self.chain.append(record)
+        return record
+
+    def record_initial_model(self, weights: Mapping[str, Any]) -> dict[str, Any]:
+        if self.chain:
+            raise ProvenanceError("the initial model must be the first provenance record")
+        return self._append({"kind": "initial", "round": None, "model_sha256": weights_sha256(weights)})
+
+    def record_round(
+        self,
+        round_num: int,
+        weights: Mapping[str, Any],
+        contributors: Iterable[Mapping[str, Any]],
+        metrics: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Chain the global model produced by ``round_num`` from ``contributors`` ({site, num_samples})."""
+        if not self.chain:
+            raise ProvenanceError("record the initial model before the first round")
+        if self.chain[-1]["kind"] == "release":
+            raise ProvenanceError("the card is already released; no more rounds can be recorded")
+        contributors = [dict(c) for c in contributors]
+        for entry in contributors:
+            if "site" not in entry or "num_samples" not in entry:
+                raise ProvenanceError(f"round {round_num}: each contributor needs 'site' and 'num_samples', got {entry}")
+            if int(entry["num_samples"]) <= 0:
+                raise ProvenanceError(
+                    f"round {round_num}: site {entry['site']} reported num_samples={entry['num_samples']}; must be > 0"
+                )
+            site = self.sites.setdefault(str(entry["site"]), {"site": str(entry["site"])})
+            site.setdefault("rounds_contributed", []).append(int(round_num))
+            site["num_train_samples"] = int(entry["num_samples"])
+        body = {
+            "kind": "round",
+            "round": int(round_num),
+            "model_sha256": weights_sha256(weights),
+            "aggregation": self.aggregation.get("method", "fedavg"),
+            "contributors": sorted(
+                ({"site": str(c["site"]), "num_samples": int(c["num_samples"])} for c in contributors),
+                key=lambda c: c["site"],
+            ),
+        }
+        if metrics:
+            body["metrics"] = _jsonable(dict(metrics), f"round {round_num} metrics")
+        return self._append(body)
+
+    def set_site(self, site: str, **fields: Any) -> None:
+        """Record what is known about a site: ``num_train_samples``, ``num_val_samples``,
+        ``privacy_scope``, ``privacy`` (e.g. a DP ledger) ..."""
+        entry = self.sites.setdefault(str(site), {"site": str(site)})
+        for key, value in fields.items():
+            if value is not None:
+                entry[key] = _jsonable(value, f"site {site} field {key}")
+
+    # -- card ----------------------------------------------------------------------------
+    def summary(self, released_model_file: str | None = None) -> dict[str, Any]:
+        rounds = [r for r in self.chain if r["kind"] == "round"]
+        return {
+            "job": self.job,
+            "created_utc": self.created_utc,
+            "network": self.network,
+            "aggregation": self.aggregation,
+            "num_rounds": len(rounds),
+            "rounds": [r["round"] for r in rounds],
+            "sites": [self.sites[name] for name in sorted(self.sites)],
+            "software": software_versions(),
+            "released_model_file": released_model_file,
+            **self.extra,
+        }
+
+    def card(self, released_weights: Mapping[str, Any] | None = None, released_model_file: str | None = None) -> dict[str, Any]:
+        """The card with a release record appended (the recorder's own chain is left untouched).
+
+        ``released_weights`` defaults to the last round's global model; when given, they must equal
+        one of the chained models (e.g. the best round's), else the release would not be in the lineage.
+        """
+        rounds = [r for r in self.chain if r["kind"] in ("initial", "round")]
+        if not rounds:
+            raise ProvenanceError("no model recorded yet; nothing to release")
+        if released_weights is None:
+            source = rounds[-1]
+        else:
+            digest = weights_sha256(released_weights)
+            matches = [r for r in rounds if r["model_sha256"] == digest]
+            if not matches:
+                raise ProvenanceError(
+                    "the released model's weights match no recorded round's global model; "
+                    "release a model that the federation produced"
+                )
+            source = matches[-1]
+        summary = self.summary(released_model_file)
+        release = {
+            "index": len(self.chain),
+            "prev_record_sha256": self.chain[-1]["record_sha256"],
+            "kind": "release",
+            "round": source["round"],
+            "released_from_record": source["index"],
+            "model_sha256": source["model_sha256"],
+            "summary_sha256": summary_sha256(summary),
+            "timestamp_utc": _now_utc(),
+        }
+        release["record_sha256"] = record_sha256(release)
+        chain = [dict(r) for r in self.chain] + [release]
+        return {"format": CARD_FORMAT, "summary": summary, "chain": chain, "head_sha256": release["record_sha256"]}
+
+    def write(self, path: str | os.PathLike, **card_kwargs: Any) -> dict[str, Any]:
+        card = self.card(**card_kwargs)
+        write_card(card, path)
+        return card
+
+
+def write_card(card: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write a card atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(card, handle, indent=2, sort_keys=False, allow_nan=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_card(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CARD_FILENAME
+    if not path.is_file():
+        raise ProvenanceError(f"provenance card {path} does not exist (pass the card file or the run folder holding {CARD_FILENAME})")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProvenanceError(f"provenance card {path} is not valid JSON: {exc}") from exc
+    if not isinstance(card, dict):
+        raise ProvenanceError(f"provenance card {path} must be a JSON object")
+    return card
+
+
+# --------------------------------------------------------------------------------------------
+# verification
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Verification:
+    ok: bool
+    message: str
+    broken_record: int | None = None
+    records: int = 0
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _describe(record: Mapping[str, Any], index: int) -> str:
+    kind = record.get("kind", "?") if isinstance(record, Mapping) else "?"
+    rnd = record.get("round") if isinstance(record, Mapping) else None
+    return f"record {index} ({kind}{'' if rnd is None else f', round {rnd}'})"
+
+
+def verify_card(card: Mapping[str, Any], model_weights: Mapping[str, Any] | None = None) -> Verification:
+    """Check a card's hash chain (and, optionally, that ``model_weights`` are the released model)."""
+    if card.get("format") != CARD_FORMAT:
+        return Verification(False, f"not a fedmed provenance card: format is {card.get('format')!r}, expected {CARD_FORMAT!r}")
+    chain = card.get("chain")
+    if not isinstance(chain, list) or not chain:
+        return Verification(False, "the card has no 'chain' of records")
+    summary = card.get("summary")
+    if not isinstance(summary, Mapping):
+        return Verification(False, "the card has no 'summary' section", records=len(chain))
+    prev = GENESIS_SHA256
+    for index, record in enumerate(chain):
+        where = _describe(record, index)
+        if not isinstance(record, Mapping):
+            return Verification(False, f"{where}: not a JSON object", index, len(chain))
+        if record.get("index") != index:
+            return Verification(False, f"{where}: index is {record.get('index')!r}, expected {index} (records reordered, removed or inserted)", index, len(chain))
+        if record.get("prev_record_sha256") != prev:
+            return Verification(False, f"{where}: prev_record_sha256 does not match record {index - 1}'s hash (the chain is broken before this record)" if index else f"{where}: prev_record_sha256 must be the genesis value", index, len(chain))
+        try:
+            actual = record_sha256(record)
+        except (TypeError, ValueError) as exc:
+            return Verification(False, f"{where}: cannot be hashed: {exc}", index, len(chain))
+        if record.get("record_sha256") != actual:
+            return Verification(False, f"{where}: record_sha256 does not match the record's content (the record was altered)", index, len(chain))
+        kind = record.get("kind")
+        expected_kind = "initial" if index == 0 else ("release" if index == len(chain) - 1 else "round")
+        if kind != expected_kind:
+            return Verification(False, f"{where}: kind is {kind!r}, expected {expected_kind!r}", index, len(chain))
+        if not isinstance(record.get("model_sha256"), str) or len(record["model_sha256"]) != 64:
+            return Verification(False, f"{where}: model_sha256 is missing or malformed", index, len(chain))
+        prev = actual
+    release = chain[-1]
+    last = len(chain) - 1
+    source = release.get("released_from_record")
+    if not isinstance(source, int) or not 0 <= source < last or chain[source].get("model_sha256") != release.get("model_sha256"):
+        return Verification(False, f"{_describe(release, last)}: the released model is not one of the chained global models", last, len(chain))
+    try:
+        actual_summary = summary_sha256(summary)
+    except (TypeError, ValueError) as exc:
+        return Verification(False, f"summary cannot be hashed: {exc}", last, len(chain))
+    if release.get("summary_sha256") != actual_summary:
+        return Verification(False, f"{_describe(release, last)}: summary_sha256 does not match the card's summary (the summary was altered)", last, len(chain))
+    if card.get("head_sha256") != release["record_sha256"]:
+        return Verification(False, "head_sha256 does not match the last record's hash", last, len(chain))
+    if model_weights is not None and weights_sha256(model_weights) != release["model_sha256"]:
+        return Verification(False, f"{_describe(release, last)}: the model file's weights do not match the released model_sha256 (the model was changed after release)", last, len(chain))
+    return Verification(True, f"provenance chain intact: {len(chain)} records, head {release['record_sha256'][:16]}...", None, len(chain))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: python -m fedmed verify-provenance PATH
+# --------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("path", help=f"a provenance card, or a run folder holding {CARD_FILENAME}")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a released model file (state_dict .pt) that must match the card's released model; "
+        "repeatable. Without it, the card's released_model_file is checked when it exists next to the card",
+    )
+    parser.add_argument("--head", help="the expected chain head hash (e.g. from the bundle's metadata.json)")
+
+
+def main(args) -> int:
+    try:
+        card_path = Path(args.path)
+        card = load_card(card_path)
+        base = card_path if card_path.is_dir() else card_path.parent
+        result = verify_card(card)
+        if not result:
+            print(f"TAMPERED: {card_path}: {result.message}", file=sys.stderr)
+            return 1
+        if args.head and args.head != card["head_sha256"]:
+            print(f"TAMPERED: {card_path}: head_sha256 {card['head_sha256']} differs from the expected head {args.head}", file=sys.stderr)
+            return 1
+        model_files = [Path(m) for m in args.model]
+        released = card["summary"].get("released_model_file")
+        if not model_files and released and (base / released).is_file():
+            model_files = [base / released]
+        for model_file in model_files:
+            check = verify_card(card, load_model_weights(model_file))
+            if not check:
+                print(f"TAMPERED: {model_file}: {check.message}", file=sys.stderr)
+                return 1
+            print(f"model {model_file} matches the released model_sha256")
+        print(f"OK: {card_path}: {result.message}")
+        return 0
+    except ProvenanceError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
