@@ -127,7 +127,7 @@ class RunData:
     matrix: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # model -> site -> metrics
     model_kinds: dict[str, str] = field(default_factory=dict)  # model -> global | local | local_only | pooled
     model_sites: dict[str, str] = field(default_factory=dict)  # local model -> its site
-    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # site -> {"round": [...], metric: [...]}
+    curves: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)  # site -> metric -> {x, y}
     budget: dict[str, Any] = field(default_factory=dict)
     card: dict[str, Any] | None = None
     card_status: str | None = None
@@ -138,7 +138,7 @@ class RunData:
         for metric in ("val_auc", "val_dice"):
             if any(metric in m for row in self.matrix.values() for m in row.values()):
                 return metric
-            if any(metric in c for c in self.curves.values()):
+            if any(metric in series for series in self.curves.values()):
                 return metric
         return "val_auc"
 
@@ -150,52 +150,46 @@ class RunData:
         return {self.model_sites[m]: m for m, k in self.model_kinds.items() if k == "local"}, "local"
 
 
-def learning_curves(metrics_doc: Any, source: str = "metrics.json") -> dict[str, dict[str, list[float]]]:
-    """Per-site series over rounds from the controller's metrics.json.
+def learning_curves(metrics_doc: Any, source: str = "metrics.json") -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per-site series from the controller's metrics.json: ``{site: {metric: {"x": [...], "y": [...]}}}``.
 
-    Accepts ``{"rounds": [{"round": r, "sites": {site: {metric: v}}}, ...]}`` (a list of round
-    records, also at top level) or ``{"sites": {site: [{"round": r, metric: v}, ...]}}``.
+    Reads ``rounds[].sites[site]`` (what each site reported while training round ``round``, x = round)
+    and ``evaluations[].sites[site]`` (the global model of version ``model_version``, i.e. after that
+    many rounds, evaluated on the site's validation data; x = model_version). Either may be absent.
     """
-    curves: dict[str, dict[str, list[float]]] = {}
-
-    def add(site: str, rnd: Any, values: Mapping[str, Any]) -> None:
-        if not isinstance(values, Mapping):
-            raise ReportError(f"{source}: metrics of site {site!r} in round {rnd!r} must be an object")
-        series = curves.setdefault(str(site), {"round": []})
-        series["round"].append(float(rnd))
-        n = len(series["round"])
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
-                series.setdefault(key, [math.nan] * (n - 1))
-        for key in list(series):
-            if key == "round":
-                continue
-            value = values.get(key)
-            series[key].append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan)
-
-    rounds = metrics_doc.get("rounds") if isinstance(metrics_doc, Mapping) else metrics_doc
-    if isinstance(rounds, list):
-        for i, record in enumerate(rounds):
+    if not isinstance(metrics_doc, Mapping):
+        raise ReportError(f"{source}: must be a JSON object with 'rounds' and/or 'evaluations'")
+    curves: dict[str, dict[str, dict[str, list[float]]]] = {}
+    found = False
+    for list_key, x_key in (("rounds", "round"), ("evaluations", "model_version")):
+        records = metrics_doc.get(list_key)
+        if records is None:
+            continue
+        if not isinstance(records, list):
+            raise ReportError(f"{source}: '{list_key}' must be a list of per-round records")
+        found = True
+        for i, record in enumerate(records):
             if not isinstance(record, Mapping):
-                raise ReportError(f"{source}: rounds[{i}] must be an object")
-            rnd = record.get("round", i)
-            sites = record.get("sites", record.get("site_metrics"))
+                raise ReportError(f"{source}: {list_key}[{i}] must be an object")
+            sites = record.get("sites")
             if not isinstance(sites, Mapping):
-                raise ReportError(f"{source}: rounds[{i}] has no 'sites' object (site -> metrics)")
+                raise ReportError(f"{source}: {list_key}[{i}] has no 'sites' object (site -> metrics)")
+            x = record.get(x_key, i)
             for site, values in sites.items():
-                add(site, rnd, values)
-    elif isinstance(metrics_doc, Mapping) and isinstance(metrics_doc.get("sites"), Mapping):
-        for site, records in metrics_doc["sites"].items():
-            if not isinstance(records, list):
-                raise ReportError(f"{source}: sites[{site!r}] must be a list of per-round records")
-            for i, values in enumerate(records):
-                add(site, values.get("round", i) if isinstance(values, Mapping) else i, values)
-    else:
-        raise ReportError(f"{source}: expected a 'rounds' list of per-round records or a 'sites' object")
-    for series in curves.values():
-        order = sorted(range(len(series["round"])), key=lambda j: series["round"][j])
-        for key in series:
-            series[key] = [series[key][j] for j in order]
+                if not isinstance(values, Mapping):
+                    raise ReportError(f"{source}: {list_key}[{i}].sites[{site!r}] must be an object of metrics")
+                for metric, value in values.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        series = curves.setdefault(str(site), {}).setdefault(metric, {"x": [], "y": []})
+                        series["x"].append(float(x))
+                        series["y"].append(float(value))
+    if not found:
+        raise ReportError(f"{source}: expected a 'rounds' and/or 'evaluations' list of per-round records")
+    for site_series in curves.values():
+        for series in site_series.values():
+            order = sorted(range(len(series["x"])), key=lambda j: series["x"][j])
+            series["x"] = [series["x"][j] for j in order]
+            series["y"] = [series["y"][j] for j in order]
     return curves
 
 
@@ -383,20 +377,21 @@ def plot_learning_curves(data: RunData, metric: str, path: Path) -> None:
     has_loss = any("train_loss" in c for c in data.curves.values())
     fig = _figure(10 if has_loss else 6, 4)
     axes = fig.subplots(1, 2 if has_loss else 1, squeeze=False)[0]
-    all_rounds: dict[float, list[float]] = {}
+    by_x: dict[float, list[float]] = {}
     for site in sorted(data.curves):
-        series = data.curves[site]
-        if metric in series:
-            axes[0].plot(series["round"], series[metric], marker="o", label=site)
-            for r, v in zip(series["round"], series[metric]):
-                if np.isfinite(v):
-                    all_rounds.setdefault(r, []).append(v)
-        if has_loss and "train_loss" in series:
-            axes[1].plot(series["round"], series["train_loss"], marker="o", label=site)
-    if all_rounds:
-        rounds = sorted(all_rounds)
-        axes[0].plot(rounds, [_mean(all_rounds[r]) for r in rounds], color="black", linewidth=2.5, label="mean")
-    axes[0].set_xlabel("round")
+        series = data.curves[site].get(metric)
+        if series:
+            axes[0].plot(series["x"], series["y"], marker="o", label=site)
+            for x, y in zip(series["x"], series["y"]):
+                if np.isfinite(y):
+                    by_x.setdefault(x, []).append(y)
+        loss = data.curves[site].get("train_loss")
+        if has_loss and loss:
+            axes[1].plot(loss["x"], loss["y"], marker="o", label=site)
+    if by_x:
+        xs = sorted(by_x)
+        axes[0].plot(xs, [_mean(by_x[x]) for x in xs], color="black", linewidth=2.5, label="mean")
+    axes[0].set_xlabel("rounds completed (0 = initial model)")
     axes[0].set_ylabel(f"{metric} of the global model")
     axes[0].set_title("global model on each site's validation data")
     axes[0].legend(fontsize=8)
@@ -405,6 +400,7 @@ def plot_learning_curves(data: RunData, metric: str, path: Path) -> None:
         axes[1].set_xlabel("round")
         axes[1].set_ylabel("local training loss")
         axes[1].set_title("each site's training loss")
+        axes[1].legend(fontsize=8)
         axes[1].grid(alpha=0.3)
     fig.savefig(path)
 
@@ -586,30 +582,28 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
                     [[_model_label(data, m)] + [_fmt(data.matrix[m].get(s, {}).get(shown, math.nan)) for s in data.sites]
                      for m in ordered_models(data)],
                 ))
-        if data.cross_site_errors:
-            matrix_section.paragraphs.append(
-                "Cells that failed during cross-site evaluation: "
-                + "; ".join(f"{m} on {s}: {e}" for m, row in data.cross_site_errors.items() for s, e in (row.items() if isinstance(row, Mapping) else [("?", row)]))
-            )
+        failures = flatten_errors(data.cross_site_errors)
+        if failures:
+            matrix_section.paragraphs.append("Failures during cross-site evaluation (missing cells): " + "; ".join(failures) + ".")
         if plots.get("cross_site_auc.png"):
             matrix_section.image = "cross_site_auc.png"
         sections.append(matrix_section)
 
     if data.curves:
         curves = Section("Learning curves")
-        rounds = sorted({r for c in data.curves.values() for r in c["round"]})
+        xs = sorted({x for c in data.curves.values() for x in c.get(metric, {}).get("x", [])})
         curves.paragraphs.append(
-            f"{len(rounds)} rounds; each point is the global model received at that round, evaluated on the site's "
-            f"validation data (from metrics.json)."
+            f"Each point is the global model after that many rounds (0 = the initial model), evaluated on the "
+            f"site's validation data (from metrics.json); the right panel is each site's local training loss."
         )
         table_rows = []
         for site in sorted(data.curves):
-            series = data.curves[site]
-            if metric in series:
-                table_rows.append([site] + [_fmt(v) for v in series[metric]])
+            series = data.curves[site].get(metric)
+            if series:
+                values = dict(zip(series["x"], series["y"]))
+                table_rows.append([site] + [_fmt(values.get(x, math.nan)) for x in xs])
         if table_rows:
-            width = max(len(r) for r in table_rows) - 1
-            curves.tables.append(([f"{metric} \\ round"] + [str(int(r)) if float(r).is_integer() else str(r) for r in rounds[:width]], table_rows))
+            curves.tables.append(([f"{metric} \\ rounds completed"] + [str(int(x)) if float(x).is_integer() else str(x) for x in xs], table_rows))
         if plots.get("learning_curves.png"):
             curves.image = "learning_curves.png"
         sections.append(curves)
@@ -649,6 +643,16 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
         summary["provenance"] = {"status": data.card_status, "head_sha256": card.get("head_sha256")}
     sections.append(prov)
     return sections, summary
+
+
+def flatten_errors(errors: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """``{"submit_model": {site: msg}, "validate": {model: {site: msg}}}`` -> readable lines."""
+    if isinstance(errors, Mapping):
+        lines = []
+        for key, value in errors.items():
+            lines += flatten_errors(value, path + (str(key),))
+        return lines
+    return [f"{' / '.join(path)}: {errors}"]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,0 +1,326 @@
+"""Site data for 2D image classification: loading, partitioning across hospitals, synthetic X-rays.
+
+Pure module: numpy and MONAI only, no FLARE. Images are float32 arrays shaped (N, C, H, W) with
+values in [0, 1]; labels are int64 class indices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+NPZ_REQUIRED_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
+
+
+class DataError(ValueError):
+    """Site data that cannot be used; the message names the file or key and what to do."""
+
+
+@dataclass
+class ImageSplit:
+    images: np.ndarray  # float32 (N, C, H, W) in [0, 1]
+    labels: np.ndarray  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class SiteData:
+    train: ImageSplit
+    val: ImageSplit
+    test: ImageSplit | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _to_float_images(images: np.ndarray, source: str) -> np.ndarray:
+    """Bring (N, H, W), (N, H, W, C) or (N, C, H, W) arrays to float32 (N, C, H, W) in [0, 1]."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = np.transpose(images, (0, 3, 1, 2))
+    if images.ndim != 4:
+        raise DataError(f"{source}: expected images shaped (N, H, W) or (N, H, W, C), got {images.shape}")
+    if np.issubdtype(images.dtype, np.integer):
+        out = images.astype(np.float32) / 255.0
+    else:
+        out = images.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise DataError(f"{source}: images contain NaN or infinite values")
+    if out.size and (out.min() < 0.0 or out.max() > 1.0):
+        raise DataError(f"{source}: float images must lie in [0, 1] (got {out.min():.3g}..{out.max():.3g})")
+    return out
+
+
+def _to_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size and not np.all(np.equal(np.mod(labels, 1), 0)):
+        raise DataError(f"{source}: labels must be whole class indices")
+    labels = labels.astype(np.int64)
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise DataError(
+            f"{source}: label {int(labels[bad][0])} is out of range for {num_classes} classes "
+            f"(expected 0..{num_classes - 1}); fix the labels or set num_classes"
+        )
+    return labels
+
+
+def load_npz(path: str | os.PathLike, num_classes: int = 2) -> SiteData:
+    """Load a MedMNIST-layout npz: train_images/labels, val_images/labels, optional test_*."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; point the site's data config at a MedMNIST-style .npz")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        keys = set(archive.files)
+    except Exception as exc:  # zipfile / format errors
+        raise DataError(f"data file {path} is not a readable .npz archive ({exc})") from exc
+    missing = [key for key in NPZ_REQUIRED_KEYS if key not in keys]
+    if missing:
+        raise DataError(
+            f"data file {path} lacks key(s) {', '.join(missing)}; a MedMNIST-style npz needs "
+            f"{', '.join(NPZ_REQUIRED_KEYS)} (test_* optional). Keys found: {', '.join(sorted(keys)) or 'none'}"
+        )
+
+    def split(prefix: str) -> ImageSplit:
+        images = _to_float_images(archive[f"{prefix}_images"], f"{path}:{prefix}_images")
+        labels = _to_labels(archive[f"{prefix}_labels"], num_classes, f"{path}:{prefix}_labels")
+        if len(images) != len(labels):
+            raise DataError(f"{path}: {prefix}_images has {len(images)} rows but {prefix}_labels has {len(labels)}")
+        if len(labels) == 0:
+            raise DataError(f"{path}: {prefix} split is empty")
+        return ImageSplit(images, labels)
+
+    test = split("test") if {"test_images", "test_labels"} <= keys else None
+    return SiteData(train=split("train"), val=split("val"), test=test)
+
+
+def save_npz(path: str | os.PathLike, data: SiteData) -> None:
+    """Write a SiteData as a MedMNIST-layout npz (uint8 images), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, split in (("train", data.train), ("val", data.val), ("test", data.test)):
+        if split is None:
+            continue
+        images = np.clip(np.rint(split.images * 255.0), 0, 255).astype(np.uint8)
+        arrays[f"{prefix}_images"] = images[:, 0] if images.shape[1] == 1 else np.transpose(images, (0, 2, 3, 1))
+        arrays[f"{prefix}_labels"] = split.labels.reshape(-1, 1).astype(np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.partial")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_datalist(
+    path: str | os.PathLike, image_size: int = 28, num_classes: int = 2, base_dir: str | None = None
+) -> SiteData:
+    """Load a MONAI-style datalist JSON of image files with labels.
+
+    ``{"training": [{"image": "a.png", "label": 0}, ...], "validation": [...], "test": [...]}``.
+    Images (PNG/JPEG/NIfTI/DICOM) are read with MONAI ``LoadImage``, made channel-first, scaled to
+    [0, 1] and resized to ``image_size`` x ``image_size``. Relative paths resolve against
+    ``base_dir`` or the datalist's folder.
+    """
+    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensity
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"datalist {path} does not exist; point the site's data config at a datalist JSON")
+    try:
+        datalist = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"datalist {path} is not valid JSON ({exc})") from exc
+    for key in ("training", "validation"):
+        if not isinstance(datalist.get(key), list) or not datalist[key]:
+            raise DataError(f"datalist {path}: key '{key}' must be a non-empty list of {{'image', 'label'}} items")
+    root = Path(base_dir) if base_dir else path.parent
+    transform = Compose(
+        [
+            LoadImage(image_only=True),
+            EnsureChannelFirst(),
+            ScaleIntensity(minv=0.0, maxv=1.0),
+            Resize((image_size, image_size)),
+        ]
+    )
+
+    def split(key: str) -> ImageSplit:
+        images, labels = [], []
+        for index, item in enumerate(datalist[key]):
+            if not isinstance(item, dict) or "image" not in item or "label" not in item:
+                raise DataError(f"datalist {path}: {key}[{index}] needs 'image' and 'label'")
+            image_path = Path(item["image"])
+            image_path = image_path if image_path.is_absolute() else root / image_path
+            if not image_path.exists():
+                raise DataError(f"datalist {path}: {key}[{index}] image {image_path} does not exist")
+            try:
+                image = np.asarray(transform(str(image_path)), dtype=np.float32)
+            except Exception as exc:
+                raise DataError(f"datalist {path}: cannot read image {image_path} ({exc}); replace or remove it") from exc
+            if image.ndim != 3:
+                raise DataError(f"datalist {path}: image {image_path} is not a 2D image (shape {image.shape})")
+            images.append(image[:1] if image.shape[0] != 3 else image.mean(axis=0, keepdims=True))
+            labels.append(item["label"])
+        stacked = np.clip(np.stack(images).astype(np.float32), 0.0, 1.0)
+        return ImageSplit(stacked, _to_labels(np.array(labels), num_classes, f"datalist {path}:{key}"))
+
+    test = split("test") if datalist.get("test") else None
+    return SiteData(train=split("training"), val=split("validation"), test=test)
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic chest X-rays
+
+
+def synthetic_xrays(num: int, image_size: int = 28, seed: int = 0, positive_fraction: float = 0.5) -> ImageSplit:
+    """Chest-X-ray-like images with a learnable class signal.
+
+    Two dark lung fields on a brighter body; class 1 ("pneumonia") adds blurred bright opacities
+    inside the lungs. Anatomy, opacity size/position and noise vary per image.
+    """
+    rng = np.random.default_rng(seed)
+    size = image_size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    labels = (rng.random(num) < positive_fraction).astype(np.int64)
+    images = np.empty((num, 1, size, size), dtype=np.float32)
+    for i in range(num):
+        body = 0.55 + 0.1 * rng.standard_normal() * 0.5
+        image = np.full((size, size), body, dtype=np.float32)
+        image += 0.15 * (1.0 - np.abs(xx - 0.5) * 2.0)  # brighter centre (mediastinum)
+        cy = 0.5 + 0.04 * rng.standard_normal()
+        lungs = []
+        for side in (-1.0, 1.0):
+            cx = 0.5 + side * (0.22 + 0.02 * rng.standard_normal())
+            ry, rx = 0.3 + 0.03 * rng.standard_normal(), 0.14 + 0.015 * rng.standard_normal()
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+            image[mask] -= 0.35
+            lungs.append((cx, cy, rx, ry))
+        if labels[i] == 1:
+            for _ in range(rng.integers(1, 3)):
+                cx, cy_l, rx, ry = lungs[rng.integers(0, 2)]
+                oy = cy_l + rng.uniform(-0.6, 0.6) * ry
+                ox = cx + rng.uniform(-0.5, 0.5) * rx
+                radius = rng.uniform(0.07, 0.14)
+                image += 0.3 * np.exp(-((yy - oy) ** 2 + (xx - ox) ** 2) / (2 * radius**2))
+        image += 0.06 * rng.standard_normal((size, size)).astype(np.float32)
+        images[i, 0] = np.clip(image, 0.0, 1.0)
+    return ImageSplit(images, labels)
+
+
+def synthetic_site_data(
+    num_train: int = 400, num_val: int = 100, image_size: int = 28, seed: int = 0
+) -> SiteData:
+    return SiteData(
+        train=synthetic_xrays(num_train, image_size, seed=seed * 2 + 1),
+        val=synthetic_xrays(num_val, image_size, seed=seed * 2 + 2),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# partitioning one pool across hospitals
+
+
+def partition_indices(
+    label_sets: list[np.ndarray],
+    num_sites: int,
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_per_class: int = 2,
+) -> list[list[np.ndarray]]:
+    """Split the sample indices of one or more label arrays across sites with label skew.
+
+    For every class, the share each site receives is drawn once from Dirichlet(alpha) and applied
+    to every label array given (e.g. train and val alike). Small alpha gives strong label skew and
+    unequal site sizes. Every site gets at least ``min_per_class`` samples of every class (so each
+    site can compute a validation AUC). Returns, per label array, one sorted index array per site;
+    together they cover every index exactly once.
+    """
+    if num_sites < 1:
+        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+    if alpha <= 0:
+        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+    label_sets = [np.asarray(labels).reshape(-1) for labels in label_sets]
+    classes = np.unique(np.concatenate(label_sets))
+    for set_index, labels in enumerate(label_sets):
+        for cls in classes:
+            count = int(np.sum(labels == cls))
+            if count < num_sites * min_per_class:
+                raise DataError(
+                    f"class {int(cls)} has only {count} samples in split {set_index}: too few to give "
+                    f"{num_sites} sites {min_per_class} each; use fewer sites or more data"
+                )
+    rng = np.random.default_rng(seed)
+    shares = {int(cls): rng.dirichlet(np.full(num_sites, alpha)) for cls in classes}
+    result = []
+    for labels in label_sets:
+        parts: list[list[int]] = [[] for _ in range(num_sites)]
+        for cls in classes:
+            idx = np.flatnonzero(labels == cls)
+            rng.shuffle(idx)
+            share = shares[int(cls)]
+            counts = np.full(num_sites, min_per_class)
+            rest = len(idx) - counts.sum()
+            extra = np.floor(share * rest).astype(int)
+            extra[np.argmax(share)] += rest - extra.sum()
+            counts += extra
+            for site, chunk in enumerate(np.split(idx, np.cumsum(counts)[:-1])):
+                parts[site].extend(chunk.tolist())
+        result.append([np.sort(np.array(p, dtype=np.int64)) for p in parts])
+    return result
+
+
+def dirichlet_partition(
+    labels: np.ndarray, num_sites: int, alpha: float = 0.5, seed: int = 0, min_per_class: int = 2
+) -> list[np.ndarray]:
+    """One label array's share of :func:`partition_indices`."""
+    return partition_indices([labels], num_sites, alpha, seed, min_per_class)[0]
+
+
+def scanner_shift(images: np.ndarray, site_index: int, seed: int = 0, strength: float = 1.0) -> np.ndarray:
+    """Simulate a site's scanner: a per-site gamma, contrast and brightness change (seeded)."""
+    rng = np.random.default_rng([seed, site_index, 7919])
+    gamma = float(np.exp(rng.uniform(-0.25, 0.25) * strength))
+    contrast = 1.0 + rng.uniform(-0.2, 0.2) * strength
+    brightness = rng.uniform(-0.06, 0.06) * strength
+    shifted = np.power(np.clip(images, 0.0, 1.0), gamma)
+    shifted = (shifted - 0.5) * contrast + 0.5 + brightness
+    return np.clip(shifted, 0.0, 1.0).astype(np.float32)
+
+
+def partition_sites(
+    pool: SiteData,
+    num_sites: int,
+    alpha: float = 0.5,
+    seed: int = 0,
+    shift_strength: float = 1.0,
+) -> list[SiteData]:
+    """Split a pooled dataset into per-hospital datasets (train and val partitioned alike).
+
+    Both splits use the same per-class site shares so a site's validation data follows its own
+    label distribution; each site's images get that site's scanner shift.
+    """
+    train_parts, val_parts = partition_indices([pool.train.labels, pool.val.labels], num_sites, alpha, seed)
+    sites = []
+    for site, (tr, va) in enumerate(zip(train_parts, val_parts)):
+        sites.append(
+            SiteData(
+                train=ImageSplit(scanner_shift(pool.train.images[tr], site, seed, shift_strength), pool.train.labels[tr]),
+                val=ImageSplit(scanner_shift(pool.val.images[va], site, seed, shift_strength), pool.val.labels[va]),
+            )
+        )
+    return sites

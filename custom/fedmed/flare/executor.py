@@ -1,0 +1,191 @@
+"""FLARE Executor: a thin adapter around :class:`fedmed.training.LocalTrainer`.
+
+Tasks (names configurable):
+- ``train``: DXO WEIGHTS in (meta ``round``, ``network``, ``task``); evaluates the received global
+  model on local validation data, trains, answers DXO WEIGHT_DIFF with the real sample count.
+- ``validate``: DXO WEIGHTS in; answers DXO METRICS on local validation data.
+- ``submit_model``: answers DXO WEIGHTS of this site's latest local model.
+
+The site reads where its data is from its own ``local/fedmed_site.json``; a bad or unfilled config
+makes every task fail with a message naming the site and the file, which the server reports.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+
+from fedmed.aggregation import weight_difference
+from fedmed.data import DataError
+from fedmed.site_config import SITE_CONFIG_FILE, SiteConfigError, load_site_config
+from fedmed.tasks import build_task
+from fedmed.training import LocalTrainer, TrainingAborted
+
+ERROR_HEADER = "fedmed_error"  # reply header carrying a site's error message to the server
+
+
+def error_reply(message: str, rc: str = ReturnCode.EXECUTION_EXCEPTION) -> Shareable:
+    reply = make_reply(rc)
+    reply.set_header(ERROR_HEADER, message)
+    return reply
+
+
+class FedMedExecutor(Executor):
+    def __init__(
+        self,
+        local_epochs: int = 1,
+        lr: float = 1e-3,
+        batch_size: int = 32,
+        fedprox_mu: float = 0.0,
+        seed: int = 0,
+        device: str = "auto",
+        amp: bool = True,
+        num_workers: int = 0,
+        site_config_file: str = SITE_CONFIG_FILE,
+        tb_writer_id: str = "tb_writer",
+        train_task_name: str = "train",
+        validate_task_name: str = "validate",
+        submit_model_task_name: str = "submit_model",
+    ):
+        """Args (the client config's ``args``):
+        local_epochs, lr, batch_size, fedprox_mu, seed, device, amp, num_workers: see LocalTrainer.
+        site_config_file: file name in the site's ``local/`` folder saying where its data is.
+        tb_writer_id: id of a FLARE TBWriter component; metrics stream to the server's TensorBoard.
+        *_task_name: the task names this executor answers.
+        """
+        super().__init__()
+        self.trainer_args = dict(
+            local_epochs=local_epochs, lr=lr, batch_size=batch_size, fedprox_mu=fedprox_mu, seed=seed,
+            device=device, amp=amp, num_workers=num_workers,
+        )
+        self.site_config_file = site_config_file
+        self.tb_writer_id = tb_writer_id
+        self.train_task_name = train_task_name
+        self.validate_task_name = validate_task_name
+        self.submit_model_task_name = submit_model_task_name
+        self._trainer: LocalTrainer | None = None
+        self._task_spec = None
+        self._local_weights: dict[str, np.ndarray] | None = None
+        self._local_network = None
+        self._tb_writer = None
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def _site_trainer(self, task_spec: dict, fl_ctx: FLContext) -> LocalTrainer:
+        if self._trainer is not None and self._task_spec == task_spec:
+            return self._trainer
+        site = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_engine().get_workspace()
+        config_path = f"{workspace.get_site_config_dir()}/{self.site_config_file}"
+        config = load_site_config(config_path, site)
+        task = build_task(task_spec)
+        train_ds, val_ds = task.load_site_data(config["data"], site)
+        self._trainer = LocalTrainer(task, train_ds, val_ds, **self.trainer_args)
+        self._task_spec = task_spec
+        self.log_info(
+            fl_ctx,
+            f"site {site}: {len(train_ds)} training and {len(val_ds)} validation samples from {config_path}; "
+            f"device {self._trainer.device}",
+        )
+        self._tb_writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if self.tb_writer_id else None
+        return self._trainer
+
+    def _track(self, metrics: dict, round_num: int, prefix: str = "") -> None:
+        if self._tb_writer is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and np.isfinite(value) and key != "num_val_samples":
+                self._tb_writer.add_scalar(prefix + key, float(value), global_step=round_num)
+
+    # ---- tasks ------------------------------------------------------------------------------
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        try:
+            if task_name == self.train_task_name:
+                return self._train(shareable, fl_ctx, abort_signal)
+            if task_name == self.validate_task_name:
+                return self._validate(shareable, fl_ctx)
+            if task_name == self.submit_model_task_name:
+                return self._submit_model(fl_ctx)
+            self.log_error(fl_ctx, f"site {site}: unknown task '{task_name}'")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        except TrainingAborted:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        except (SiteConfigError, DataError) as exc:
+            message = f"site {site}: {exc}"
+            self.log_error(fl_ctx, message)
+            return error_reply(message)
+        except Exception as exc:  # report, never hide: the server decides whether the round survives
+            message = f"site {site}: task '{task_name}' failed: {type(exc).__name__}: {exc}"
+            self.log_exception(fl_ctx, message)
+            return error_reply(message)
+
+    @staticmethod
+    def _incoming(shareable: Shareable, site: str) -> DXO:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise ValueError(f"expected model WEIGHTS from the server, got {dxo.data_kind}")
+        for key in ("network", "task"):
+            if key not in dxo.meta:
+                raise ValueError(f"the server's task lacks meta '{key}'")
+        return dxo
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        dxo = self._incoming(shareable, site)
+        round_num = int(dxo.meta.get("round", 0))
+        network = dxo.meta["network"]
+        trainer = self._site_trainer(dxo.meta["task"], fl_ctx)
+        global_weights = {key: np.asarray(value) for key, value in dxo.data.items()}
+
+        val_metrics = trainer.evaluate(network, global_weights)
+        result = trainer.train(network, global_weights, round_num, should_abort=lambda: abort_signal.triggered)
+        self._local_weights, self._local_network = result.weights, network
+        metrics = {**val_metrics, **result.metrics}
+        self._track(metrics, round_num)
+        self.log_info(
+            fl_ctx,
+            f"site {site} round {round_num}: train_loss {result.metrics['train_loss']:.4f}, "
+            f"global model {trainer.task.key_metric} {val_metrics[trainer.task.key_metric]:.4f} "
+            f"({result.num_samples} samples, {result.metrics['train_seconds']:.1f} s)",
+        )
+        out = DXO(
+            data_kind=DataKind.WEIGHT_DIFF,
+            data=weight_difference(result.weights, global_weights),
+            meta={
+                "num_samples": result.num_samples,
+                MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples,
+                "site": site,
+                "round": round_num,
+                "metrics": metrics,
+            },
+        )
+        return out.to_shareable()
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        dxo = self._incoming(shareable, site)
+        trainer = self._site_trainer(dxo.meta["task"], fl_ctx)
+        metrics = trainer.evaluate(dxo.meta["network"], {k: np.asarray(v) for k, v in dxo.data.items()})
+        model_name = dxo.meta.get("model_name", "global")
+        if "round" in dxo.meta:
+            self._track(metrics, int(dxo.meta["round"]))
+        self.log_info(fl_ctx, f"site {site}: validated model '{model_name}': {metrics}")
+        return DXO(data_kind=DataKind.METRICS, data=metrics, meta={"site": site, "model_name": model_name}).to_shareable()
+
+    def _submit_model(self, fl_ctx: FLContext) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        if self._local_weights is None:
+            return error_reply(f"site {site}: no local model to submit (this site has not trained in this job)")
+        return DXO(
+            data_kind=DataKind.WEIGHTS,
+            data=self._local_weights,
+            meta={"site": site, "network": self._local_network, "num_samples": self._trainer.num_train_samples},
+        ).to_shareable()

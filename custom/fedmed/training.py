@@ -1,0 +1,163 @@
+"""The site-local trainer: no FLARE import, usable alone (baselines) or behind the FLARE executor.
+
+Trains ``local_epochs`` epochs from the weights it is given and evaluates on the site's validation
+data. Uses CUDA and mixed precision when a GPU is present, the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedmed.networks import build_network, numpy_to_state, state_to_numpy
+
+
+class TrainingAborted(RuntimeError):
+    """Raised when the caller's abort check fires between batches."""
+
+
+@dataclass
+class TrainResult:
+    weights: dict[str, np.ndarray]  # the local model after training
+    num_samples: int  # real training-sample count (not batches)
+    metrics: dict = field(default_factory=dict)  # train_loss, seconds, samples_per_second, ...
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LocalTrainer:
+    def __init__(
+        self,
+        task,
+        train_dataset: Dataset,
+        val_dataset: Dataset,
+        local_epochs: int = 1,
+        lr: float = 1e-3,
+        batch_size: int = 32,
+        fedprox_mu: float = 0.0,
+        seed: int = 0,
+        device: str = "auto",
+        amp: bool = True,
+        num_workers: int = 0,
+    ):
+        """Args:
+        task: a task object from :mod:`fedmed.tasks` (loss, metrics, batch handling).
+        train_dataset / val_dataset: this site's data.
+        local_epochs: epochs over the local training data per call to :meth:`train`.
+        lr: Adam learning rate.
+        batch_size: mini-batch size.
+        fedprox_mu: FedProx proximal weight; 0 is plain FedAvg local training.
+        seed: seeds shuffling (combined with the round number).
+        device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
+        amp: mixed precision on CUDA (ignored on CPU).
+        num_workers: DataLoader worker processes.
+        """
+        if local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if fedprox_mu < 0:
+            raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
+        if len(train_dataset) == 0:
+            raise ValueError("the site's training set is empty")
+        self.task = task
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.local_epochs = local_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.fedprox_mu = fedprox_mu
+        self.seed = seed
+        self.device = pick_device(device)
+        self.amp = amp and self.device.type == "cuda"
+        self.num_workers = num_workers
+        self._model = None
+        self._model_spec = None
+
+    @property
+    def num_train_samples(self) -> int:
+        return len(self.train_dataset)
+
+    def model(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None) -> torch.nn.Module:
+        """The network for ``network_spec`` (built once), loaded with ``weights`` when given."""
+        if self._model is None or self._model_spec != network_spec:
+            self._model = build_network(network_spec, seed=self.seed).to(self.device)
+            self._model_spec = network_spec
+        if weights is not None:
+            reference = self._model.state_dict()
+            self._model.load_state_dict(numpy_to_state(weights, reference), strict=True)
+        return self._model
+
+    def _loader(self, dataset, shuffle: bool, seed: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def train(
+        self,
+        network_spec: dict,
+        global_weights: dict[str, np.ndarray] | None,
+        round_num: int = 0,
+        should_abort: Callable[[], bool] | None = None,
+    ) -> TrainResult:
+        """Train from ``global_weights`` (or a fresh seeded network) and return the local model."""
+        model = self.model(network_spec, global_weights)
+        model.train()
+        loss_fn = self.task.loss()
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        anchor = [p.detach().clone() for p in model.parameters()] if self.fedprox_mu > 0 else None
+        loader = self._loader(self.train_dataset, shuffle=True, seed=self.seed * 100003 + round_num)
+        started = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        for _ in range(self.local_epochs):
+            for batch in loader:
+                if should_abort is not None and should_abort():
+                    raise TrainingAborted("training aborted by the caller")
+                inputs, targets = self.task.batch_to_device(batch, self.device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                    outputs = model(inputs)
+                    loss = loss_fn(outputs, targets)
+                total = loss
+                if anchor is not None:
+                    prox = sum(torch.sum((p - a) ** 2) for p, a in zip(model.parameters(), anchor))
+                    total = loss + 0.5 * self.fedprox_mu * prox
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"training loss became {float(total)}; lower the learning rate")
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += float(loss.detach()) * len(inputs)
+                seen += len(inputs)
+        seconds = time.perf_counter() - started
+        return TrainResult(
+            weights=state_to_numpy(model),
+            num_samples=self.num_train_samples,
+            metrics={
+                "train_loss": loss_sum / max(seen, 1),
+                "train_seconds": seconds,
+                "samples_per_second": seen / seconds if seconds > 0 else 0.0,
+            },
+        )
+
+    def evaluate(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None, dataset=None) -> dict:
+        """Validation metrics of ``weights`` on this site's validation data (or ``dataset``)."""
+        model = self.model(network_spec, weights)
+        loader = self._loader(dataset if dataset is not None else self.val_dataset, shuffle=False, seed=0)
+        return self.task.evaluate(model, loader, self.device, self.amp)
