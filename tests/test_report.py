@@ -54,11 +54,16 @@ def _write_run(folder, with_baselines=True, with_card=True):
             },
         }
         (folder / "baselines.json").write_text(json.dumps(baselines))
+    # the FedAvg controller's layout: training metrics per round, global-model evaluations per version
     metrics = {
         "rounds": [
-            {"round": r, "sites": {s: {"train_loss": 0.7 - 0.1 * r, "val_auc": 0.6 + 0.1 * r + 0.01 * i} for i, s in enumerate(SITES)}}
+            {"round": r, "contributors": SITES, "sites": {s: {"num_samples": 10, "train_loss": 0.7 - 0.1 * r} for s in SITES}}
             for r in range(3)
-        ]
+        ],
+        "evaluations": [
+            {"model_version": v, "sites": {s: _cell(0.6 + 0.1 * v + 0.01 * i) for i, s in enumerate(SITES)}}
+            for v in range(4)
+        ],
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     if with_card:
@@ -109,16 +114,25 @@ def test_exam_figures_name_the_missing_cell():
         report.exam_figures(matrix, ["site-1", "site-2"], {"site-1": "L", "site-2": "L"})
 
 
-def test_learning_curves_from_round_records_keep_round_order():
-    doc = {"rounds": [
-        {"round": 1, "sites": {"a": {"val_auc": 0.7}, "b": {"val_auc": 0.6, "train_loss": 0.4}}},
-        {"round": 0, "sites": {"a": {"val_auc": 0.5}}},
-    ]}
+def test_learning_curves_read_training_rounds_and_global_model_evaluations():
+    doc = {
+        "rounds": [
+            {"round": 1, "sites": {"a": {"train_loss": 0.3}, "b": {"train_loss": 0.4}}},
+            {"round": 0, "sites": {"a": {"train_loss": 0.5}}},
+        ],
+        "evaluations": [
+            {"model_version": 2, "sites": {"a": {"val_auc": 0.8}}},
+            {"model_version": 0, "sites": {"a": {"val_auc": 0.5}, "b": {"val_auc": 0.55}}},
+        ],
+    }
     curves = report.learning_curves(doc)
-    assert curves["a"]["round"] == [0.0, 1.0] and curves["a"]["val_auc"] == [0.5, 0.7]
-    assert curves["b"]["train_loss"] == [0.4]
-    with pytest.raises(report.ReportError, match=r"rounds\[0\] has no 'sites'"):
-        report.learning_curves({"rounds": [{"round": 0}]})
+    assert curves["a"]["train_loss"] == {"x": [0.0, 1.0], "y": [0.5, 0.3]}
+    assert curves["a"]["val_auc"] == {"x": [0.0, 2.0], "y": [0.5, 0.8]}
+    assert curves["b"]["val_auc"]["y"] == [0.55]
+    with pytest.raises(report.ReportError, match=r"evaluations\[0\] has no 'sites'"):
+        report.learning_curves({"evaluations": [{"model_version": 0}]})
+    with pytest.raises(report.ReportError, match="'rounds' and/or 'evaluations'"):
+        report.learning_curves({"something": 1})
 
 
 def test_report_files_exist_and_html_is_self_contained(tmp_path):

@@ -396,6 +396,10 @@ def plot_learning_curves(data: RunData, metric: str, path: Path) -> None:
     axes[0].set_title("global model on each site's validation data")
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if has_loss:
         axes[1].set_xlabel("round")
         axes[1].set_ylabel("local training loss")
