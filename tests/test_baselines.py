@@ -1,0 +1,104 @@
+"""Baselines: local-only and pooled models with the federation's partition and budget."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedmed import baselines
+from fedmed.data import synthetic_site_data
+from fedmed.networks import build_network, state_to_numpy
+from fedmed.provenance import weights_sha256
+from fedmed.tasks import build_task
+from fedmed.training import LocalTrainer
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "cxr_pneumonia_fedavg"
+NETWORK = {"name": "small_cnn", "args": {"in_channels": 1, "num_classes": 2, "width": 8}}
+TRAINER = {"local_epochs": 1, "lr": 0.003, "batch_size": 16, "seed": 0, "device": "cpu"}
+
+
+def _datasets(task, sizes=((48, 24), (32, 20))):
+    out = {}
+    for i, (n_train, n_val) in enumerate(sizes):
+        site = synthetic_site_data(n_train, n_val, 28, seed=10 + i)
+        out[f"site-{i + 1}"] = (task.to_dataset(site.train), task.to_dataset(site.val))
+    return out
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task({"name": "classification", "args": {"num_classes": 2, "image_size": 28}})
+
+
+@pytest.fixture(scope="module")
+def doc(task):
+    return baselines.run_baselines(task, NETWORK, _datasets(task), num_rounds=2, trainer_args=TRAINER, network_seed=3, log=lambda *_: None)
+
+
+def test_every_baseline_model_is_evaluated_on_every_site(doc):
+    assert doc["sites"] == ["site-1", "site-2"]
+    assert set(doc["results"]) == {"local-only:site-1", "local-only:site-2", "pooled"}
+    for model, row in doc["results"].items():
+        assert set(row) == {"site-1", "site-2"}, model
+        for cell in row.values():
+            assert 0.0 <= cell["val_auc"] <= 1.0 and 0.0 <= cell["val_accuracy"] <= 1.0
+    assert doc["results"]["local-only:site-1"]["site-2"]["num_val_samples"] == 20
+    assert doc["models"]["pooled"]["num_train_samples"] == 48 + 32
+    assert doc["models"]["local-only:site-2"] | {"train_seconds": 0} == {
+        "kind": "local_only", "site": "site-2", "num_train_samples": 32, "train_seconds": 0,
+        "model_sha256": doc["models"]["local-only:site-2"]["model_sha256"],
+    }
+    assert doc["budget"]["epochs"] == 2 and doc["budget"]["rounds"] == 2 and doc["budget"]["initial_model_seed"] == 3
+
+
+def test_local_only_model_is_the_federations_budget_trained_alone(task, doc):
+    """Same initial model, same trainer settings, num_rounds calls of LocalTrainer.train."""
+    train_ds, val_ds = _datasets(task)["site-1"]
+    trainer = LocalTrainer(task, train_ds, val_ds, **TRAINER)
+    weights = state_to_numpy(build_network(NETWORK, seed=3))
+    for round_num in range(2):
+        weights = trainer.train(NETWORK, weights, round_num).weights
+    assert weights_sha256(weights) == doc["models"]["local-only:site-1"]["model_sha256"]
+    one_round = trainer.train(NETWORK, state_to_numpy(build_network(NETWORK, seed=3)), 0).weights
+    assert weights_sha256(one_round) != doc["models"]["local-only:site-1"]["model_sha256"]
+    assert doc["models"]["local-only:site-1"]["model_sha256"] != doc["models"]["local-only:site-2"]["model_sha256"]
+    assert doc["models"]["pooled"]["model_sha256"] not in {
+        doc["models"][m]["model_sha256"] for m in ("local-only:site-1", "local-only:site-2")
+    }
+
+
+def test_job_settings_copy_the_jobs_network_rounds_and_trainer(tmp_path):
+    settings = baselines.job_settings(JOB)
+    server = json.loads((JOB / "app/config/config_fed_server.json").read_text())
+    fedavg = next(w["args"] for w in server["workflows"] if w["path"] == baselines.CONTROLLER_PATH)
+    assert settings["network"] == fedavg["network"] and settings["num_rounds"] == fedavg["num_rounds"]
+    assert settings["trainer_args"]["fedprox_mu"] == 0.0
+    assert "local_epochs" in settings["trainer_args"] and "tb_writer_id" not in settings["trainer_args"]
+
+    broken = tmp_path / "job"
+    shutil.copytree(JOB, broken)
+    client = broken / "app/config/config_fed_client.json"
+    config = json.loads(client.read_text())
+    config["executors"] = []
+    client.write_text(json.dumps(config))
+    with pytest.raises(baselines.BaselineError, match="config_fed_client.json: no executor"):
+        baselines.job_settings(broken)
+
+
+def test_run_for_job_writes_baselines_json_from_site_configs(tmp_path):
+    sites = {f"site-{i}": {"data": {"format": "synthetic", "num_train": 24, "num_val": 12, "seed": i}} for i in (1, 2)}
+    out = tmp_path / "out" / "baselines.json"
+    doc = baselines.run_for_job(JOB, sites, out, num_rounds=1, log=lambda *_: None)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    assert doc["budget"]["rounds"] == 1 and set(doc["results"]["pooled"]) == {"site-1", "site-2"}
+    assert not list(out.parent.glob(".*.tmp"))
+    with pytest.raises(baselines.BaselineError, match="site site-9: its config needs a 'data' object"):
+        baselines.run_for_job(JOB, {"site-9": {"path": "x"}}, out, num_rounds=1, log=lambda *_: None)
+
+
+def test_bad_inputs_are_named(task):
+    with pytest.raises(baselines.BaselineError, match="unknown trainer settings"):
+        baselines.run_baselines(task, NETWORK, _datasets(task), 1, {"learning_rate": 0.1}, log=lambda *_: None)
+    with pytest.raises(baselines.BaselineError, match="num_rounds must be >= 1"):
+        baselines.run_baselines(task, NETWORK, _datasets(task), 0, TRAINER, log=lambda *_: None)
