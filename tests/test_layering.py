@@ -1,0 +1,31 @@
+"""Pure modules never import nvflare: only fedmed.flare and fedmed.deploy adapters may."""
+
+import ast
+from pathlib import Path
+
+import fedmed
+
+PACKAGE = Path(fedmed.__file__).parent
+ADAPTER_PACKAGES = {"flare", "deploy"}
+GLUE_MODULES = {"simulate.py"}  # runs the simulator and the allow-list, by design
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+
+
+def test_pure_modules_do_not_import_nvflare():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] in ADAPTER_PACKAGES or relative.name in GLUE_MODULES:
+            continue
+        for name in _imports(path):
+            if name == "nvflare" or name.startswith("nvflare.") or name.startswith("fedmed.flare") or name.startswith("fedmed.deploy"):
+                offenders.append(f"{relative}: {name}")
+    assert offenders == []

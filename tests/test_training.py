@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from fedmed import data
+from fedmed.networks import build_network, numpy_to_state, state_to_numpy
+from fedmed.tasks import build_task
+from fedmed.training import LocalTrainer, TrainingAborted
+
+SPEC = {"name": "small_cnn", "args": {"width": 8}}
+
+
+@pytest.fixture(scope="module")
+def trainer_parts():
+    task = build_task({"name": "classification", "args": {"class_names": ["normal", "pneumonia"]}})
+    site = data.synthetic_site_data(256, 128, seed=4)
+    return task, task.to_dataset(site.train), task.to_dataset(site.val)
+
+
+def _trainer(parts, **kwargs):
+    task, train_ds, val_ds = parts
+    kwargs = {"lr": 3e-3, "batch_size": 32, "device": "cpu", **kwargs}
+    return LocalTrainer(task, train_ds, val_ds, **kwargs)
+
+
+def test_an_epoch_lowers_the_validation_loss(trainer_parts):
+    trainer = _trainer(trainer_parts, local_epochs=3)
+    start = state_to_numpy(build_network(SPEC, seed=0))
+    before = trainer.evaluate(SPEC, start)
+    result = trainer.train(SPEC, start)
+    after = trainer.evaluate(SPEC, result.weights)
+    assert after["val_loss"] < before["val_loss"]
+    assert after["val_auc"] > before["val_auc"]
+
+
+def test_train_reports_real_sample_counts_not_batches(trainer_parts):
+    result = _trainer(trainer_parts).train(SPEC, None)
+    assert result.num_samples == 256
+    assert set(result.weights) == set(build_network(SPEC).state_dict())
+    assert result.metrics["train_loss"] > 0
+
+
+def test_train_starts_from_the_given_weights(trainer_parts):
+    trainer = _trainer(trainer_parts)
+    zeros = {k: np.zeros_like(v) for k, v in state_to_numpy(build_network(SPEC)).items()}
+    model = trainer.model(SPEC, zeros)
+    assert all(float(p.abs().sum()) == 0 for p in model.parameters())
+
+
+def test_evaluate_uses_monai_auc_and_reports_counts(trainer_parts):
+    metrics = _trainer(trainer_parts).evaluate(SPEC, None)
+    assert set(metrics) == {"val_auc", "val_accuracy", "val_loss", "num_val_samples"}
+    assert metrics["num_val_samples"] == 128
+    assert 0.0 <= metrics["val_auc"] <= 1.0
+
+
+def test_fedprox_keeps_the_local_model_closer_to_the_global_one(trainer_parts):
+    start = state_to_numpy(build_network(SPEC, seed=1))
+
+    def drift(mu):
+        result = _trainer(trainer_parts, local_epochs=2, fedprox_mu=mu).train(SPEC, start)
+        return sum(float(np.sum((result.weights[k] - start[k]) ** 2)) for k in start)
+
+    assert drift(10.0) < drift(0.0)
+
+
+def test_abort_stops_training(trainer_parts):
+    with pytest.raises(TrainingAborted):
+        _trainer(trainer_parts).train(SPEC, None, should_abort=lambda: True)
+
+
+@pytest.mark.parametrize("kwargs", [{"local_epochs": 0}, {"lr": 0.0}, {"fedprox_mu": -1.0}])
+def test_bad_trainer_arguments_are_rejected(trainer_parts, kwargs):
+    with pytest.raises(ValueError):
+        _trainer(trainer_parts, **kwargs)
+
+
+def test_numpy_state_round_trip_keeps_dtypes():
+    model = build_network({"name": "densenet121", "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 2}})
+    state = numpy_to_state(state_to_numpy(model), model.state_dict())
+    for key, value in model.state_dict().items():
+        assert state[key].dtype == value.dtype
+    model.load_state_dict(state)
+
+
+def test_monai_networks_are_chosen_by_config():
+    net = build_network({"name": "densenet121", "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 2}})
+    assert type(net).__module__.startswith("monai.networks")
+    assert net(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+    with pytest.raises(ValueError, match="must be one of"):
+        build_network({"name": "no_such_net"})
