@@ -1,0 +1,108 @@
+"""Integration: the real FLARE simulator runs the cxr job end to end (no mocks)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedmed.simulate import SimulationError, prepare_job, resolve_job, run_simulator, simulate
+from fedmed.site_config import SITE_CONFIG_FILE
+from fedmed.flare.allow_list import class_allow_list
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    simulate(num_sites=3, rounds=2, out=str(out), seed=0)
+    return out
+
+
+def test_simulation_writes_metrics_and_final_model_beats_initial(sim_run):
+    metrics = json.loads((sim_run / "metrics.json").read_text())
+    assert metrics["finished"] is True
+    assert metrics["sites"] == ["site-1", "site-2", "site-3"]
+    assert [r["contributors"] for r in metrics["rounds"]] == [["site-1", "site-2", "site-3"]] * 2
+    initial, final = metrics["evaluations"][0], metrics["evaluations"][-1]
+    assert final["model_version"] == 2 and set(final["sites"]) == {"site-1", "site-2", "site-3"}
+    assert final["mean_val_auc"] > initial["mean_val_auc"] + 0.1
+    for round_entry in metrics["rounds"]:
+        for site_metrics in round_entry["sites"].values():
+            assert site_metrics["num_samples"] > 0 and site_metrics["train_loss"] > 0
+
+
+def test_bundle_loads_with_monai_bundle_tooling_in_a_fresh_process(sim_run):
+    bundle = sim_run / "bundle"
+    for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
+        assert (bundle / name).is_file()
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["spatial_shape"] == [28, 28]
+    assert fmt["inputs"]["image"]["num_channels"] == 1 and fmt["inputs"]["image"]["value_range"] == [0, 1]
+    assert fmt["outputs"]["pred"]["channel_def"] == {"0": "normal", "1": "pneumonia"}
+    script = f"""
+import sys, torch
+from monai.bundle import load, verify_net_in_out
+net = load(name="bundle", bundle_dir=r"{sim_run}", workflow_type="inference", device="cpu")
+state = torch.load(r"{bundle / 'models' / 'model.pt'}", weights_only=True)
+assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+out = torch.softmax(net(torch.rand(4, 1, 28, 28)), dim=1)
+assert out.shape == (4, 2) and torch.allclose(out.sum(1), torch.ones(4))
+verify_net_in_out(net_id="network_def", meta_file=r"{bundle}/configs/metadata.json", config_file=r"{bundle}/configs/inference.json")
+assert "nvflare" not in sys.modules, "the bundle must not need FLARE"
+print("BUNDLE_OK")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "BUNDLE_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_tensorboard_holds_every_sites_loss_and_auc_per_round(sim_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for site in ("site-1", "site-2", "site-3"):
+        acc = EventAccumulator(str(sim_run / "tb_events" / site))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"train_loss", "val_auc"} <= tags, tags
+        assert sorted(e.step for e in acc.Scalars("train_loss")) == [0, 1]
+
+
+def test_existing_output_folder_is_not_overwritten(sim_run):
+    with pytest.raises(SimulationError, match="not empty"):
+        simulate(num_sites=2, rounds=1, out=str(sim_run))
+
+
+def _run_with_site_configs(tmp_path, site_configs, rounds=1):
+    job = prepare_job(resolve_job("jobs/cxr_pneumonia_fedavg"), tmp_path / "job", len(site_configs), rounds)
+    ws = tmp_path / "ws"
+    (ws / "local").mkdir(parents=True)
+    (ws / "local" / SITE_CONFIG_FILE).write_text(json.dumps({"sites": site_configs}))
+    (ws / "local" / "resources.json").write_text(json.dumps({"class_allow_list": class_allow_list()}))
+    run_simulator(tmp_path / "job", ws, list(site_configs), len(site_configs), tmp_path / "sim.log")
+    return json.loads((ws / "server" / "simulate_job" / "app_server" / "fedmed" / "metrics.json").read_text())
+
+
+def _synthetic(seed):
+    return {"data": {"format": "synthetic", "num_train": 64, "num_val": 32, "seed": seed}}
+
+
+def test_a_failing_site_is_left_out_while_min_clients_answered(tmp_path):
+    missing = tmp_path / "missing.npz"
+    metrics = _run_with_site_configs(
+        tmp_path, {"site-1": _synthetic(1), "site-2": _synthetic(2), "site-3": {"data": {"format": "npz", "path": str(missing)}}}
+    )
+    assert metrics["finished"] is True
+    round0 = metrics["rounds"][0]
+    assert round0["contributors"] == ["site-1", "site-2"]
+    assert "site-3" in round0["failed"] and str(missing) in round0["failed"]["site-3"]
+
+
+def test_too_few_sites_stops_the_job_naming_the_site_and_file(tmp_path):
+    metrics = _run_with_site_configs(
+        tmp_path, {"site-1": _synthetic(1), "site-2": {"data": {"format": "npz", "path": "FILL_IN"}}}
+    )
+    assert metrics["finished"] is False
+    assert "min_clients is 2" in metrics["error"]
+    assert "site-2" in metrics["error"] and "fedmed_site.json" in metrics["error"] and "placeholder" in metrics["error"]
