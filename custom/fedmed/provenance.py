@@ -131,12 +131,20 @@ def _now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _numpy_to_python(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
 def _jsonable(value: Any, where: str) -> Any:
+    """``value`` as plain JSON types (numpy scalars/arrays converted); raises on NaN/Infinity or objects."""
     try:
-        json.loads(canonical_json(value))
+        return json.loads(json.dumps(value, default=_numpy_to_python, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise ProvenanceError(f"{where} is not JSON-serialisable (or holds NaN/Infinity): {exc}") from exc
-    return value
 
 
 class ProvenanceRecorder:
@@ -167,7 +175,7 @@ class ProvenanceRecorder:
             **body,
             "timestamp_utc": _now_utc(),
         }
-        _jsonable(record, f"provenance record {record['index']}")
+        record = _jsonable(record, f"provenance record {record['index']}")
         record["record_sha256"] = record_sha256(record)
         self.chain.append(record)
         return record
@@ -213,6 +221,37 @@ class ProvenanceRecorder:
         if metrics:
             body["metrics"] = _jsonable(dict(metrics), f"round {round_num} metrics")
         return self._append(body)
+
+    def record_federated_round(
+        self,
+        round_num: int,
+        weights: Mapping[str, Any],
+        site_reports: Mapping[str, Mapping[str, Any]],
+        val_metrics: Mapping[str, Mapping[str, Any]] | None = None,
+        requested_scope: str | None = None,
+    ) -> dict[str, Any]:
+        """Chain one FedAvg round from what the contributing sites reported.
+
+        ``site_reports``: site -> the meta of its accepted update (``num_samples``; optionally
+        ``privacy_scope``, the scope the site itself applied, and ``privacy``, e.g. a DP ledger).
+        ``val_metrics``: site -> its validation metrics (``num_val_samples`` is kept).
+        ``requested_scope``: the privacy scope the job asked for (its meta.json ``scope``).
+        """
+        contributors = []
+        for site, meta in site_reports.items():
+            contributors.append({"site": site, "num_samples": meta.get("num_samples", 0)})
+            reported = meta.get("privacy_scope")
+            self.set_site(
+                site,
+                privacy_scope=reported if reported is not None else (requested_scope or ""),
+                privacy_scope_source="site" if reported is not None else "job (the site did not report one)",
+                requested_scope=requested_scope or "",
+                privacy=meta.get("privacy"),
+            )
+        for site, metrics in (val_metrics or {}).items():
+            if isinstance(metrics, Mapping) and metrics.get("num_val_samples") is not None:
+                self.set_site(site, num_val_samples=int(metrics["num_val_samples"]))
+        return self.record_round(round_num, weights, contributors)
 
     def set_site(self, site: str, **fields: Any) -> None:
         """Record what is known about a site: ``num_train_samples``, ``num_val_samples``,
@@ -309,6 +348,28 @@ def load_card(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(card, dict):
         raise ProvenanceError(f"provenance card {path} must be a JSON object")
     return card
+
+
+def bundle_metadata(card_path: str | os.PathLike, card_ref: str = "../provenance.json") -> dict[str, Any]:
+    """The block a MONAI bundle's ``metadata.json`` carries to point at the card (empty without a card).
+
+    ``card_ref`` is the card's path relative to the bundle folder.
+    """
+    card_path = Path(card_path)
+    if not card_path.is_file():
+        return {}
+    card = load_card(card_path)
+    release = card["chain"][-1]
+    return {
+        "provenance": {
+            "card": card_ref,
+            "format": card.get("format"),
+            "head_sha256": card.get("head_sha256"),
+            "model_sha256": release.get("model_sha256"),
+            "released_from_round": release.get("round"),
+            "verify": f"python -m fedmed verify-provenance {card_ref} --head {card.get('head_sha256')}",
+        }
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,10 +469,25 @@ def main(args) -> int:
         if args.head and args.head != card["head_sha256"]:
             print(f"TAMPERED: {card_path}: head_sha256 {card['head_sha256']} differs from the expected head {args.head}", file=sys.stderr)
             return 1
+        bundle_meta = base / "bundle" / "configs" / "metadata.json"
+        if bundle_meta.is_file():
+            try:
+                pinned = json.loads(bundle_meta.read_text(encoding="utf-8")).get("provenance", {}).get("head_sha256")
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ProvenanceError(f"{bundle_meta} could not be read as JSON: {exc}") from exc
+            if pinned and pinned != card["head_sha256"]:
+                print(f"TAMPERED: {card_path}: head_sha256 differs from the one pinned in {bundle_meta} ({pinned})", file=sys.stderr)
+                return 1
+            if pinned:
+                print(f"chain head matches the one pinned in {bundle_meta}")
         model_files = [Path(m) for m in args.model]
         released = card["summary"].get("released_model_file")
-        if not model_files and released and (base / released).is_file():
-            model_files = [base / released]
+        if not model_files and released:
+            # the server's folder (app_server/fedmed/), a simulate/rehearse output folder, and its bundle
+            candidates = [base / released, base / "models" / released, base / "bundle" / "models" / "model.pt"]
+            model_files = [path for path in candidates if path.is_file()]
+        if not model_files:
+            print("no model file checked against the card (pass --model FILE)")
         for model_file in model_files:
             check = verify_card(card, load_model_weights(model_file))
             if not check:

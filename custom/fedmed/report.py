@@ -244,7 +244,7 @@ def load_run(path: str | os.PathLike) -> RunData:
         try:
             data.card = provenance.load_card(files["provenance.json"])
             result = provenance.verify_card(data.card)
-            data.card_status = ("intact: " if result.ok else "BROKEN: ") + result.message
+            data.card_status = ("intact" if result.ok else "BROKEN") + f" ({result.message})"
         except provenance.ProvenanceError as exc:
             data.card_status = f"BROKEN: {exc}"
 
@@ -627,7 +627,8 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
             f"Job `{s.get('job')}`, {s.get('num_rounds')} rounds, aggregation "
             f"`{agg.get('method') if isinstance(agg, Mapping) else agg}` "
             f"(weights: {agg.get('weighting') if isinstance(agg, Mapping) else 'n/a'}), network `{json.dumps(s.get('network'))}`.",
-            f"Released model: round {release.get('round')} (record {release.get('released_from_record')}), "
+            f"Released model: the global model after round index {release.get('round')} (0-based; chain record "
+            f"{release.get('released_from_record')}), "
             f"weights sha256 `{release.get('model_sha256')}`; chain head `{card.get('head_sha256')}` over {len(chain)} records.",
         ]
         site_rows = []
@@ -636,11 +637,16 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
                 privacy = site.get("privacy")
                 site_rows.append([
                     str(site.get("site")), _fmt(site.get("num_train_samples")), _fmt(site.get("num_val_samples")),
-                    str(len(site.get("rounds_contributed", []))), _fmt(site.get("privacy_scope")),
+                    str(len(site.get("rounds_contributed", []))),
+                    (site.get("privacy_scope") or "none") + (f" ({site['privacy_scope_source']})" if site.get("privacy_scope_source") else ""),
                     json.dumps(privacy, sort_keys=True) if privacy else "",
                 ])
         if site_rows:
-            prov.tables.append((["site", "train samples", "val samples", "rounds contributed", "privacy scope", "privacy details"], site_rows))
+            prov.tables.append((["site", "train samples", "val samples", "rounds contributed", "privacy scope (reported by)", "privacy details"], site_rows))
+            prov.paragraphs.append(
+                "Privacy scope `none` means the site applied no privacy scope; the FLARE simulator never enforces "
+                "scopes, a real deployment does (each site's local/privacy.json)."
+            )
         software = s.get("software", {})
         if isinstance(software, Mapping) and software:
             prov.tables.append((["software", "version"], [[k, str(v)] for k, v in software.items()]))
