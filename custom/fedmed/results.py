@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fedmed.bundle import write_bundle
+from fedmed.provenance import CARD_FILENAME, bundle_metadata
 from fedmed.tasks import build_task
 
 SERVER_OUTPUT_DIR = "fedmed"  # inside the server's app folder
@@ -83,7 +84,8 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
         f"{len(metrics.get('sites', []))} sites for {metrics.get('num_rounds')} rounds",
         postprocessing=task.inference_postprocessing(),
         extra_metadata={"fedmed": {"rounds": metrics.get("num_rounds"), "sites": metrics.get("sites", []),
-                                   "final_validation": {k: v for k, v in final.items() if k != "sites"}}},
+                                   "final_validation": {k: v for k, v in final.items() if k != "sites"}},
+                        **bundle_metadata(source / CARD_FILENAME)},  # points to OUT/provenance.json
     )
     tb_events_dir = Path(tb_events_dir) if tb_events_dir else server_app_dir.parent / "tb_events"
     if tb_events_dir.is_dir():

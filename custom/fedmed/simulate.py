@@ -99,6 +99,7 @@ def simulate(
     seed: int = 0,
     threads: int | None = None,
     force: bool = False,
+    baselines: bool = False,
 ) -> Path:
     """Run a simulated federation and return the output folder."""
     if num_sites < 1:
@@ -142,7 +143,21 @@ def simulate(
         error = _server_error(server_app)
         raise SimulationError(f"the federated run failed: {error or exc}. Logs: {out_dir / 'simulator.log'}, {workspace}/*/log.txt") from exc
     _print_summary(metrics, out_dir)
+    _baselines_and_report(run_job, site_configs, args.get("num_rounds"), out_dir, baselines)
     return out_dir
+
+
+def _baselines_and_report(run_job: Path, site_configs: dict, rounds, out_dir: Path, baselines: bool) -> None:
+    """Issue-4 outputs (fedmed.baselines, fedmed.report): OUT/baselines.json, OUT/report/."""
+    from fedmed.baselines import BASELINES_FILE, run_for_job
+    from fedmed.report import build_report
+
+    if baselines:
+        print("  baselines: local-only and pooled models with the same partition and budget", flush=True)
+        run_for_job(run_job, site_configs, out_dir / BASELINES_FILE, num_rounds=rounds, log=lambda line: print(line, flush=True))
+    build_report(out_dir, log=lambda line: print("  " + line, flush=True))
+    print(f"  report: {out_dir / 'report' / 'report.html'}\n  provenance card: {out_dir / 'provenance.json'} "
+          f"(python -m fedmed verify-provenance {out_dir})", flush=True)
 
 
 def _server_error(server_app: Path) -> str | None:
@@ -175,11 +190,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="partition / synthetic-data seed (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="simulator threads (default: one per site)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also train each site's local-only model and a pooled model with the same partition and budget")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        simulate(args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed, args.threads, args.force)
+        simulate(args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed, args.threads, args.force,
+                 args.baselines)
     except (SimulationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

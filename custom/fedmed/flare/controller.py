@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
 from nvflare.apis.shareable import Shareable
@@ -30,6 +30,7 @@ from nvflare.apis.signal import Signal
 from fedmed.aggregation import UpdateError, apply_update, validate_update, weighted_mean
 from fedmed.flare.executor import ERROR_HEADER
 from fedmed.networks import build_network, numpy_to_state, state_to_numpy
+from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
 from fedmed.results import (
     BEST_MODEL_FILE,
     GLOBAL_MODEL_FILE,
@@ -119,6 +120,10 @@ class FedAvgController(Controller):
         model = build_network(self.network, seed=self.seed)
         self.reference_state = model.state_dict()
         self.global_weights = state_to_numpy(model)
+        # provenance card (fedmed.provenance): hash chain over the initial and every round's global model
+        self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": "fedavg", "weighting": "num_samples", "min_clients": self.min_clients})
+        self.provenance.record_initial_model(self.global_weights)
+        self.requested_scope = (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", "")
         workspace = fl_ctx.get_engine().get_workspace()
         self.out_dir = Path(workspace.get_app_dir(fl_ctx.get_job_id())) / SERVER_OUTPUT_DIR
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +272,8 @@ class FedAvgController(Controller):
             evaluation = self._record_evaluation(round_num, val_metrics, fl_ctx)
             self.global_weights = apply_update(self.global_weights, weighted_mean(updates))
             self._save_model(GLOBAL_MODEL_FILE)
+            self.provenance.record_federated_round(round_num, self.global_weights, {s: answers[s].meta for s in train_metrics}, val_metrics, self.requested_scope)
+            self.provenance.write(self.out_dir / CARD_FILENAME, released_model_file=GLOBAL_MODEL_FILE)
             _write_json(self.out_dir / METRICS_FILE, self.metrics)
             score = evaluation[f"mean_{self.key_metric}"]
             self.log_info(

@@ -16,7 +16,7 @@ import numpy as np
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -164,6 +164,8 @@ class FedMedExecutor(Executor):
                 MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples,
                 "site": site,
                 "round": round_num,
+                # the privacy scope this site applied (its local/privacy.json; "" when none, e.g. in the simulator)
+                "privacy_scope": fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or "",
                 "metrics": metrics,
             },
         )
