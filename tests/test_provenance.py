@@ -160,3 +160,26 @@ def test_cli_reports_missing_or_corrupt_card_by_path(tmp_path, capsys):
     bad.write_text("{not json")
     assert cli_main(["verify-provenance", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_federated_round_records_reported_scopes_privacy_ledger_and_val_counts():
+    rec = provenance.ProvenanceRecorder(job="j")
+    rec.record_initial_model(_weights(0))
+    reports = {
+        "site-a": {"num_samples": 40, "privacy_scope": "standard", "metrics": {"train_loss": 0.3}},
+        "site-b": {"num_samples": np.int64(25), "privacy_scope": "", "privacy": {"scope": "dp", "epsilon": np.float64(0.7), "delta": 1e-5}},
+        "site-c": {"num_samples": 10},
+    }
+    record = rec.record_federated_round(0, _weights(1), reports, {"site-a": {"num_val_samples": 9}}, requested_scope="standard")
+    by_site = {c["site"]: c for c in record["contributors"]}
+    assert by_site["site-b"]["privacy"]["epsilon"] == 0.7 and by_site["site-b"]["privacy_scope"] == "dp"
+    assert by_site["site-b"]["num_samples"] == 25 and "privacy" not in by_site["site-a"]
+    sites = {s["site"]: s for s in rec.card()["summary"]["sites"]}
+    assert sites["site-a"]["privacy_scope"] == "standard" and sites["site-a"]["num_val_samples"] == 9
+    assert sites["site-c"]["privacy_scope"] == "standard" and sites["site-c"]["privacy_scope_source"].startswith("job")
+    assert sites["site-b"]["privacy"]["epsilon"] == 0.7
+    card = rec.card()
+    assert provenance.verify_card(card).ok
+    card["chain"][1]["contributors"][1]["privacy"]["epsilon"] = 0.1  # understate the privacy loss
+    result = provenance.verify_card(card)
+    assert not result.ok and result.broken_record == 1

@@ -214,7 +214,7 @@ class ProvenanceRecorder:
             "model_sha256": weights_sha256(weights),
             "aggregation": self.aggregation.get("method", "fedavg"),
             "contributors": sorted(
-                ({"site": str(c["site"]), "num_samples": int(c["num_samples"])} for c in contributors),
+                ({**c, "site": str(c["site"]), "num_samples": int(c["num_samples"])} for c in contributors),
                 key=lambda c: c["site"],
             ),
         }
@@ -239,14 +239,22 @@ class ProvenanceRecorder:
         """
         contributors = []
         for site, meta in site_reports.items():
-            contributors.append({"site": site, "num_samples": meta.get("num_samples", 0)})
+            privacy = meta.get("privacy") if isinstance(meta.get("privacy"), Mapping) else None
             reported = meta.get("privacy_scope")
+            if not reported and privacy and privacy.get("scope"):
+                reported = privacy["scope"]
+            entry = {"site": site, "num_samples": meta.get("num_samples", 0)}
+            if reported is not None:
+                entry["privacy_scope"] = reported
+            if privacy:
+                entry["privacy"] = privacy  # e.g. this round's DP ledger state: chained with the model
+            contributors.append(entry)
             self.set_site(
                 site,
                 privacy_scope=reported if reported is not None else (requested_scope or ""),
                 privacy_scope_source="site" if reported is not None else "job (the site did not report one)",
                 requested_scope=requested_scope or "",
-                privacy=meta.get("privacy"),
+                privacy=privacy,
             )
         for site, metrics in (val_metrics or {}).items():
             if isinstance(metrics, Mapping) and metrics.get("num_val_samples") is not None:
