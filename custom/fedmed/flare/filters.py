@@ -324,11 +324,29 @@ class Float16DecompressFilter(Filter):
         return DXO(data_kind=dxo.data_kind, data=restored, meta=meta).update_shareable(shareable)
 
 
+def payload_bytes(data) -> int:
+    """Bytes of a DXO's tensors as they travel: numpy ``nbytes``; ciphertext serialized length."""
+    total = 0
+    for key, value in data.items():
+        if isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif isinstance(value, (bytes, bytearray)):
+            total += len(value)
+        elif hasattr(value, "serialize"):  # tenseal CKKSVector
+            total += len(value.serialize())
+        else:
+            raise TypeError(f"tensor '{key}' is a {type(value).__name__}; cannot count its bytes")
+    return total
+
+
 class TransferMeter(Filter):
     """Task-result filter, last in every site scope: records the serialized size of what leaves.
 
-    Adds meta ``transfer`` = {"bytes": size of the serialized DXO, "array_bytes": raw numpy bytes}
-    and ``metrics.upload_bytes`` (so the controller's metrics.json has bytes per site per round).
+    Adds meta ``transfer`` = {"bytes": model payload bytes, "tensors": count} and
+    ``metrics.upload_bytes`` (so the controller's metrics.json has bytes per site per round).
+    Payload bytes are what FLARE streams for the tensors: ``nbytes`` of each numpy array, the
+    serialized length of each CKKS ciphertext; FLARE's message framing (a few hundred bytes) is
+    not counted.
     """
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -337,9 +355,9 @@ class TransferMeter(Filter):
         dxo = _dxo_or_none(shareable)
         if dxo is None or dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
             return shareable
-        size = len(dxo.to_bytes())
+        size = payload_bytes(dxo.data)
         meta = dxo.meta
-        meta[TRANSFER_META_KEY] = {"bytes": size, "array_bytes": array_bytes(dxo.data)}
+        meta[TRANSFER_META_KEY] = {"bytes": size, "tensors": len(dxo.data)}
         metrics = dict(meta.get("metrics") or {})
         metrics[UPLOAD_BYTES_METRIC] = size
         meta["metrics"] = metrics

@@ -1,0 +1,75 @@
+"""The shipped privacy.json templates load in FLARE 2.9's own privacy configurator."""
+
+import shutil
+
+import pytest
+
+from nvflare.apis.workspace import Workspace
+from nvflare.private.fed.app.fl_conf import create_privacy_manager
+
+from fedmed.flare.filters import DPUpdateFilter, Float16CompressFilter, Float16DecompressFilter, ReleasePolicyFilter, TransferMeter
+from fedmed.privacy import MODES
+from fedmed.privacy.scopes import ScopeError, get_scope, inject_scope_filters, scope_filter_chains, scope_names, template_privacy_file
+
+
+def _manager(tmp_path, role, policy_path=None):
+    (tmp_path / "local").mkdir()
+    (tmp_path / "startup").mkdir()
+    shutil.copy(policy_path or template_privacy_file(role), tmp_path / "local" / "privacy.json")
+    return create_privacy_manager(Workspace(str(tmp_path), site_name="site-1"), names_only=False, is_server=role == "server")
+
+
+@pytest.mark.parametrize("role", ["client", "server"])
+def test_template_loads_in_flare_with_every_mode(tmp_path, role):
+    manager = _manager(tmp_path, role)
+    assert manager.is_policy_defined()
+    assert sorted(manager.name_to_scopes) == sorted(MODES)
+    assert manager.default_scope.name == "standard"
+
+
+def test_client_scopes_chain_the_release_policy_first_and_the_meter_last(tmp_path):
+    manager = _manager(tmp_path, "client")
+    expected = {"standard": None, "dp": DPUpdateFilter, "compressed": Float16CompressFilter}
+    for name, middle in expected.items():
+        chain = manager.get_scope(name).task_result_filters["out"]
+        assert isinstance(chain[0], ReleasePolicyFilter) and isinstance(chain[-1], TransferMeter)
+        if middle:
+            assert isinstance(chain[1], middle)
+    he_chain = [type(f).__name__ for f in manager.get_scope("he").task_result_filters["out"]]
+    assert he_chain == ["ReleasePolicyFilter", "HEModelEncryptor", "TransferMeter"]
+    assert [type(f).__name__ for f in manager.get_scope("he").task_data_filters["in"]] == ["HEModelDecryptor", "ModelSignatureRecorder"]
+
+
+def test_server_decompresses_compressed_updates(tmp_path):
+    manager = _manager(tmp_path, "server")
+    assert [type(f) for f in manager.get_scope("compressed").task_result_filters["in"]] == [Float16DecompressFilter]
+
+
+def test_a_dp_scope_with_a_bad_setting_stops_the_site_from_loading(tmp_path):
+    import json
+
+    policy = json.loads(template_privacy_file("client").read_text())
+    for scope in policy["scopes"]:
+        for f in scope.get("task_result_filters", []):
+            if f["path"].endswith("DPUpdateFilter"):
+                f["args"]["noise_multiplier"] = 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(policy))
+    site = tmp_path / "site"
+    site.mkdir()
+    with pytest.raises(Exception, match="noise_multiplier"):
+        _manager(site, "client", bad)
+
+
+def test_scope_helpers_name_the_file_and_scope(tmp_path):
+    path = template_privacy_file("client")
+    assert scope_names(path) == ["standard", "dp", "compressed", "he"]
+    with pytest.raises(ScopeError, match="'research'.*not allowed"):
+        get_scope(path, "research")
+    data, result = scope_filter_chains(path, "dp")
+    config = {"task_result_filters": [{"tasks": ["train"], "filters": [{"path": "x.JobFilter", "args": {}}]}]}
+    merged = inject_scope_filters(config, data, result, ["train", "validate"])
+    chains = {tuple(c["tasks"]): [f["path"].rsplit(".", 1)[1] for f in c["filters"]] for c in merged["task_result_filters"]}
+    assert chains[("train",)] == ["ReleasePolicyFilter", "DPUpdateFilter", "TransferMeter", "JobFilter"]
+    assert chains[("validate",)] == ["ReleasePolicyFilter", "DPUpdateFilter", "TransferMeter"]
+    assert merged["task_data_filters"] == [{"tasks": ["train", "validate"], "filters": data}]
