@@ -100,6 +100,8 @@ def simulate(
     threads: int | None = None,
     force: bool = False,
     baselines: bool = False,
+    privacy: str | None = None,
+    privacy_file: str | None = None,
 ) -> Path:
     """Run a simulated federation and return the output folder."""
     if num_sites < 1:
@@ -123,6 +125,12 @@ def simulate(
     for line in summary:
         print("  " + line, flush=True)
     args = prepare_job(job_dir, run_job, num_sites, rounds)
+    if privacy:  # issue 5: the FLARE simulator does not enforce site scopes; copy the mode's filters in
+        from fedmed.privacy.simulation import apply_privacy_mode
+
+        applied = apply_privacy_mode(run_job, privacy, privacy_file)
+        print(f"  privacy mode '{privacy}' from {applied['client_privacy_file']}: site filters "
+              f"{', '.join(applied['client_filters'])}; server filters {', '.join(applied['server_filters']) or 'none'}", flush=True)
     (workspace / "local").mkdir(parents=True)
     (workspace / "local" / SITE_CONFIG_FILE).write_text(json.dumps({"sites": site_configs}, indent=2) + "\n")
     (workspace / "local" / "resources.json").write_text(json.dumps({"class_allow_list": class_allow_list()}, indent=2) + "\n")
@@ -192,12 +200,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--baselines", action="store_true",
                         help="also train each site's local-only model and a pooled model with the same partition and budget")
+    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "he"],
+                        help="privacy mode every simulated hospital applies (its scope's filters from --privacy-file); "
+                             "he needs HE kits: use rehearse --privacy he")
+    parser.add_argument("--privacy-file", default=None,
+                        help="the hospitals' privacy.json (default workspace_templates/client/local/privacy.json)")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         simulate(args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed, args.threads, args.force,
-                 args.baselines)
+                 args.baselines, args.privacy, args.privacy_file)
     except (SimulationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,85 @@
+"""``simulate --privacy MODE``: run a privacy mode's site filters in FLARE-simulated hospitals.
+
+The FLARE simulator does not enforce site privacy scopes (``local/privacy.json``), so for a
+simulation the chosen scope's filters are copied from the sites' privacy policy (the template
+``workspace_templates/client/local/privacy.json``, or ``--privacy-file``) into the job copy's
+``config_fed_client.json``, ahead of the job's own filters (the order FLARE uses for site scopes),
+and the server scope's filters into ``config_fed_server.json``. The job's ``meta.json`` names the
+scope, as a job for a real deployment would. Pure module (json only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fedmed.privacy.scopes import MODES, SIMULATABLE_MODES, ScopeError, get_scope, inject_scope_filters, template_privacy_file
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _client_task_names(client_config: dict, path: Path) -> list[str]:
+    tasks = []
+    for executor in client_config.get("executors", []):
+        for name in executor.get("tasks", []):
+            if name == "*":
+                raise ScopeError(f"{path}: an executor answers every task ('*'); name the tasks so privacy filters can attach")
+            if name not in tasks:
+                tasks.append(name)
+    if not tasks:
+        raise ScopeError(f"{path}: no executor tasks found to attach the privacy filters to")
+    return tasks
+
+
+def apply_privacy_mode(job_dir: str | Path, mode: str, client_privacy_file: str | Path | None = None,
+                       server_privacy_file: str | Path | None = None) -> dict:
+    """Rewrite a job copy (in place) so its simulated sites run ``mode``'s scope filters.
+
+    Returns a summary: {"mode", "client_privacy_file", "server_privacy_file", "client_filters",
+    "server_filters", "tasks"}. Raises :class:`ScopeError` for an unknown mode, ``he`` (needs
+    HE-built kits: use ``rehearse --privacy he``), or a policy that does not allow the mode.
+    """
+    if mode not in MODES:
+        raise ScopeError(f"unknown privacy mode '{mode}'; choose one of {', '.join(MODES)}")
+    if mode not in SIMULATABLE_MODES:
+        raise ScopeError(
+            f"privacy mode '{mode}' needs HE-built startup kits (TenSEAL keys) and is not available in the FLARE "
+            "simulator; try it in a real deployment on this machine: python -m fedmed rehearse --privacy he"
+        )
+    job_dir = Path(job_dir)
+    client_file = Path(client_privacy_file) if client_privacy_file else template_privacy_file("client")
+    server_file = Path(server_privacy_file) if server_privacy_file else template_privacy_file("server")
+    client_scope = get_scope(client_file, mode)  # raises naming the file when the sites do not allow it
+    server_scope = get_scope(server_file, mode)
+
+    client_path = job_dir / "app" / "config" / "config_fed_client.json"
+    server_path = job_dir / "app" / "config" / "config_fed_server.json"
+    client_config = json.loads(client_path.read_text())
+    server_config = json.loads(server_path.read_text())
+    tasks = _client_task_names(client_config, client_path)
+
+    client_config = inject_scope_filters(
+        client_config, client_scope.get("task_data_filters", []), client_scope.get("task_result_filters", []), tasks
+    )
+    server_config = inject_scope_filters(
+        server_config, server_scope.get("task_data_filters", []), server_scope.get("task_result_filters", []), tasks
+    )
+    _write_json(client_path, client_config)
+    _write_json(server_path, server_config)
+    meta_path = job_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["scope"] = mode
+    _write_json(meta_path, meta)
+    return {
+        "mode": mode,
+        "client_privacy_file": str(client_file),
+        "server_privacy_file": str(server_file),
+        "client_filters": [f["path"].rsplit(".", 1)[-1] for f in client_scope.get("task_result_filters", [])],
+        "server_filters": [f["path"].rsplit(".", 1)[-1] for f in server_scope.get("task_result_filters", [])],
+        "tasks": tasks,
+    }
