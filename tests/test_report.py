@@ -213,3 +213,18 @@ def test_cli_names_folder_without_inputs_and_bad_json(tmp_path, capsys):
     assert cli_main(["report", str(run)]) == 2
     assert "key 'results'" in capsys.readouterr().err
     assert not (run / "report").exists()
+
+
+def test_report_names_missing_local_models_when_a_site_refused_to_share(tmp_path):
+    """Under a dp scope a site refuses submit_model; the report shows why cells are missing."""
+    run = _write_run(tmp_path / "run", with_baselines=False, with_card=False)
+    doc = json.loads((run / "cross_site.json").read_text())
+    del doc["results"]["site-2"], doc["models"]["site-2"]
+    doc["errors"] = {"submit_model": {"site-2": "site site-2: dp scope releases only noised weight differences"}}
+    (run / "cross_site.json").write_text(json.dumps(doc))
+    summary = report.build_report(run, log=lambda *_: None)
+    assert "exam" not in summary
+    md = (run / "report" / "report.md").read_text()
+    assert "EXAM-style figures not available: site 'site-2' has no local model" in md
+    assert "submit_model / site-2: site site-2: dp scope releases only noised weight differences" in md
+    assert (run / "report" / "cross_site_auc.png").is_file() and not (run / "report" / "exam.png").exists()
