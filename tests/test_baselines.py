@@ -50,6 +50,22 @@ def test_every_baseline_model_is_evaluated_on_every_site(doc):
         "model_sha256": doc["models"]["local-only:site-2"]["model_sha256"],
     }
     assert doc["budget"]["epochs"] == 2 and doc["budget"]["rounds"] == 2 and doc["budget"]["initial_model_seed"] == 3
+    assert doc["pooled_validation"]["num_val_samples"] == 24 + 20
+    assert set(doc["pooled_validation"]["results"]) == {"local-only:site-1", "local-only:site-2", "pooled"}
+
+
+def test_federated_model_is_evaluated_on_the_same_pooled_validation_images(task, doc):
+    datasets = _datasets(task)
+    initial = state_to_numpy(build_network(NETWORK, seed=3))
+    with_fed = baselines.run_baselines(task, NETWORK, datasets, 1, TRAINER, network_seed=3, pooled=False,
+                                       federated_weights=initial, log=lambda *_: None)
+    fed = with_fed["pooled_validation"]["results"]["global_model"]
+    from torch.utils.data import ConcatDataset
+
+    trainer = LocalTrainer(task, *datasets["site-1"], **TRAINER)
+    expected = trainer.evaluate(NETWORK, initial, dataset=ConcatDataset([datasets["site-1"][1], datasets["site-2"][1]]))
+    assert fed["val_auc"] == pytest.approx(expected["val_auc"]) and fed["num_val_samples"] == 44
+    assert "pooled" not in with_fed["results"]
 
 
 def test_local_only_model_is_the_federations_budget_trained_alone(task, doc):
@@ -89,8 +105,15 @@ def test_job_settings_copy_the_jobs_network_rounds_and_trainer(tmp_path):
 def test_run_for_job_writes_baselines_json_from_site_configs(tmp_path):
     sites = {f"site-{i}": {"data": {"format": "synthetic", "num_train": 24, "num_val": 12, "seed": i}} for i in (1, 2)}
     out = tmp_path / "out" / "baselines.json"
-    doc = baselines.run_for_job(JOB, sites, out, num_rounds=1, log=lambda *_: None)
+    settings = baselines.job_settings(JOB)
+    import torch
+
+    torch.save(build_network(settings["network"], seed=5).state_dict(), tmp_path / "global_model.pt")
+    doc = baselines.run_for_job(JOB, sites, out, num_rounds=1, federated_model=tmp_path / "global_model.pt", log=lambda *_: None)
     assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    assert doc["pooled_validation"]["results"]["global_model"]["num_val_samples"] == 24
+    with pytest.raises(baselines.BaselineError, match="missing.pt does not exist"):
+        baselines.run_for_job(JOB, sites, out, num_rounds=1, federated_model=tmp_path / "missing.pt", log=lambda *_: None)
     assert doc["budget"]["rounds"] == 1 and set(doc["results"]["pooled"]) == {"site-1", "site-2"}
     assert not list(out.parent.glob(".*.tmp"))
     with pytest.raises(baselines.BaselineError, match="site site-9: its config needs a 'data' object"):

@@ -52,6 +52,10 @@ def _write_run(folder, with_baselines=True, with_card=True):
                 **{f"local-only:{s}": {t: _cell(v) for t, v in row.items()} for s, row in LOCAL_ONLY.items()},
                 "pooled": {s: _cell(v) for s, v in POOLED.items()},
             },
+            "pooled_validation": {
+                "num_val_samples": 60,
+                "results": {"global_model": _cell(0.87), "pooled": _cell(0.88), **{f"local-only:{s}": _cell(0.7) for s in SITES}},
+            },
         }
         (folder / "baselines.json").write_text(json.dumps(baselines))
     # the FedAvg controller's layout: training metrics per round, global-model evaluations per version
@@ -166,6 +170,9 @@ def test_report_files_exist_and_html_is_self_contained(tmp_path):
     md = (out / "report.md").read_text()
     assert "local-only baselines" in md and "+0.0500" in md and "+6.3%" in md
     assert "intact" in md and "site-3" in md
+    assert "On all sites' validation images together (60 images" in md
+    assert "| federated (global) | 0.8700 | 0.7700 | 0.1300 |" in md and "| site-2 (local only) | 0.7000 |" in md
+    assert summary["pooled_validation"]["results"]["pooled"]["val_auc"] == 0.88
     pooled = [r for r in summary["comparison"] if r["site"] == "mean"][0]["pooled"]
     assert pooled == pytest.approx(np.mean(list(POOLED.values())))
     assert json.loads((out / "report.json").read_text())["exam"]["metric"] == "val_auc"

@@ -40,6 +40,7 @@ BASELINES_FILE = "baselines.json"
 BASELINES_FORMAT = "fedmed-baselines/1"
 LOCAL_ONLY_PREFIX = "local-only:"
 POOLED = "pooled"
+FEDERATED = "global_model"
 CONTROLLER_PATH = "fedmed.flare.controller.FedAvgController"
 EXECUTOR_PATH = "fedmed.flare.executor.FedMedExecutor"
 
@@ -104,12 +105,16 @@ def run_baselines(
     trainer_args: Mapping[str, Any] | None = None,
     network_seed: int = 0,
     pooled: bool = True,
+    federated_weights: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train each site's local-only model and a pooled model with the federation's budget and
-    evaluate every one on every site's validation data.
+    evaluate every one on every site's validation data, and on all sites' validation data pooled.
 
-    ``site_datasets`` maps site -> (train_dataset, val_dataset). Returns the ``baselines.json`` document.
+    ``site_datasets`` maps site -> (train_dataset, val_dataset). ``federated_weights`` (the
+    federation's final global model), when given, is evaluated on the pooled validation data too,
+    so federated, local-only and pooled models are compared on the same images.
+    Returns the ``baselines.json`` document.
     """
     if not site_datasets:
         raise BaselineError("no sites given")
@@ -165,6 +170,14 @@ def run_baselines(
             trainer = trainers[site]
             metrics = trainer.evaluate(network, weights, dataset=site_datasets[site][1])
             results[name][site] = {key: float(value) for key, value in metrics.items()}
+    all_val = ConcatDataset([site_datasets[s][1] for s in sites])
+    on_all_val = {}
+    candidates = dict(weights_by_model)
+    if federated_weights is not None:
+        candidates = {FEDERATED: {k: v for k, v in federated_weights.items()}, **candidates}
+    evaluator = trainers[sites[0]]
+    for name, weights in candidates.items():
+        on_all_val[name] = {key: float(value) for key, value in evaluator.evaluate(network, weights, dataset=all_val).items()}
     return {
         "format": BASELINES_FORMAT,
         "sites": sites,
@@ -178,6 +191,8 @@ def run_baselines(
         },
         "models": models,
         "results": results,
+        # every model on all sites' validation images together (one AUC over len(all_val) images)
+        "pooled_validation": {"num_val_samples": len(all_val), "sites": sites, "results": on_all_val},
     }
 
 
@@ -203,10 +218,13 @@ def run_for_job(
     site_configs: Mapping[str, Mapping[str, Any]],
     out_path: str | os.PathLike,
     num_rounds: int | None = None,
+    federated_model: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Baselines for a job run on ``site_configs`` (``{site: {"data": {...}}}``, as in
-    ``local/fedmed_site.json``), written to ``out_path``. ``num_rounds`` overrides the job's."""
+    ``local/fedmed_site.json``), written to ``out_path``. ``num_rounds`` overrides the job's;
+    ``federated_model`` (a state_dict .pt, e.g. ``OUT/models/global_model.pt``) is evaluated
+    beside the baselines on all sites' validation data."""
     settings = job_settings(job_dir)
     task = build_task(settings["task"])
     datasets = {}
@@ -219,6 +237,17 @@ def run_for_job(
         f"  [baselines] {len(datasets)} local-only models + 1 pooled model, {rounds} rounds x "
         f"{settings['trainer_args'].get('local_epochs', 1)} local epochs each (the federation's budget)"
     )
-    doc = run_baselines(task, settings["network"], datasets, rounds, settings["trainer_args"], settings["network_seed"], log=log)
+    federated_weights = None
+    if federated_model is not None:
+        from fedmed.provenance import ProvenanceError, load_model_weights
+
+        try:
+            federated_weights = state_to_numpy(load_model_weights(federated_model))
+        except ProvenanceError as exc:
+            raise BaselineError(str(exc)) from exc
+    doc = run_baselines(
+        task, settings["network"], datasets, rounds, settings["trainer_args"], settings["network_seed"],
+        federated_weights=federated_weights, log=log,
+    )
     write_baselines(doc, out_path)
     return doc

@@ -129,6 +129,7 @@ class RunData:
     model_sites: dict[str, str] = field(default_factory=dict)  # local model -> its site
     curves: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)  # site -> metric -> {x, y}
     budget: dict[str, Any] = field(default_factory=dict)
+    pooled_validation: dict[str, Any] = field(default_factory=dict)  # baselines.json: every model on all val data
     card: dict[str, Any] | None = None
     card_status: str | None = None
     cross_site_errors: dict[str, Any] = field(default_factory=dict)
@@ -232,6 +233,11 @@ def load_run(path: str | os.PathLike) -> RunData:
                     raise ReportError(f"{files['baselines.json']}: models[{model!r}] needs the 'site' it was trained on")
                 data.model_sites[model] = str(info["site"])
         data.budget = dict(doc.get("budget") or {})
+        pooled_val = doc.get("pooled_validation")
+        if pooled_val is not None:
+            if not isinstance(pooled_val, Mapping) or not isinstance(pooled_val.get("results"), Mapping):
+                raise ReportError(f"{files['baselines.json']}: 'pooled_validation' needs a 'results' object (model -> metrics)")
+            data.pooled_validation = dict(pooled_val)
         sites += [str(s) for s in doc.get("sites", [])]
 
     if "metrics.json" in files:
@@ -571,6 +577,20 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
                 + ", ".join(f"{k} = {v}" for k, v in data.budget.items())
                 + "."
             )
+        if data.pooled_validation:
+            pv = data.pooled_validation
+            names = {FEDERATED: "federated (global)", POOLED: "pooled"}
+            order = sorted(pv["results"], key=lambda m: (0 if m == FEDERATED else 1 if m == POOLED else 2, m))
+            comparison.paragraphs.append(
+                f"On all sites' validation images together ({pv.get('num_val_samples', 'n/a')} images; one "
+                f"{metric} over all of them, not a mean of per-site values):"
+            )
+            shown = [m for m in (metric, "val_accuracy", "val_loss") if any(m in pv["results"][x] for x in order)]
+            comparison.tables.append((
+                ["model"] + shown,
+                [[names.get(m, m.replace(LOCAL_ONLY_PREFIX, "") + " (local only)")] + [_fmt(pv["results"][m].get(k, math.nan)) for k in shown] for m in order],
+            ))
+            summary["pooled_validation"] = pv
         if plots.get("fed_vs_local_vs_pooled.png"):
             comparison.image = "fed_vs_local_vs_pooled.png"
         sections.append(comparison)

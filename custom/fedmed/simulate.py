@@ -162,7 +162,8 @@ def _baselines_and_report(run_job: Path, site_configs: dict, rounds, out_dir: Pa
 
     if baselines:
         print("  baselines: local-only and pooled models with the same partition and budget", flush=True)
-        run_for_job(run_job, site_configs, out_dir / BASELINES_FILE, num_rounds=rounds, log=lambda line: print(line, flush=True))
+        run_for_job(run_job, site_configs, out_dir / BASELINES_FILE, num_rounds=rounds,
+                    federated_model=out_dir / "models" / "global_model.pt", log=lambda line: print(line, flush=True))
     build_report(out_dir, log=lambda line: print("  " + line, flush=True))
     print(f"  report: {out_dir / 'report' / 'report.html'}\n  provenance card: {out_dir / 'provenance.json'} "
           f"(python -m fedmed verify-provenance {out_dir})", flush=True)
