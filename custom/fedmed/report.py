@@ -460,7 +460,7 @@ def plot_comparison(data: RunData, metric: str, path: Path) -> None:
     if lows:
         ax.set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.03) if max(lows) <= 1 else None)
     ax.set_title(f"{metric} on each site's own validation data")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(groups), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path)
 
@@ -491,7 +491,7 @@ def plot_exam(figures: Mapping[str, Any], local_kind: str, path: Path) -> None:
         ax.set_ylabel(figures["metric"])
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.suptitle("EXAM-style comparison (site = whose local model; right: mean over the other sites)", fontsize=10)
     fig.savefig(path)
 
