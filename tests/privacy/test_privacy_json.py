@@ -37,7 +37,7 @@ def test_client_scopes_chain_the_release_policy_first_and_the_meter_last(tmp_pat
             assert isinstance(chain[1], middle)
     he_chain = [type(f).__name__ for f in manager.get_scope("he").task_result_filters["out"]]
     assert he_chain == ["ReleasePolicyFilter", "HEModelEncryptor", "TransferMeter"]
-    assert [type(f).__name__ for f in manager.get_scope("he").task_data_filters["in"]] == ["HEModelDecryptor", "ModelSignatureRecorder"]
+    assert [type(f).__name__ for f in manager.get_scope("he").task_data_filters["in"]] == ["HEModelDecryptor", "DecryptedModelReshaper", "ModelSignatureRecorder"]
 
 
 def test_server_decompresses_compressed_updates(tmp_path):

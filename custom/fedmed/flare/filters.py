@@ -390,6 +390,11 @@ class CiphertextOnlyCheck(Filter):
             return False
         return isinstance(value, ts.CKKSVector)
 
+    @staticmethod
+    def _context_is_private(value) -> bool:
+        context = getattr(value, "context", None)
+        return bool(context is not None and callable(context) and context().is_private())
+
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
             return shareable
@@ -407,12 +412,21 @@ class CiphertextOnlyCheck(Filter):
             )
             self.log_error(fl_ctx, message)
             return _blocked(RELEASE_REFUSED, message)
+        with_secret_key = sorted(key for key, value in dxo.data.items() if self._context_is_private(value))
+        if with_secret_key:
+            message = (
+                f"he scope: site {site} sent ciphertext together with its secret key ({', '.join(with_secret_key[:3])}); "
+                "the server could decrypt it, so the update was dropped — the site's TenSEAL context must not be serialized with its secret key"
+            )
+            self.log_error(fl_ctx, message)
+            return _blocked(RELEASE_REFUSED, message)
         record = {
             "round": dxo.get_meta_prop("round"),
             "site": site,
             "task": fl_ctx.get_prop(FLContextKey.TASK_NAME, "?"),
             "tensors": len(dxo.data),
             "ciphertext_tensors": len(dxo.data),
+            "server_can_decrypt": False,  # checked above: no tensor came with a secret key
             "ciphertext_bytes": int(sum(len(v) if isinstance(v, (bytes, bytearray)) else len(v.serialize()) for v in dxo.data.values())),
         }
         self._records.append(record)
