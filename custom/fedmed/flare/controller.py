@@ -75,6 +75,8 @@ class FedAvgController(Controller):
         final_validation: bool = True,
         allow_partial_updates: bool = False,
         job_name: str = "fedmed",
+        he_aggregator_id: str = "",
+        he_shareable_generator_id: str = "",
     ):
         """Args (the server config's ``args``):
         num_rounds: federated rounds.
@@ -88,12 +90,19 @@ class FedAvgController(Controller):
         final_validation: after the last round, validate the final global model at every site.
         allow_partial_updates: accept updates lacking some keys (a privacy filter removed them).
         job_name: name written into the outputs and the bundle.
+        he_aggregator_id / he_shareable_generator_id: ids of FLARE's HE aggregator and shareable
+            generator components; when set, rounds run under homomorphic encryption (privacy mode
+            ``he``, see fedmed.flare.he): the server aggregates ciphertext only.
         """
         super().__init__()
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        if bool(he_aggregator_id) != bool(he_shareable_generator_id):
+            raise ValueError("he_aggregator_id and he_shareable_generator_id must be given together (privacy mode he)")
+        self.he_ids = (he_aggregator_id, he_shareable_generator_id)
+        self.he_rounds = None
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.round_timeout = round_timeout
@@ -152,6 +161,11 @@ class FedAvgController(Controller):
         }
         n_params = sum(int(np.prod(v.shape)) for v in self.global_weights.values())
         self.log_info(fl_ctx, f"[fedmed] {self.network['name']} with {n_params} parameters; outputs in {self.out_dir}")
+        if self.he_ids[0]:  # privacy mode he (issue 5): FLARE's HE components aggregate ciphertext
+            from fedmed.flare.he import HEFedAvgRounds
+
+            self.he_rounds = HEFedAvgRounds(self, *self.he_ids)
+            self.he_rounds.start(fl_ctx)
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
@@ -233,6 +247,8 @@ class FedAvgController(Controller):
         os.replace(tmp, self.out_dir / name)
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        if self.he_rounds is not None:
+            return self.he_rounds.control_flow(abort_signal, fl_ctx)
         self._save_model(GLOBAL_MODEL_FILE)
         for round_num in range(self.num_rounds):
             if abort_signal.triggered:
