@@ -29,8 +29,12 @@ def write_bundle(
     description: str = "",
     postprocessing: dict | None = None,
     extra_metadata: dict | None = None,
+    inference_config: dict | None = None,
 ) -> Path:
-    """Write the bundle atomically (built in a temp folder beside it, then renamed into place)."""
+    """Write the bundle atomically (built in a temp folder beside it, then renamed into place).
+
+    ``inference_config`` adds or replaces ``inference.json`` entries (a task's ``preprocessing``, ``inferer``).
+    """
     bundle_dir = Path(bundle_dir)
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
@@ -64,6 +68,7 @@ def write_bundle(
             "inferer": {"_target_": "SimpleInferer"},
             "postprocessing": postprocessing or {"_target_": "Identity"},
         }
+        inference.update(inference_config or {})
         (staging / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         (staging / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
         if bundle_dir.exists():

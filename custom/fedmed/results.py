@@ -83,6 +83,7 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
         description=f"{run_config['task']['name']} model trained by federated averaging over "
         f"{len(metrics.get('sites', []))} sites for {metrics.get('num_rounds')} rounds",
         postprocessing=task.inference_postprocessing(),
+        inference_config=task.inference_config() if hasattr(task, "inference_config") else None,  # e.g. sliding window
         extra_metadata={"fedmed": {"rounds": metrics.get("num_rounds"), "sites": metrics.get("sites", []),
                                    "final_validation": {k: v for k, v in final.items() if k != "sites"}},
                         **bundle_metadata(source / CARD_FILENAME)},  # points to OUT/provenance.json
