@@ -1,0 +1,151 @@
+"""``FedMedKitBuilder``: this project's step in the real ``nvflare provision`` run.
+
+Listed in ``provisioning/project.yml`` after FLARE's CertBuilder (which makes the root CA) and before
+its SignatureBuilder. For every participant it
+
+1. writes ``workspace_templates/<client|server>/local/*`` into the kit's ``local/`` (every file in
+   the folder, so files other engineers add ship automatically), filling ``"@fedmed:NAME"`` values;
+2. pre-deploys the ``fedmed`` package into the kit's ``local/custom/`` (FLARE puts that folder on
+   ``sys.path`` of every server/client process), so jobs need no bring-your-own-code;
+3. signs every kit's ``startup/`` with the root CA (``startup/signature.json``) and the package
+   (``local/fedmed_package.signature.json``); see :mod:`fedmed.deploy.kit`.
+
+Stock FLARE 2.9 signs only HE and confidential-computing kits; without ``signature.json`` an edited
+``fed_client.json`` is accepted silently.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from nvflare.lighter.constants import CtxKey
+from nvflare.lighter.spec import Builder, Project, ProvisionContext
+
+import fedmed
+from fedmed.deploy import kit as kit_files
+
+TOKEN_PREFIX = "@fedmed:"
+
+
+def repo_root() -> Path:
+    return Path(fedmed.__file__).resolve().parents[2]
+
+
+def package_source() -> Path:
+    return Path(fedmed.__file__).resolve().parent
+
+
+def resolve_templates_dir(templates_dir: str | None) -> Path:
+    """``templates_dir`` as given (absolute, or relative to the current folder), else under the repository."""
+    if templates_dir:
+        given = Path(templates_dir)
+        for candidate in (given, repo_root() / given) if not given.is_absolute() else (given,):
+            if candidate.is_dir():
+                return candidate.resolve()
+        raise ValueError(f"FedMedKitBuilder: templates_dir '{templates_dir}' not found (looked in {Path.cwd()} "
+                         f"and {repo_root()})")
+    return repo_root() / "workspace_templates"
+
+
+def template_values(participant) -> dict:
+    """Values for ``"@fedmed:NAME"`` placeholders in template JSON files."""
+    from fedmed.flare.allow_list import class_allow_list
+
+    return {
+        "class_allow_list": class_allow_list(),
+        "num_gpus": int(participant.get_prop("num_gpus", 0) or 0),
+        "mem_per_gpu_in_GiB": float(participant.get_prop("mem_per_gpu_in_GiB", 0) or 0),
+        "site_name": participant.name,
+        "org": participant.org,
+    }
+
+
+def fill_tokens(value, values: dict, where: str):
+    if isinstance(value, str) and value.startswith(TOKEN_PREFIX):
+        name = value[len(TOKEN_PREFIX):]
+        if name not in values:
+            raise ValueError(f"{where}: unknown template value '{value}' (known: "
+                             f"{', '.join(TOKEN_PREFIX + k for k in sorted(values))})")
+        return values[name]
+    if isinstance(value, dict):
+        return {k: fill_tokens(v, values, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill_tokens(v, values, where) for v in value]
+    return value
+
+
+class FedMedKitBuilder(Builder):
+    def __init__(self, templates_dir: str = "workspace_templates", deploy_package: bool = True, sign: bool = True):
+        """Write site templates and the fedmed package into every kit and sign the kits.
+
+        Args:
+            templates_dir: folder with ``client/`` and ``server/`` (each with ``local/``) templates;
+                relative paths resolve against the current folder, then the repository root.
+            deploy_package: copy the ``fedmed`` package into every kit's ``local/custom/`` (default True).
+            sign: sign every kit's ``startup/`` and the deployed package with the root CA (default True).
+        """
+        super().__init__()
+        self.templates_dir = templates_dir
+        self.deploy_package = deploy_package
+        self.sign = sign
+        self._templates: Path | None = None
+
+    def initialize(self, project: Project, ctx: ProvisionContext):
+        self._templates = resolve_templates_dir(self.templates_dir)
+        for side in ("client", "server"):
+            if not (self._templates / side / "local").is_dir():
+                raise ValueError(f"FedMedKitBuilder: {self._templates / side / 'local'} is missing")
+
+    def build(self, project: Project, ctx: ProvisionContext):
+        root_key = ctx.get(CtxKey.ROOT_PRI_KEY)
+        if self.sign and not root_key:
+            raise RuntimeError("FedMedKitBuilder must come after nvflare.lighter.impl.cert.CertBuilder in project.yml "
+                               "(it signs kits with the root CA's private key)")
+        participants = []
+        server = project.get_server()
+        if server:
+            participants.append((server, "server"))
+        participants += [(c, "client") for c in project.get_clients()]
+        participants += [(a, "admin") for a in project.get_admins()]
+        for participant, side in participants:
+            ws_dir = Path(ctx.get_ws_dir(participant))
+            local_dir = Path(ctx.get_local_dir(participant))
+            if side in ("server", "client"):
+                self._write_templates(self._templates / side / "local", local_dir, template_values(participant))
+                sample = local_dir / "privacy.json.sample"  # FLARE's sample does not load; ours replaces it
+                if (local_dir / "privacy.json").is_file() and sample.is_file():
+                    sample.unlink()
+                if self.deploy_package:
+                    self._deploy_package(local_dir)
+            if self.sign:
+                kit_files.sign_startup(ws_dir, root_key)
+                if self.deploy_package and side != "admin":
+                    kit_files.sign_package(ws_dir, root_key)
+        ctx.info(f"fedmed: templates from {self._templates}, package {'deployed' if self.deploy_package else 'not deployed'}, "
+                 f"kits {'signed' if self.sign else 'NOT signed'} for {len(participants)} participants")
+
+    @staticmethod
+    def _write_templates(src: Path, dest: Path, values: dict) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in sorted(src.rglob("*")):
+            if path.is_dir() or "__pycache__" in path.parts:
+                continue
+            target = dest / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".json":
+                try:
+                    content = json.loads(path.read_text())
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"template {path} is not valid JSON ({exc})") from exc
+                target.write_text(json.dumps(fill_tokens(content, values, str(path)), indent=2) + "\n")
+            else:
+                shutil.copy2(path, target)
+
+    @staticmethod
+    def _deploy_package(local_dir: Path) -> None:
+        dest = local_dir / kit_files.PACKAGE_DIR / kit_files.PACKAGE_NAME
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(package_source(), dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

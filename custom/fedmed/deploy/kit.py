@@ -1,0 +1,263 @@
+"""What a startup kit is made of, how this project signs it, and the checks ``preflight`` runs.
+
+A kit (one per server, hospital and admin) is a folder with ``startup/`` (FLARE config, certificate,
+private key, ``rootCA.pem``), ``local/`` (site configuration, the pre-deployed ``fedmed`` package in
+``local/custom/``) and ``transfer/``.
+
+Signing: every file in ``startup/`` is signed with the root CA's private key into
+``startup/signature.json`` (FLARE's own format, ``nvflare.lighter.utils.sign_folders``). FLARE's
+server, client and admin console verify it at start and refuse an edited file ("The following files
+are not secure content"). The pre-deployed package is signed file by file into
+``local/fedmed_package.signature.json``; FLARE does not check that one, ``preflight`` does.
+``local/`` config files stay editable: a hospital must fill in its data config.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+
+from nvflare.lighter.utils import load_crt, sign_content, sign_folders, verify_content
+
+STARTUP = "startup"
+LOCAL = "local"
+SIGNATURE_FILE = "signature.json"  # FLARE's name; SecurityContentService looks for it in startup/
+ROOT_CA = "rootCA.pem"
+PACKAGE_DIR = "custom"  # local/custom/: FLARE adds it to sys.path of every site process
+PACKAGE_NAME = "fedmed"
+PACKAGE_SIGNATURE_FILE = "fedmed_package.signature.json"  # in local/
+SKIPPED_PARTS = {"__pycache__"}
+
+
+class KitError(RuntimeError):
+    """A kit that cannot be used; the message names the kit and the file."""
+
+
+@dataclass
+class KitInfo:
+    """What kind of participant a kit is for, read from its startup config."""
+
+    path: Path
+    kind: str  # "server" | "client" | "admin"
+    name: str
+    host: str = ""
+    port: int = 0
+    cert: str = ""
+    key: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def read_kit(kit_dir: str | Path) -> KitInfo:
+    kit = Path(kit_dir)
+    startup = kit / STARTUP
+    if not startup.is_dir():
+        raise KitError(f"{kit} is not a startup kit: it has no startup/ folder")
+    if (startup / "fed_server.json").is_file():
+        config = _load_json(startup / "fed_server.json")
+        server = config["servers"][0]
+        host, port = _split_target(server["service"]["target"], startup / "fed_server.json")
+        return KitInfo(kit, "server", server.get("identity") or host, host, port,
+                       server.get("ssl_cert", "server.crt"), server.get("ssl_private_key", "server.key"))
+    if (startup / "fed_client.json").is_file():
+        config = _load_json(startup / "fed_client.json")
+        host, port = _split_target(config["servers"][0]["service"]["target"], startup / "fed_client.json")
+        client = config["client"]
+        return KitInfo(kit, "client", client.get("fqsn") or kit.name, host, port,
+                       client.get("ssl_cert", "client.crt"), client.get("ssl_private_key", "client.key"))
+    if (startup / "fed_admin.json").is_file():
+        admin = _load_json(startup / "fed_admin.json")["admin"]
+        return KitInfo(kit, "admin", admin["username"], admin["host"], int(admin["port"]),
+                       admin.get("client_cert", "client.crt"), admin.get("client_key", "client.key"))
+    raise KitError(f"{startup} holds none of fed_server.json, fed_client.json, fed_admin.json")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KitError(f"{path} cannot be read as JSON ({exc})") from exc
+
+
+def _split_target(target: str, where: Path) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise KitError(f"{where}: server target '{target}' is not host:port")
+    return host, int(port)
+
+
+# ---- signing (run by the provisioning builder, which holds the root CA's private key) -----------------
+
+
+def sign_startup(kit_dir: str | Path, root_private_key) -> Path:
+    """Sign every file in ``kit/startup`` into ``startup/signature.json`` (FLARE's format)."""
+    startup = Path(kit_dir) / STARTUP
+    sign_folders(str(startup), root_private_key, signature_file=SIGNATURE_FILE)
+    return startup / SIGNATURE_FILE
+
+
+def package_files(kit_dir: str | Path) -> list[str]:
+    """Paths (relative to ``local/custom``) of the pre-deployed package's files, caches left out."""
+    root = Path(kit_dir) / LOCAL / PACKAGE_DIR
+    files = []
+    for path in sorted((root / PACKAGE_NAME).rglob("*")):
+        if path.is_file() and not SKIPPED_PARTS.intersection(path.relative_to(root).parts) and path.suffix != ".pyc":
+            files.append(path.relative_to(root).as_posix())
+    return files
+
+
+def sign_package(kit_dir: str | Path, root_private_key) -> Path:
+    root = Path(kit_dir) / LOCAL / PACKAGE_DIR
+    signatures = {rel: sign_content((root / rel).read_bytes(), root_private_key) for rel in package_files(kit_dir)}
+    out = Path(kit_dir) / LOCAL / PACKAGE_SIGNATURE_FILE
+    out.write_text(json.dumps({"signed_by": "project root CA (startup/rootCA.pem)", "files": signatures}, indent=1) + "\n")
+    return out
+
+
+# ---- checks (preflight) -----------------------------------------------------------------------------
+
+
+def _root_public_key(kit: Path):
+    root_ca = kit / STARTUP / ROOT_CA
+    if not root_ca.is_file():
+        raise KitError(f"{root_ca} is missing: the kit cannot check signatures or certificates")
+    return load_crt(str(root_ca)).public_key()
+
+
+def verify_startup_signature(kit_dir: str | Path) -> list[str]:
+    """Problems with ``startup/signature.json``: missing, unsigned, edited or missing files. Empty = valid."""
+    kit = Path(kit_dir)
+    startup = kit / STARTUP
+    sig_path = startup / SIGNATURE_FILE
+    if not sig_path.is_file():
+        return [f"{sig_path} is missing: this kit is not signed (provision it with python -m fedmed provision)"]
+    public_key = _root_public_key(kit)
+    try:
+        signatures = json.loads(sig_path.read_text())
+    except json.JSONDecodeError as exc:
+        return [f"{sig_path} is not valid JSON ({exc})"]
+    problems = []
+    for path in sorted(startup.iterdir()):
+        if path.name == SIGNATURE_FILE:
+            continue
+        if path.name not in signatures:
+            problems.append(f"{path} is not signed (added after provisioning)")
+            continue
+        content = path.read_bytes() if path.is_file() else path.name
+        if not _verifies(content, signatures[path.name], public_key):
+            problems.append(f"{path} does not match its signature (edited after provisioning)")
+    for name in sorted(set(signatures) - {p.name for p in startup.iterdir()}):
+        problems.append(f"{startup / name} is signed but missing")
+    return problems
+
+
+def verify_package_signature(kit_dir: str | Path) -> list[str]:
+    kit = Path(kit_dir)
+    sig_path = kit / LOCAL / PACKAGE_SIGNATURE_FILE
+    root = kit / LOCAL / PACKAGE_DIR
+    if not (root / PACKAGE_NAME / "__init__.py").is_file():
+        return [f"{root / PACKAGE_NAME} is missing: the kit has no pre-deployed fedmed package"]
+    if not sig_path.is_file():
+        return [f"{sig_path} is missing: the pre-deployed package is not signed"]
+    public_key = _root_public_key(kit)
+    signatures = json.loads(sig_path.read_text()).get("files", {})
+    problems = []
+    present = package_files(kit)
+    for rel in present:
+        if rel not in signatures:
+            problems.append(f"{root / rel} is not part of the signed package (added after provisioning)")
+        elif not _verifies((root / rel).read_bytes(), signatures[rel], public_key):
+            problems.append(f"{root / rel} does not match its signature (edited after provisioning)")
+    for rel in sorted(set(signatures) - set(present)):
+        problems.append(f"{root / rel} is signed but missing")
+    return problems
+
+
+def _verifies(content, signature: str, public_key) -> bool:
+    try:
+        verify_content(content, signature, public_key)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def verify_certificate_chain(kit_dir: str | Path) -> list[str]:
+    """The kit's own certificate must be issued by the kit's rootCA and be valid now."""
+    info = read_kit(kit_dir)
+    kit = Path(kit_dir)
+    root_ca_path = kit / STARTUP / ROOT_CA
+    cert_path = kit / STARTUP / info.cert
+    if not cert_path.is_file():
+        return [f"{cert_path} is missing"]
+    root_ca = load_crt(str(root_ca_path))
+    cert = load_crt(str(cert_path))
+    problems = []
+    try:
+        root_ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, asym_padding.PKCS1v15(),
+                                    cert.signature_hash_algorithm)
+    except InvalidSignature:
+        problems.append(f"{cert_path} was not issued by this kit's {root_ca_path} (certificates from different "
+                        f"provisioning runs were mixed)")
+    if cert.issuer != root_ca.subject:
+        problems.append(f"{cert_path} names issuer '{cert.issuer.rfc4514_string()}', but {root_ca_path} is "
+                        f"'{root_ca.subject.rfc4514_string()}'")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for label, c, p in (("certificate", cert, cert_path), ("root CA", root_ca, root_ca_path)):
+        if now < c.not_valid_before_utc or now > c.not_valid_after_utc:
+            problems.append(f"{p}: {label} is valid only from {c.not_valid_before_utc:%Y-%m-%d} to "
+                            f"{c.not_valid_after_utc:%Y-%m-%d}; provision new kits")
+    return problems
+
+
+def check_server_connection(kit_dir: str | Path, timeout: float = 5.0, host: str | None = None, port: int | None = None) -> list[str]:
+    """Open a mutual-TLS connection to the server with the kit's credentials; name what failed.
+
+    FLARE 2.9's client hangs forever (no error) when the server's certificate comes from a different
+    root CA; this check answers within ``timeout`` seconds.
+    """
+    info = read_kit(kit_dir)
+    kit = Path(kit_dir)
+    host = host or info.host
+    port = port or info.port
+    where = f"server {host}:{port} (from {kit / STARTUP})"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # FLARE checks identity itself; here: is the chain from our root CA?
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(str(kit / STARTUP / ROOT_CA))
+    context.load_cert_chain(str(kit / STARTUP / info.cert), str(kit / STARTUP / info.key))
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as exc:
+        return [f"{where}: host name '{host}' does not resolve ({exc.strerror}); check DNS / /etc/hosts"]
+    except (ConnectionRefusedError, socket.timeout, OSError) as exc:
+        return [f"{where} is not reachable ({exc}); is the server started, and does the firewall allow port {port}?"]
+    try:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.settimeout(timeout)
+            # TLS 1.3: the server checks our certificate after the handshake; a read surfaces its refusal
+            try:
+                tls.recv(1)
+            except socket.timeout:
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        return [f"{where}: the server's certificate is not signed by this kit's root CA ({exc.verify_message}). "
+                f"This kit comes from a different provisioning run than the server; ask the project lead "
+                f"for this site's kit from the current run"]
+    except ssl.SSLError as exc:
+        if "unknown ca" in str(exc).lower() or "certificate" in str(exc).lower():
+            return [f"{where} refused this kit's certificate ({exc.reason or exc}). This kit comes from a different "
+                    f"provisioning run than the server; ask the project lead for this site's current kit"]
+        return [f"{where}: TLS handshake failed ({exc})"]
+    except (ConnectionResetError, OSError) as exc:
+        return [f"{where} closed the connection during the TLS handshake ({exc}); the server probably does not "
+                f"trust this kit's certificate (kit from a different provisioning run)"]
+    finally:
+        raw.close()
+    return []

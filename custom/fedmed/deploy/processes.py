@@ -1,0 +1,165 @@
+"""Run startup kits as real FLARE processes on this machine, and end exactly those processes.
+
+Used by ``rehearse`` and the deployment tests. A kit is started the way its ``startup/sub_start.sh``
+starts it (``server_train`` / ``client_train`` with ``secure_train=true``), without the restart loop,
+with the kit's folder as the working folder and the output in a log file. Processes are stopped by
+PID: the process we started and the job processes it started (found through the process tree).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from cryptography.x509.oid import NameOID
+
+from nvflare.lighter.utils import load_crt
+
+from fedmed.deploy.kit import STARTUP, read_kit
+
+MODULES = {
+    "server": "nvflare.private.fed.app.server.server_train",
+    "client": "nvflare.private.fed.app.client.client_train",
+}
+READY_PATTERNS = {"server": r"Server started", "client": r"Successfully registered client"}
+REFUSED_PATTERN = "The following files are not secure content"
+
+
+class DeploymentError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kit_org(kit_dir: str | Path) -> str:
+    info = read_kit(kit_dir)
+    cert = load_crt(str(Path(kit_dir) / STARTUP / info.cert))
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return orgs[0].value if orgs else ""
+
+
+@dataclass
+class KitProcess:
+    name: str
+    kind: str
+    kit: Path
+    log_path: Path
+    popen: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def start_kit(kit_dir: str | Path, log_path: str | Path, env: dict | None = None) -> KitProcess:
+    """Start a server or client kit as ``sub_start.sh`` does; return at once (see :func:`wait_for_log`)."""
+    kit = Path(kit_dir).resolve()
+    info = read_kit(kit)
+    if info.kind not in MODULES:
+        raise DeploymentError(f"{kit} is an {info.kind} kit; only server and client kits run as processes")
+    command = [sys.executable, "-u", "-m", MODULES[info.kind], "-m", str(kit), "-s", f"fed_{info.kind}.json",
+               "--set", "secure_train=true", "config_folder=config", f"org={kit_org(kit)}"]
+    if info.kind == "client":
+        command.append(f"uid={info.name}")
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(command, cwd=kit, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env if env is not None else os.environ.copy())
+    return KitProcess(info.name, info.kind, kit, log_path, popen)
+
+
+def wait_for_log(proc: KitProcess, pattern: str, timeout: float, what: str) -> None:
+    """Wait until ``pattern`` appears in the process's log; raise with the log's tail if it exits or times out."""
+    deadline = time.time() + timeout
+    regex = re.compile(pattern)
+    while time.time() < deadline:
+        if regex.search(proc.log_text()):
+            return
+        if not proc.alive():
+            raise DeploymentError(f"{proc.kind} {proc.name} exited (code {proc.popen.returncode}) before {what}; "
+                                  f"log {proc.log_path}:\n{proc.log_tail()}")
+        time.sleep(0.3)
+    raise DeploymentError(f"{proc.kind} {proc.name}: no '{what}' within {timeout:.0f} s; log {proc.log_path}:\n{proc.log_tail()}")
+
+
+def wait_ready(proc: KitProcess, timeout: float = 90.0) -> None:
+    wait_for_log(proc, READY_PATTERNS[proc.kind], timeout,
+                 "server start" if proc.kind == "server" else "registration with the server")
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_processes(procs: list[KitProcess], timeout: float = 15.0) -> list[int]:
+    """Terminate each started process and its descendants by PID; kill what is left. Returns PIDs still alive."""
+    tree = []
+    for proc in procs:
+        tree += process_tree(proc.pid)
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, still = psutil.wait_procs(alive, timeout=5)
+    for proc in procs:
+        try:
+            proc.popen.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+    return [p.pid for p in still]
+
+
+def listening_addresses(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, ip, port) of every listening TCP/UDP socket held by these processes and their descendants."""
+    found = []
+    seen = set()
+    for pid in pids:
+        for p in process_tree(pid):
+            if p.pid in seen:
+                continue
+            seen.add(p.pid)
+            try:
+                connections = p.net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            for c in connections:
+                if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and c.laddr):
+                    found.append((p.pid, c.laddr.ip, c.laddr.port))
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip in ("::1", "localhost")

@@ -1,0 +1,243 @@
+"""``python -m fedmed rehearse``: a real deployment of the federation on 127.0.0.1, end to end.
+
+1. provisions a small project (server ``localhost`` on a free port, the first K hospitals, the
+   admins) into a temporary folder with the real ``nvflare provision`` and this project's builder;
+2. fills each hospital's ``local/fedmed_site.json`` with its own data (a seeded non-IID partition of
+   ``--data`` or synthetic X-rays, as ``simulate`` does), the step a hospital's IT team does;
+3. starts the server and the K hospital clients from their kits as real processes;
+4. submits the job (a temporary copy with ``--rounds`` / ``--privacy`` applied) as the lead
+   researcher through FLARE's admin API, waits, downloads the result;
+5. writes the output folder like ``simulate`` (``fedmed.results.export_run_outputs``: bundle,
+   models, metrics, TensorBoard) plus every process's log in ``logs/``;
+6. shuts the system down and ends every process it started by PID.
+
+Exit code 0 only when the job finished and the global model was downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedmed.deploy.federation import LocalFederation
+from fedmed.deploy.processes import DeploymentError, free_port
+from fedmed.deploy.provision import ProvisionError, customize_project, load_project, provision, server_of
+
+DEFAULT_JOB = "jobs/cxr_pneumonia_fedavg"
+PRIVACY_MODES = ("standard", "dp", "compressed", "he")
+FINISHED_OK = "FINISHED:COMPLETED"
+
+
+class RehearsalError(RuntimeError):
+    pass
+
+
+def plan_project(project_file: str, hospitals: int, port: int, he: bool) -> dict:
+    project = customize_project(load_project(project_file), server_name="localhost", port=port, hospitals=hospitals,
+                                he=he, name="fedmed_rehearsal")
+    return project
+
+
+def roles(project: dict) -> dict:
+    """Names by role: server, hospitals, project_admin, lead, org_admins."""
+    people = [p for p in project["participants"] if p["type"] == "admin"]
+
+    def first(role):
+        match = [p["name"] for p in people if p.get("role") == role]
+        if not match:
+            raise RehearsalError(f"the project has no admin with role {role}")
+        return match[0]
+
+    return {
+        "server": server_of(project)["name"],
+        "hospitals": [p["name"] for p in project["participants"] if p["type"] == "client"],
+        "project_admin": first("project_admin"),
+        "lead": first("lead"),
+        "org_admins": {p["org"]: p["name"] for p in people if p.get("role") == "org_admin"},
+    }
+
+
+def fill_site_configs(prod_dir: Path, hospitals: list[str], data_dir: Path, data: str | None, job_dir: Path,
+                      seed: int = 0, alpha: float = 0.5) -> list[str]:
+    """Give each hospital kit its own data and write its ``local/fedmed_site.json``; return summary lines."""
+    from fedmed.simulate import load_controller_args
+    from fedmed.tasks import build_task
+
+    _, controller_args = load_controller_args(job_dir)
+    task = build_task(controller_args.get("task", {"name": "classification"}))
+    configs, summary = task.prepare_simulation(len(hospitals), data_dir, data, alpha, seed)
+    for hospital, (sim_name, config) in zip(hospitals, configs.items()):
+        path = prod_dir / hospital / "local" / "fedmed_site.json"
+        tmp = path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        tmp.replace(path)
+    return [line.replace(f"site-{i}:", f"{h}:", 1) for i, (h, line) in enumerate(zip(hospitals, summary), start=1)]
+
+
+def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | None, privacy: str | None) -> Path:
+    from fedmed.simulate import prepare_job, resolve_job
+
+    job_dir = resolve_job(job)
+    dest = dest_root / job_dir.name
+    prepare_job(job_dir, dest, num_sites, rounds)
+    if privacy:
+        meta_path = dest / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["scope"] = privacy
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return dest
+
+
+def run_job(session, job_dir: Path, timeout: float, server_workspace: Path | None = None, log=print) -> tuple[str, dict]:
+    """Submit ``job_dir``, print progress until it ends; return (job id, final job meta)."""
+    job_id = session.submit_job(str(job_dir))
+    log(f"  submitted job {job_id} ({job_dir.name})")
+    started = time.time()
+    seen = {"status": None, "rounds": 0}
+
+    def progress(_session, _job_id, meta, *args):
+        status = meta.get("status")
+        if status != seen["status"]:
+            log(f"  [{time.time() - started:5.0f} s] job status {status}")
+            seen["status"] = status
+        if server_workspace:
+            metrics_path = server_workspace / job_id / "app_server" / "fedmed" / "metrics.json"
+            try:
+                metrics = json.loads(metrics_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                return True
+            rounds = metrics.get("rounds", [])
+            for record in rounds[seen["rounds"]:]:
+                failed = record.get("failed") or {}
+                log(f"  [{time.time() - started:5.0f} s] round {record.get('round')}: contributors "
+                    f"{', '.join(record.get('contributors', [])) or 'none'}"
+                    + (f"; failed {', '.join(f'{k} ({v})' for k, v in failed.items())}" if failed else ""))
+            seen["rounds"] = len(rounds)
+        return True
+
+    rc, meta = session.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=1.0, cb=progress)
+    if meta is None:
+        raise RehearsalError(f"job {job_id} did not end within {timeout:.0f} s ({rc})")
+    return job_id, meta
+
+
+def rehearse(
+    hospitals: int = 2,
+    rounds: int | None = 2,
+    job: str = DEFAULT_JOB,
+    data: str | None = None,
+    out: str | None = None,
+    privacy: str | None = None,
+    project_file: str = "provisioning/project.yml",
+    timeout: float = 900.0,
+    workdir: str | None = None,
+    keep: bool = False,
+    seed: int = 0,
+) -> Path:
+    out_dir = Path(out or f"runs/rehearse-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise RehearsalError(f"output folder {out_dir} is not empty; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(workdir).resolve() if workdir else Path(tempfile.mkdtemp(prefix="fedmed-rehearse-"))
+    work.mkdir(parents=True, exist_ok=True)
+    he = privacy == "he"
+    port = free_port()
+    federation = None
+    try:
+        project = plan_project(project_file, hospitals, port, he)
+        names = roles(project)
+        print(f"[1/6] provisioning server localhost:{port}, {hospitals} hospitals, admins"
+              f"{' (HE kits)' if he else ''} into {work}", flush=True)
+        prod = provision(project, work / "provision")
+        job_copy = prepare_job_copy(job, work / "job", hospitals, rounds, privacy)
+        print(f"[2/6] hospitals fill local/fedmed_site.json with their own data "
+              f"({'partition of ' + data if data else 'synthetic X-rays'})", flush=True)
+        for line in fill_site_configs(prod, names["hospitals"], work / "data", data, job_copy, seed):
+            print("  " + line, flush=True)
+        print(f"[3/6] starting server and {hospitals} hospitals from their kits (logs in {out_dir / 'logs'})", flush=True)
+        federation = LocalFederation(prod, out_dir / "logs", project_admin=names["project_admin"])
+        federation.start_all(names["server"], names["hospitals"])
+        print(f"[4/6] submitting {job_copy.name} as {names['lead']} (rounds: {rounds or 'job default'}, "
+              f"privacy scope: {privacy or 'site default'})", flush=True)
+        session = federation.session(names["lead"])
+        job_id, meta = run_job(session, job_copy, timeout, prod / names["server"])
+        status = meta.get("status")
+        print(f"[5/6] job {job_id} ended: {status}; downloading the result", flush=True)
+        download = Path(session.download_job_result(job_id, str(work / "download")))
+        server_app = _find_app(download)
+        if status != FINISHED_OK:
+            raise RehearsalError(f"job {job_id} ended with status {status}: {_server_error(server_app)}. "
+                                 f"Logs: {out_dir / 'logs'}")
+        from fedmed.results import export_run_outputs
+
+        metrics = export_run_outputs(server_app, out_dir)
+        shutil.copytree(download, out_dir / "job_result", dirs_exist_ok=True)
+        model = out_dir / "models" / "global_model.pt"
+        if not model.is_file():
+            raise RehearsalError(f"the downloaded result has no global model ({model} missing)")
+        final = (metrics.get("evaluations") or [{}])[-1]
+        key = metrics.get("key_metric", "val_auc")
+        print(f"  final global model: mean {key} {final.get('mean_' + key)}; bundle {out_dir / 'bundle'}", flush=True)
+    finally:
+        if federation is not None:
+            print("[6/6] shutting down (admin API, then every started process by PID)", flush=True)
+            left = federation.stop()
+            if left:
+                print(f"  WARNING: processes still alive after kill: {left}", file=sys.stderr, flush=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = {"job_id": job_id, "status": status, "hospitals": names["hospitals"], "port": port,
+               "out": str(out_dir)}
+    (out_dir / "rehearsal.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"  done: {out_dir}", flush=True)
+    return out_dir
+
+
+def _find_app(download: Path) -> Path:
+    from fedmed.results import ResultsError, find_server_app_dir
+
+    try:
+        return find_server_app_dir(download)
+    except ResultsError as exc:
+        raise RehearsalError(str(exc)) from exc
+
+
+def _server_error(server_app: Path) -> str:
+    metrics_path = server_app / "fedmed" / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        return metrics.get("error") or "no error recorded in metrics.json"
+    return "no metrics.json in the result"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hospitals", type=int, default=2, help="hospital clients to start (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="federated rounds (default 2; 0 = the job's own)")
+    parser.add_argument("--job", default=DEFAULT_JOB, help=f"job folder (default {DEFAULT_JOB})")
+    parser.add_argument("--data", default=None, help="MedMNIST-style .npz to partition across hospitals (default: synthetic)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/rehearse-<timestamp>)")
+    parser.add_argument("--privacy", choices=PRIVACY_MODES, default=None,
+                        help="privacy scope the job asks for (meta.json 'scope'); 'he' provisions HE kits")
+    parser.add_argument("--project", default="provisioning/project.yml", help="FLARE project file")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the job (default 900)")
+    parser.add_argument("--workdir", default=None, help="folder for kits, data and downloads (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (kits, keys) after the run")
+    parser.add_argument("--seed", type=int, default=0, help="data partition seed (default 0)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        rehearse(args.hospitals, args.rounds or None, args.job, args.data, args.out, args.privacy, args.project,
+                 args.timeout, args.workdir, args.keep, args.seed)
+    except (RehearsalError, ProvisionError, DeploymentError, ValueError, OSError) as exc:
+        print(f"rehearse failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # e.g. the admin API refusing a command: still a failed rehearsal, with its reason
+        print(f"rehearse failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
