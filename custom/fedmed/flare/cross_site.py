@@ -39,6 +39,7 @@ from fedmed.flare.executor import ERROR_HEADER
 from fedmed.networks import state_to_numpy
 from fedmed.provenance import weights_sha256
 from fedmed.results import GLOBAL_MODEL_FILE, RUN_CONFIG_FILE, SERVER_OUTPUT_DIR
+from fedmed.tasks import build_task
 
 CROSS_SITE_FILE = "cross_site.json"
 CROSS_SITE_FORMAT = "fedmed-cross-site/1"
@@ -239,7 +240,8 @@ class CrossSiteEvaluation(Controller):
                 "errors": {kind: value for kind, value in errors.items() if value},
             },
         )
-        key = "val_auc" if "val_auc" in metric_names else (metric_names[0] if metric_names else None)
+        key = build_task(task_spec).key_metric  # val_auc, val_dice, ...
+        key = key if key in metric_names else None
         if key is not None:
             for model_name, row in results.items():
                 values = [cell[key] for cell in row.values() if key in cell]
