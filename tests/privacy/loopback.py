@@ -32,22 +32,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_job(dest: Path, num_rounds: int = 1, scope: str | None = None, width: int = 8) -> Path:
+def tiny_job(dest: Path, num_rounds: int = 1, scope: str | None = None, width: int | None = 8, min_clients: int = 2) -> Path:
     """The project's CXR job, shrunk: few rounds, a narrow network, FedAvg only."""
     shutil.copytree(REPO / "jobs" / "cxr_pneumonia_fedavg", dest)
     server_path = dest / "app" / "config" / "config_fed_server.json"
     server = json.loads(server_path.read_text())
     server["workflows"] = [w for w in server["workflows"] if w["path"] == "fedmed.flare.controller.FedAvgController"]
     args = server["workflows"][0]["args"]
-    args.update({"num_rounds": num_rounds, "min_clients": 2, "wait_after_min_clients": 5, "round_timeout": 300})
-    args["network"]["args"]["width"] = width
+    args.update({"num_rounds": num_rounds, "min_clients": min_clients, "wait_after_min_clients": 5, "round_timeout": 600})
+    if width is not None:
+        args["network"]["args"]["width"] = width
     server_path.write_text(json.dumps(server, indent=2))
     client_path = dest / "app" / "config" / "config_fed_client.json"
     client = json.loads(client_path.read_text())
     client["executors"][0]["executor"].setdefault("args", {}).update({"local_epochs": 1, "batch_size": 16, "amp": False})
     client_path.write_text(json.dumps(client, indent=2))
     meta = json.loads((dest / "meta.json").read_text())
-    meta["min_clients"] = 2
+    meta["min_clients"] = min_clients
     if scope is not None:
         meta["scope"] = scope
     (dest / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -56,12 +57,13 @@ def tiny_job(dest: Path, num_rounds: int = 1, scope: str | None = None, width: i
 
 class LoopbackFederation:
     def __init__(self, root: Path, sites=("site-1", "site-2"), he: bool = False, site_privacy: dict | None = None,
-                 num_train: int = 48, num_val: int = 24):
+                 num_train: int = 48, num_val: int = 24, site_configs: dict | None = None):
         self.root = Path(root)
         self.sites = list(sites)
         self.he = he
         self.site_privacy = site_privacy or {}
         self.num_train, self.num_val = num_train, num_val
+        self.site_configs = site_configs or {}  # {site: {"data": {...}}}; default tiny synthetic data
         self.procs: dict[str, subprocess.Popen] = {}
         self.kits: dict[str, Path] = {}
         self.session = None
@@ -110,7 +112,9 @@ class LoopbackFederation:
         else:
             shutil.copy(self.site_privacy.get(name, template_privacy_file("client")), local / "privacy.json")
             index = self.sites.index(name)
-            site_config = {"data": {"format": "synthetic", "num_train": self.num_train, "num_val": self.num_val, "seed": 11 + index}}
+            site_config = self.site_configs.get(name) or {
+                "data": {"format": "synthetic", "num_train": self.num_train, "num_val": self.num_val, "seed": 11 + index}
+            }
             (local / "fedmed_site.json").write_text(json.dumps(site_config))
         (local / "resources.json").write_text(json.dumps(resources, indent=2))
 
