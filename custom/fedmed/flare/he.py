@@ -264,15 +264,12 @@ def decrypt_global_model(path: str | os.PathLike, context_file: str | os.PathLik
     return weights
 
 
-def he_job(job_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Copy a job folder to ``dest`` as its ``he`` variant: meta scope ``he``, FLARE's HE aggregator
+def apply_he_mode(job_dir: str | os.PathLike) -> Path:
+    """Turn a job folder (in place) into its ``he`` variant: meta scope ``he``, FLARE's HE aggregator
     and shareable generator as server components, the FedAvgController pointed at them, and only
     that workflow (cross-site evaluation needs a plaintext global model, which the server never has)."""
-    import shutil
-
-    job_dir, dest = Path(job_dir), Path(dest)
-    shutil.copytree(job_dir, dest)
-    server_path = dest / "app" / "config" / "config_fed_server.json"
+    job_dir = Path(job_dir)
+    server_path = job_dir / "app" / "config" / "config_fed_server.json"
     config = json.loads(server_path.read_text())
     workflows = [w for w in config.get("workflows", []) if w.get("path") == "fedmed.flare.controller.FedAvgController"]
     if len(workflows) != 1:
@@ -282,9 +279,35 @@ def he_job(job_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     components = [c for c in config.get("components", []) if c.get("id") not in (HE_AGGREGATOR_ID, HE_GENERATOR_ID)]
     config["components"] = components + copy.deepcopy(HE_COMPONENTS)
     server_path.write_text(json.dumps(config, indent=2) + "\n")
-    meta_path = dest / "meta.json"
+    meta_path = job_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["scope"] = "he"
-    meta["name"] = f"{meta.get('name', job_dir.name)}_he"
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return dest
+    return job_dir
+
+
+def he_job(job_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy a job folder to ``dest`` and make the copy its ``he`` variant (:func:`apply_he_mode`)."""
+    import shutil
+
+    shutil.copytree(Path(job_dir), Path(dest))
+    return apply_he_mode(dest)
+
+
+def decrypt_for_hospital(server_app_dir: str | os.PathLike, context_file: str | os.PathLike) -> Path:
+    """What a hospital does with the result of an ``he`` job: decrypt the encrypted global model
+    with its own ``client_context.tenseal`` and write ``fedmed/global_model.pt`` beside it (so the
+    usual outputs and bundle can be built). Runs where the hospital's key is, never on the server."""
+    import torch
+
+    from fedmed.results import GLOBAL_MODEL_FILE, SERVER_OUTPUT_DIR
+
+    out = Path(server_app_dir) / SERVER_OUTPUT_DIR
+    source = out / ENCRYPTED_MODEL_FILE
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is missing: the he job did not write its encrypted global model")
+    weights = decrypt_global_model(source, context_file)
+    tmp = out / (GLOBAL_MODEL_FILE + ".partial")
+    torch.save({key: torch.as_tensor(value) for key, value in weights.items()}, tmp)
+    os.replace(tmp, out / GLOBAL_MODEL_FILE)
+    return out / GLOBAL_MODEL_FILE
