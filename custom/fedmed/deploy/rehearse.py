@@ -90,6 +90,10 @@ def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | No
         meta = json.loads(meta_path.read_text())
         meta["scope"] = privacy
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    if privacy == "he":  # issue 5: the server aggregates ciphertext through FLARE's HE components
+        from fedmed.flare.he import apply_he_mode
+
+        apply_he_mode(dest)
     return dest
 
 
@@ -175,6 +179,11 @@ def rehearse(
                                  f"Logs: {out_dir / 'logs'}")
         from fedmed.results import export_run_outputs
 
+        if he:  # issue 5: the server holds the model encrypted; a hospital decrypts it with its own key
+            from fedmed.flare.he import decrypt_for_hospital
+
+            decrypt_for_hospital(server_app, prod / names["hospitals"][0] / "startup" / "client_context.tenseal")
+            print(f"  he: {names['hospitals'][0]} decrypted the encrypted global model with its own key", flush=True)
         metrics = export_run_outputs(server_app, out_dir)
         shutil.copytree(download, out_dir / "job_result", dirs_exist_ok=True)
         model = out_dir / "models" / "global_model.pt"
