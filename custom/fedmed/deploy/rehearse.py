@@ -147,18 +147,23 @@ def rehearse(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RehearsalError(f"output folder {out_dir} is not empty; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(workdir).resolve() if workdir else Path(tempfile.mkdtemp(prefix="fedmed-rehearse-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if workdir:  # the caller's folder: used, never deleted
+        work = Path(workdir).resolve()
+        if work.exists() and any(work.iterdir()):
+            raise RehearsalError(f"work folder {work} is not empty; choose another --workdir")
+        work.mkdir(parents=True, exist_ok=True)
+    else:  # a temp folder, deleted afterwards (it holds the rehearsal's keys) unless --keep
+        work = Path(tempfile.mkdtemp(prefix="fedmed-rehearse-"))
     he = privacy == "he"
     port = free_port()
     federation = None
     try:
+        job_copy = prepare_job_copy(job, work / "job", hospitals, rounds, privacy)  # a bad job fails before provisioning
         project = plan_project(project_file, hospitals, port, he)
         names = roles(project)
         print(f"[1/6] provisioning server localhost:{port}, {hospitals} hospitals, admins"
               f"{' (HE kits)' if he else ''} into {work}", flush=True)
         prod = provision(project, work / "provision")
-        job_copy = prepare_job_copy(job, work / "job", hospitals, rounds, privacy)
         print(f"[2/6] hospitals fill local/fedmed_site.json with their own data "
               f"({'partition of ' + data if data else 'synthetic X-rays'})", flush=True)
         for line in fill_site_configs(prod, names["hospitals"], work / "data", data, job_copy, seed):
@@ -198,7 +203,7 @@ def rehearse(
             left = federation.stop()
             if left:
                 print(f"  WARNING: processes still alive after kill: {left}", file=sys.stderr, flush=True)
-        if not keep:
+        if not keep and not workdir:
             shutil.rmtree(work, ignore_errors=True)
     summary = {"job_id": job_id, "status": status, "hospitals": names["hospitals"], "port": port,
                "out": str(out_dir)}
@@ -234,8 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="privacy scope the job asks for (meta.json 'scope'); 'he' provisions HE kits")
     parser.add_argument("--project", default="provisioning/project.yml", help="FLARE project file")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the job (default 900)")
-    parser.add_argument("--workdir", default=None, help="folder for kits, data and downloads (default: a temp folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (kits, keys) after the run")
+    parser.add_argument("--workdir", default=None,
+                        help="empty folder for kits, data and downloads, kept afterwards (default: a temp folder, deleted)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp work folder (kits, keys) after the run")
     parser.add_argument("--seed", type=int, default=0, help="data partition seed (default 0)")
 
 

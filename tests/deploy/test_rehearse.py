@@ -1,0 +1,57 @@
+"""`python -m fedmed rehearse` as the project lead runs it: exit code, progress, outputs, cleanup."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from deploy_helpers import REPO
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(text in part for part in (p.info["cmdline"] or [])):
+                found.append(p.info["pid"])
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_rehearse_runs_the_job_on_loopback_writes_the_bundle_and_exits_0(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "fedmed", "rehearse", "--hospitals", "2", "--rounds", "1",
+                             "--out", str(out), "--workdir", str(work)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    print(f"rehearse: {time.time() - started:.1f} s\n{result.stdout[-3000:]}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for step in range(1, 7):
+        assert f"[{step}/6]" in result.stdout
+    assert "hospital-01 registered" in result.stdout and "FINISHED:COMPLETED" in result.stdout
+    assert (out / "models" / "global_model.pt").is_file()
+    assert (out / "bundle" / "configs" / "metadata.json").is_file() and (out / "bundle" / "models" / "model.pt").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and sorted(metrics["sites"]) == ["hospital-01", "hospital-02"]
+    summary = json.loads((out / "rehearsal.json").read_text())
+    assert summary["status"] == "FINISHED:COMPLETED"
+    assert {"localhost.log", "hospital-01.log", "hospital-02.log"} <= {p.name for p in (out / "logs").iterdir()}
+    # the kits came from the real nvflare provision, with this project's builder (signed startup)
+    prod = next((work / "provision" / "fedmed_rehearsal").glob("prod_*"))
+    assert (prod / "hospital-01" / "startup" / "signature.json").is_file()
+    assert _processes_mentioning(str(work)) == []  # every server/client/job process ended
+
+
+def test_rehearse_fails_with_exit_1_and_a_reason_for_a_missing_job(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fedmed", "rehearse", "--job", str(tmp_path / "no_such_job"),
+                             "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "no_such_job" in result.stderr and "meta.json" in result.stderr
+    assert _processes_mentioning(str(tmp_path / "work")) == []
