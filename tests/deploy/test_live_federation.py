@@ -146,6 +146,7 @@ def test_a_client_with_certificates_from_another_provisioning_run_is_refused_and
         result = subprocess.run([sys.executable, "-m", "fedmed", "preflight", str(foreign / "hospital-01"),
                                  "--timeout", "5"], capture_output=True, text=True, cwd=REPO, timeout=120)
         preflight_seconds = time.time() - started
+        print(f"preflight of the foreign kit: {preflight_seconds:.1f} s (incl. Python start)")
         assert result.returncode == 1
         assert "FAIL server" in result.stdout and "different provisioning run" in result.stdout, result.stdout
         assert preflight_seconds < 15

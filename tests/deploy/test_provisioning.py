@@ -208,3 +208,40 @@ def test_he_kits_carry_tenseal_contexts_and_stay_signed(tmp_path):
         assert kit_files.verify_startup_signature(prod / kit) == []
         signed = json.loads((prod / kit / "startup" / "signature.json").read_text())
         assert any(name.endswith(".tenseal") for name in signed)
+
+
+def test_provision_command_writes_kits_for_the_chosen_server_and_hospitals(tmp_path):
+    out = tmp_path / "kits"
+    result = subprocess.run([sys.executable, "-m", "fedmed", "provision", "--server-name", "fl.example-network.org",
+                             "--port", "9443", "--hospitals", "2", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(next(out.glob("fedmed/prod_*/fedmed_provision.json")).read_text())
+    prod = Path(summary["prod_dir"])
+    assert summary["hospitals"] == ["hospital-01", "hospital-02"] and summary["server"] == "fl.example-network.org"
+    kits = sorted(p.name for p in prod.iterdir() if p.is_dir())
+    assert kits == sorted(["fl.example-network.org", "hospital-01", "hospital-02", PROJECT_ADMIN, LEAD,
+                           "it@hospital-01.example.org", "it@hospital-02.example.org"])
+    client = json.loads((prod / "hospital-02" / "startup" / "fed_client.json").read_text())
+    assert client["servers"][0]["service"]["target"] == "fl.example-network.org:9443"
+    assert kit_files.verify_startup_signature(prod / "hospital-02") == []
+    assert (out / "fedmed" / "state").is_dir()  # the root CA key stays with the provisioning output
+
+
+def test_provision_refuses_an_org_name_flare_would_reject(tmp_path):
+    project = _project()
+    project["participants"][1]["org"] = "hospital-01"  # dash: not allowed by FLARE
+    path = tmp_path / "project.yml"
+    path.write_text(yaml.safe_dump(project))
+    result = subprocess.run([sys.executable, "-m", "fedmed", "provision", "--project", str(path), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "hospital-01" in result.stderr and "^[A-Za-z0-9_]+$" in result.stderr
+    assert not (tmp_path / "out" / "fedmed").exists()
+
+
+def test_provisioning_output_is_git_ignored():
+    from fedmed.deploy.provision import DEFAULT_OUT
+
+    ignored = [line.strip().rstrip("/") for line in (REPO / ".gitignore").read_text().splitlines()]
+    assert DEFAULT_OUT in ignored and "state" in ignored and "*.key" in ignored
