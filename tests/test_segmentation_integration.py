@@ -30,7 +30,7 @@ def test_dice_after_the_last_round_beats_round_zero(seg_run):
     assert final["model_version"] == 2 and set(final["sites"]) == set(SITES)
     assert final["mean_val_dice"] > initial["mean_val_dice"] + 0.2, (initial["mean_val_dice"], final["mean_val_dice"])
     for site_metrics in final["sites"].values():
-        assert site_metrics["num_val_samples"] == 2 and "val_dice_prostate" in site_metrics
+        assert site_metrics["num_val_samples"] == 4 and "val_dice_prostate" in site_metrics
     for round_entry in metrics["rounds"]:
         for site_metrics in round_entry["sites"].values():
             assert site_metrics["num_samples"] == 6  # training volumes, not patches

@@ -55,7 +55,7 @@ class SegmentationTask:
         sw_overlap: float = 0.25,
         modality: str = "MR",
         synthetic_train_per_site: int = 6,
-        synthetic_val_per_site: int = 2,
+        synthetic_val_per_site: int = 4,
         synthetic_size: int = 40,
         synthetic_shift: float = 1.0,
     ):
