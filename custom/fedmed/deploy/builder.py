@@ -55,11 +55,21 @@ def template_values(participant) -> dict:
 
     return {
         "class_allow_list": class_allow_list(),
-        "num_gpus": int(participant.get_prop("num_gpus", 0) or 0),
-        "mem_per_gpu_in_GiB": float(participant.get_prop("mem_per_gpu_in_GiB", 0) or 0),
+        "num_gpus": _auto_or_number(participant, "num_gpus", int),
+        "mem_per_gpu_in_GiB": _auto_or_number(participant, "mem_per_gpu_in_GiB", float),
         "site_name": participant.name,
         "org": participant.org,
     }
+
+
+def _auto_or_number(participant, key: str, kind):
+    value = participant.get_prop(key, "auto")
+    if value == "auto":
+        return value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"project.yml: participant '{participant.name}' has {key}: {value!r}; use a number or auto") from None
 
 
 def fill_tokens(value, values: dict, where: str):
