@@ -89,3 +89,21 @@ def test_monai_networks_are_chosen_by_config():
     assert net(torch.rand(2, 1, 32, 32)).shape == (2, 2)
     with pytest.raises(ValueError, match="must be one of"):
         build_network({"name": "no_such_net"})
+
+
+def test_cosine_schedule_decays_over_the_federations_rounds():
+    from fedmed.training import round_learning_rate
+
+    rates = [round_learning_rate(1e-3, "cosine", r, 10) for r in range(10)]
+    assert rates[0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] < 0.05 * 1e-3
+    assert round_learning_rate(1e-3, "constant", 9, 10) == 1e-3
+    assert round_learning_rate(1e-3, "cosine", 3, None) == 1e-3
+
+
+def test_train_reports_the_learning_rate_it_used(trainer_parts):
+    result = _trainer(trainer_parts, lr_schedule="cosine").train(SPEC, None, round_num=5, num_rounds=10)
+    assert result.metrics["learning_rate"] == pytest.approx(3e-3 * 0.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _trainer(trainer_parts, lr_schedule="step")

@@ -91,7 +91,7 @@ def job_settings(job_dir: str | os.PathLike) -> dict[str, Any]:
 def _train_rounds(trainer: LocalTrainer, network: dict, weights: dict, num_rounds: int, label: str, log: Callable) -> tuple[dict, float]:
     started = time.perf_counter()
     for round_num in range(num_rounds):
-        weights = trainer.train(network, weights, round_num).weights
+        weights = trainer.train(network, weights, round_num, num_rounds=num_rounds).weights
         if round_num + 1 == num_rounds or (round_num + 1) % max(1, num_rounds // 4) == 0:
             log(f"  [baselines] {label}: round-equivalent {round_num + 1}/{num_rounds}")
     return weights, time.perf_counter() - started
@@ -187,7 +187,7 @@ def run_baselines(
             "epochs": num_rounds * local_epochs,
             "optimizer": "Adam, fresh every round (as at a federated site)",
             "initial_model_seed": network_seed,
-            **{key: value for key, value in trainer_args.items() if key in ("lr", "batch_size", "seed")},
+            **{key: value for key, value in trainer_args.items() if key in ("lr", "lr_schedule", "batch_size", "seed")},
         },
         "models": models,
         "results": results,

@@ -6,6 +6,7 @@ data. Uses CUDA and mixed precision when a GPU is present, the CPU otherwise.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,6 +16,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedmed.networks import build_network, numpy_to_state, state_to_numpy
+
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def round_learning_rate(lr: float, schedule: str, round_num: int, num_rounds: int | None) -> float:
+    """The learning rate for ``round_num`` (0-based) of ``num_rounds``."""
+    if schedule == "constant" or not num_rounds:
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(round_num, num_rounds) / num_rounds))
 
 
 class TrainingAborted(RuntimeError):
@@ -48,6 +59,7 @@ class LocalTrainer:
         device: str = "auto",
         amp: bool = True,
         num_workers: int = 0,
+        lr_schedule: str = "cosine",
     ):
         """Args:
         task: a task object from :mod:`fedmed.tasks` (loss, metrics, batch handling).
@@ -60,6 +72,9 @@ class LocalTrainer:
         device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
         amp: mixed precision on CUDA (ignored on CPU).
         num_workers: DataLoader worker processes.
+        lr_schedule: "cosine" decays the learning rate over the federation's rounds (round r of R
+            trains at lr * (1 + cos(pi * r / R)) / 2), so the final global model settles;
+            "constant" keeps ``lr``.
         """
         if local_epochs < 1:
             raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
@@ -67,6 +82,8 @@ class LocalTrainer:
             raise ValueError(f"lr must be > 0, got {lr}")
         if fedprox_mu < 0:
             raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
         if len(train_dataset) == 0:
             raise ValueError("the site's training set is empty")
         self.task = task
@@ -80,6 +97,7 @@ class LocalTrainer:
         self.device = pick_device(device)
         self.amp = amp and self.device.type == "cuda"
         self.num_workers = num_workers
+        self.lr_schedule = lr_schedule
         self._model = None
         self._model_spec = None
 
@@ -114,12 +132,18 @@ class LocalTrainer:
         global_weights: dict[str, np.ndarray] | None,
         round_num: int = 0,
         should_abort: Callable[[], bool] | None = None,
+        num_rounds: int | None = None,
     ) -> TrainResult:
-        """Train from ``global_weights`` (or a fresh seeded network) and return the local model."""
+        """Train from ``global_weights`` (or a fresh seeded network) and return the local model.
+
+        ``round_num`` of ``num_rounds`` sets the learning rate under the cosine schedule (no
+        ``num_rounds``: constant ``lr``) and seeds shuffling.
+        """
         model = self.model(network_spec, global_weights)
         model.train()
         loss_fn = self.task.loss()
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        lr = round_learning_rate(self.lr, self.lr_schedule, round_num, num_rounds)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         anchor = [p.detach().clone() for p in model.parameters()] if self.fedprox_mu > 0 else None
         loader = self._loader(self.train_dataset, shuffle=True, seed=self.seed * 100003 + round_num)
@@ -151,6 +175,7 @@ class LocalTrainer:
             num_samples=self.num_train_samples,
             metrics={
                 "train_loss": loss_sum / max(seen, 1),
+                "learning_rate": lr,
                 "train_seconds": seconds,
                 "samples_per_second": seen / seconds if seconds > 0 else 0.0,
             },

@@ -47,6 +47,7 @@ class FedMedExecutor(Executor):
         device: str = "auto",
         amp: bool = True,
         num_workers: int = 0,
+        lr_schedule: str = "cosine",
         site_config_file: str = SITE_CONFIG_FILE,
         tb_writer_id: str = "tb_writer",
         train_task_name: str = "train",
@@ -54,7 +55,8 @@ class FedMedExecutor(Executor):
         submit_model_task_name: str = "submit_model",
     ):
         """Args (the client config's ``args``):
-        local_epochs, lr, batch_size, fedprox_mu, seed, device, amp, num_workers: see LocalTrainer.
+        local_epochs, lr, batch_size, fedprox_mu, seed, device, amp, num_workers, lr_schedule: see LocalTrainer
+            (the cosine schedule follows the round number and ``num_rounds`` the server sends).
         site_config_file: file name in the site's ``local/`` folder saying where its data is.
         tb_writer_id: id of a FLARE TBWriter component; metrics stream to the server's TensorBoard.
         *_task_name: the task names this executor answers.
@@ -62,7 +64,7 @@ class FedMedExecutor(Executor):
         super().__init__()
         self.trainer_args = dict(
             local_epochs=local_epochs, lr=lr, batch_size=batch_size, fedprox_mu=fedprox_mu, seed=seed,
-            device=device, amp=amp, num_workers=num_workers,
+            device=device, amp=amp, num_workers=num_workers, lr_schedule=lr_schedule,
         )
         self.site_config_file = site_config_file
         self.tb_writer_id = tb_writer_id
@@ -146,7 +148,11 @@ class FedMedExecutor(Executor):
         global_weights = {key: np.asarray(value) for key, value in dxo.data.items()}
 
         val_metrics = trainer.evaluate(network, global_weights)
-        result = trainer.train(network, global_weights, round_num, should_abort=lambda: abort_signal.triggered)
+        num_rounds = dxo.meta.get("num_rounds")
+        result = trainer.train(
+            network, global_weights, round_num, should_abort=lambda: abort_signal.triggered,
+            num_rounds=int(num_rounds) if num_rounds else None,
+        )
         self._local_weights, self._local_network = result.weights, network
         metrics = {**val_metrics, **result.metrics}
         self._track(metrics, round_num)
