@@ -387,3 +387,28 @@ def test_fedprox_job_differs_from_fedavg_only_in_mu():
     task_spec = fedavg_server["workflows"][0]["args"]["task"]
     network_spec = fedavg_server["workflows"][0]["args"]["network"]
     build_task(task_spec).network_data_format(network_spec)  # task and network agree
+
+
+def test_multichannel_images_load_from_a_file_list_or_a_4d_file(tmp_path):
+    image, label, affine = synthetic_case(20, seed=1)
+    write_nifti(tmp_path / "t2.nii.gz", image, affine)
+    write_nifti(tmp_path / "adc.nii.gz", image * 0.5, affine)
+    write_nifti(tmp_path / "both.nii.gz", np.stack([image, image * 0.5], axis=-1), affine)
+    write_nifti(tmp_path / "lab.nii.gz", label, affine)
+    items = [{"image": ["t2.nii.gz", "adc.nii.gz"], "label": "lab.nii.gz"}, {"image": "both.nii.gz", "label": "lab.nii.gz"}]
+    train, val = _load(small_task(in_channels=2), _datalist(tmp_path, items))
+    assert [tuple(v["image"].shape) for v in val] == [(2, 20, 20, 20)] * 2
+    assert train[0][0]["image"].shape == (2, 16, 16, 16)
+
+
+def test_pool_datalist_without_validation_split_is_dealt_out(tmp_path):
+    pool = write_synthetic_site(tmp_path / "pool", ScannerProfile(), num_train=4, num_val=1, size=20, seed=0)
+    doc = json.loads(pool.read_text())
+    (tmp_path / "pool" / "dataset.json").write_text(json.dumps({"training": doc["training"] + doc["validation"]}))
+    configs, _ = small_task().prepare_simulation(2, tmp_path / "sites", str(tmp_path / "pool" / "dataset.json"), 0.5, 0)
+    sizes = [sum(map(len, read_datalist(c["data"]["path"]).values())) for c in configs.values()]
+    assert sorted(sizes) == [2, 3]
+    doc["training"].append({"image": "imagesTr/missing.nii.gz", "label": "labelsTr/case_000.nii.gz"})
+    (tmp_path / "pool" / "dataset.json").write_text(json.dumps({"training": doc["training"]}))
+    with pytest.raises(DataError, match=r"dataset\.json: training\[4\] 'image': file .*missing\.nii\.gz does not exist"):
+        small_task().prepare_simulation(2, tmp_path / "again", str(tmp_path / "pool" / "dataset.json"), 0.5, 0)

@@ -35,11 +35,14 @@ RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis labels of NIfTI world 
 # datalists
 
 
-def read_datalist(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+def read_datalist(
+    path: str | os.PathLike, base_dir: str | os.PathLike | None = None, optional: tuple[str, ...] = ()
+) -> dict[str, list[dict]]:
     """Read an MSD-style datalist; return ``{"training": [...], "validation": [...]}`` with absolute paths.
 
     Each item needs ``image`` (a file, or a list of files for several channels) and ``label``.
     Every referenced file must exist; the error names the datalist, the item and the file.
+    Splits named in ``optional`` may be absent (they come back as empty lists).
     """
     path = Path(path)
     if not path.is_file():
@@ -54,6 +57,9 @@ def read_datalist(path: str | os.PathLike, base_dir: str | os.PathLike | None = 
     out = {}
     for split in DATALIST_SPLITS:
         items = datalist.get(split)
+        if split in optional and not items:
+            out[split] = []
+            continue
         if not isinstance(items, list) or not items:
             raise DataError(
                 f"datalist {path}: key '{split}' must be a non-empty list of {{\"image\": ..., \"label\": ...}} items "

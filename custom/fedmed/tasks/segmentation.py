@@ -276,20 +276,10 @@ class SegmentationTask:
         return configs, summary
 
     def _split_datalist(self, num_sites: int, out_dir: Path, data_path: Path, seed: int) -> tuple[dict, list[str]]:
-        import json
-
-        try:
-            raw = json.loads(data_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"datalist {data_path} could not be read as JSON ({exc})") from exc
-        items = [item for split in ("training", "validation") for item in (raw.get(split) or [])]
-        if len(items) < 2 * num_sites:
-            raise DataError(f"datalist {data_path}: {len(items)} labelled cases cannot give {num_sites} sites a training and a validation case each")
-        # resolve and check every file once, through the same reader the sites use
-        probe = out_dir / ".pool_datalist.json"
-        volumes.write_datalist(probe, items, items[:1])
-        checked = volumes.read_datalist(probe, base_dir=data_path.parent)["training"]
-        probe.unlink()
+        pool = volumes.read_datalist(data_path, optional=("validation",))  # every file checked once
+        checked = pool["training"] + pool["validation"]
+        if len(checked) < 2 * num_sites:
+            raise DataError(f"datalist {data_path}: {len(checked)} labelled cases cannot give {num_sites} sites a training and a validation case each")
         order = np.random.default_rng(seed).permutation(len(checked))
         configs, summary = {}, []
         for index in range(num_sites):
