@@ -59,3 +59,9 @@ def test_simulated_dp_hospitals_apply_the_policy_file_and_keep_ledgers(tmp_path)
     ledger = json.loads((out / "workspace" / "site-1" / "privacy_ledger.json").read_text())
     assert ledger["entries"][-1]["epsilon"] == pytest.approx(eps[1]) and ledger["entries"][-1]["noise_multiplier"] == 1.5
 
+    # the ledger's epsilon reaches TensorBoard, per site and round
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb_events" / "site-1"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("privacy_epsilon")] == [(0, pytest.approx(eps[0])), (1, pytest.approx(eps[1]))]
