@@ -69,14 +69,15 @@ def test_federated_model_is_evaluated_on_the_same_pooled_validation_images(task,
 
 
 def test_local_only_model_is_the_federations_budget_trained_alone(task, doc):
-    """Same initial model, same trainer settings, num_rounds calls of LocalTrainer.train."""
+    """Same initial model, same trainer settings, num_rounds calls of LocalTrainer.train (round r of R,
+    as a federated site is told by the server)."""
     train_ds, val_ds = _datasets(task)["site-1"]
     trainer = LocalTrainer(task, train_ds, val_ds, **TRAINER)
     weights = state_to_numpy(build_network(NETWORK, seed=3))
     for round_num in range(2):
-        weights = trainer.train(NETWORK, weights, round_num).weights
+        weights = trainer.train(NETWORK, weights, round_num, num_rounds=2).weights
     assert weights_sha256(weights) == doc["models"]["local-only:site-1"]["model_sha256"]
-    one_round = trainer.train(NETWORK, state_to_numpy(build_network(NETWORK, seed=3)), 0).weights
+    one_round = trainer.train(NETWORK, state_to_numpy(build_network(NETWORK, seed=3)), 0, num_rounds=2).weights
     assert weights_sha256(one_round) != doc["models"]["local-only:site-1"]["model_sha256"]
     assert doc["models"]["local-only:site-1"]["model_sha256"] != doc["models"]["local-only:site-2"]["model_sha256"]
     assert doc["models"]["pooled"]["model_sha256"] not in {
