@@ -196,7 +196,9 @@ def rehearse(
             raise RehearsalError(f"the downloaded result has no global model ({model} missing)")
         final = (metrics.get("evaluations") or [{}])[-1]
         key = metrics.get("key_metric", "val_auc")
-        print(f"  final global model: mean {key} {final.get('mean_' + key)}; bundle {out_dir / 'bundle'}", flush=True)
+        score = final.get("mean_" + key)
+        print(f"  final global model: mean validation {key} {score if score is None else round(score, 4)}; "
+              f"bundle {out_dir / 'bundle'}", flush=True)
     finally:
         if federation is not None:
             print("[6/6] shutting down (admin API, then every started process by PID)", flush=True)
