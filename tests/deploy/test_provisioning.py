@@ -206,6 +206,7 @@ def test_he_kits_carry_tenseal_contexts_and_stay_signed(tmp_path):
     assert (prod / "hospital-01" / "startup" / "client_context.tenseal").is_file()
     for kit in ("localhost", "hospital-01"):
         assert kit_files.verify_startup_signature(prod / kit) == []
+        assert kit_files.verify_package_signature(prod / kit) == []  # FLARE's extra local/ signatures are not package files
         signed = json.loads((prod / kit / "startup" / "signature.json").read_text())
         assert any(name.endswith(".tenseal") for name in signed)
 

@@ -108,7 +108,8 @@ def package_files(kit_dir: str | Path) -> list[str]:
     root = Path(kit_dir) / LOCAL / PACKAGE_DIR
     files = []
     for path in sorted((root / PACKAGE_NAME).rglob("*")):
-        if path.is_file() and not SKIPPED_PARTS.intersection(path.relative_to(root).parts) and path.suffix != ".pyc":
+        if (path.is_file() and not SKIPPED_PARTS.intersection(path.relative_to(root).parts) and path.suffix != ".pyc"
+                and path.name != SIGNATURE_FILE):  # FLARE's SignatureBuilder signs local/ of HE kits folder by folder
             files.append(path.relative_to(root).as_posix())
     return files
 
@@ -240,8 +241,8 @@ def check_server_connection(kit_dir: str | Path, timeout: float = 5.0, host: str
         return [f"{where} is not reachable ({exc}); is the server started, and does the firewall allow port {port}?"]
     try:
         with context.wrap_socket(raw, server_hostname=host) as tls:
-            tls.settimeout(timeout)
-            # TLS 1.3: the server checks our certificate after the handshake; a read surfaces its refusal
+            # TLS 1.3: the server checks our certificate after the handshake; a short read surfaces its refusal
+            tls.settimeout(min(1.0, timeout))
             try:
                 tls.recv(1)
             except socket.timeout:

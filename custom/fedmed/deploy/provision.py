@@ -139,7 +139,8 @@ def provision(project: dict, out_dir: str | Path, log=print) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", default=DEFAULT_PROJECT, help=f"FLARE project file (default {DEFAULT_PROJECT})")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"provisioning output folder (default {DEFAULT_OUT}, git-ignored)")
+    parser.add_argument("--out", default=None,
+                        help=f"provisioning output folder (default {DEFAULT_OUT} in the repository, git-ignored)")
     parser.add_argument("--server-name", default=None,
                         help="the server's fully qualified host name as clients reach it (default: the project file's)")
     parser.add_argument("--port", type=int, default=None, help="server port for clients and admins (default: the project file's)")
@@ -157,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
         admins = [f"{p['name']} ({p.get('role')})" for p in project["participants"] if p["type"] == "admin"]
         print(f"[1/2] project '{project['name']}': server {server['name']}:{server.get('fed_learn_port', 8002)}, "
               f"{len(clients)} hospitals, {len(admins)} admins{', HE contexts' if args.he else ''}", flush=True)
-        prod = provision(project, args.out)
+        prod = provision(project, args.out or repo_root() / DEFAULT_OUT)
     except (ProvisionError, ValueError) as exc:
         print(f"provision: {exc}", file=sys.stderr)
         return 1
