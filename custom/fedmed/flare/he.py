@@ -162,9 +162,16 @@ class HEFedAvgRounds:
                     unknown = sorted(set(dxo.data) - set(self.shapes))
                     if unknown:
                         raise UpdateError(f"site {site}: update has key(s) not in the global model: {', '.join(unknown[:5])}")
+                    missing = sorted(set(self.shapes) - set(dxo.data))
+                    if missing and not c.allow_partial_updates:
+                        raise UpdateError(f"site {site}: update lacks key(s) of the global model: {', '.join(missing[:5])}")
                     plain = sorted(k for k, v in dxo.data.items() if not _is_ciphertext(v))
                     if plain:
                         raise UpdateError(f"site {site}: sent plaintext tensor(s) {', '.join(plain[:3])} under he; not aggregated")
+                    wrong = sorted(k for k, v in dxo.data.items() if v.size() != int(np.prod(self.shapes[k])))
+                    if wrong:
+                        raise UpdateError(f"site {site}: ciphertext of '{wrong[0]}' holds {dxo.data[wrong[0]].size()} values, "
+                                          f"the global model's tensor has {int(np.prod(self.shapes[wrong[0]]))}")
                     shareable = dxo.to_shareable()
                     shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
                     shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, round_num)
