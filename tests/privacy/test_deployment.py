@@ -131,7 +131,7 @@ def _fedavg_reference(job: Path, fed: LoopbackFederation) -> dict[str, np.ndarra
     torch.set_num_threads(1)
     server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]
     client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())["executors"][0]["executor"]["args"]
-    trainer_args = {k: client[k] for k in ("local_epochs", "lr", "batch_size", "fedprox_mu", "seed", "amp") if k in client}
+    trainer_args = {k: client[k] for k in ("local_epochs", "lr", "batch_size", "fedprox_mu", "seed", "amp", "lr_schedule") if k in client}
     initial = state_to_numpy(build_network(server["network"], seed=server.get("seed", 0)))
     updates = []
     for site in fed.sites:
@@ -140,7 +140,7 @@ def _fedavg_reference(job: Path, fed: LoopbackFederation) -> dict[str, np.ndarra
         train_ds, val_ds = task.load_site_data(site_config["data"], site)
         trainer = LocalTrainer(task, train_ds, val_ds, device="cpu", **trainer_args)
         trainer.evaluate(server["network"], initial)
-        result = trainer.train(server["network"], initial, 0)
+        result = trainer.train(server["network"], initial, 0, num_rounds=server["num_rounds"])  # as the executor does
         updates.append((weight_difference(result.weights, initial), result.num_samples))
     return apply_update(initial, weighted_mean(updates))
 
