@@ -16,7 +16,6 @@ from pathlib import Path
 
 from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-from fedmed.deploy.kit import read_kit
 from fedmed.deploy.processes import KitProcess, start_kit, stop_processes, wait_ready
 
 
@@ -100,7 +99,3 @@ class LocalFederation:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def kit_kind(kit_dir: str | Path) -> str:
-    return read_kit(kit_dir).kind

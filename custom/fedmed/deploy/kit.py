@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -52,7 +51,6 @@ class KitInfo:
     port: int = 0
     cert: str = ""
     key: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def read_kit(kit_dir: str | Path) -> KitInfo:
