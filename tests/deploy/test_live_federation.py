@@ -187,6 +187,19 @@ def test_a_hospital_whose_data_config_is_still_the_placeholder_fails_the_job_nam
     assert str(config_file) in (live.root / "logs" / "hospital-03.log").read_text()
 
 
+def test_a_hospitals_org_admin_may_stop_its_own_site_but_not_another(live):
+    it03 = live.federation.session("it@hospital-03.example.org")
+    # hospital-02's own policy (org_admin operate: o:site) refuses; FLARE reports it only as a failed shutdown
+    with pytest.raises(Exception, match="failed to shut down"):
+        it03.shutdown("client", ["hospital-02"], timeout=15)
+    time.sleep(2)
+    assert live.federation.processes["hospital-02"].alive()
+    it03.shutdown("client", ["hospital-03"], timeout=30)
+    proc = live.federation.processes["hospital-03"]
+    proc.popen.wait(timeout=30)  # the hospital-03 client process ended on its org admin's command
+    assert live.federation.processes["hospital-01"].alive() and live.federation.processes["hospital-02"].alive()
+
+
 def test_nothing_listened_beyond_loopback_or_wrote_to_tmp_nvflare_and_shutdown_ends_every_process(live):
     live.sample()
     assert live.listening, "no listening sockets were seen; the check would be vacuous"
