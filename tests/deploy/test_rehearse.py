@@ -53,4 +53,5 @@ def test_rehearse_fails_with_exit_1_and_a_reason_for_a_missing_job(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
     assert "no_such_job" in result.stderr and "meta.json" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
     assert _processes_mentioning(str(tmp_path / "work")) == []

@@ -143,6 +143,9 @@ def rehearse(
     keep: bool = False,
     seed: int = 0,
 ) -> Path:
+    from fedmed.simulate import resolve_job
+
+    resolve_job(job)  # a bad job folder fails before anything is created
     out_dir = Path(out or f"runs/rehearse-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RehearsalError(f"output folder {out_dir} is not empty; choose another --out")
