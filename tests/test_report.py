@@ -170,7 +170,7 @@ def test_report_files_exist_and_html_is_self_contained(tmp_path):
     md = (out / "report.md").read_text()
     assert "local-only baselines" in md and "+0.0500" in md and "+6.3%" in md
     assert "intact" in md and "site-3" in md
-    assert "On all sites' validation images together (60 images" in md
+    assert "every model on all sites' validation images together (60 images" in md
     assert "| federated (global) | 0.8700 | 0.7700 | 0.1300 |" in md and "| site-2 (local only) | 0.7000 |" in md
     assert summary["pooled_validation"]["results"]["pooled"]["val_auc"] == 0.88
     pooled = [r for r in summary["comparison"] if r["site"] == "mean"][0]["pooled"]

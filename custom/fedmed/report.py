@@ -582,8 +582,9 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
             names = {FEDERATED: "federated (global)", POOLED: "pooled"}
             order = sorted(pv["results"], key=lambda m: (0 if m == FEDERATED else 1 if m == POOLED else 2, m))
             comparison.paragraphs.append(
-                f"On all sites' validation images together ({pv.get('num_val_samples', 'n/a')} images; one "
-                f"{metric} over all of them, not a mean of per-site values):"
+                f"The first table is each site's own validation data (mean = unweighted mean over sites). The "
+                f"second is every model on all sites' validation images together ({pv.get('num_val_samples', 'n/a')} "
+                f"images; one {metric} over all of them, not a mean of per-site values)."
             )
             shown = [m for m in (metric, "val_accuracy", "val_loss") if any(m in pv["results"][x] for x in order)]
             comparison.tables.append((
