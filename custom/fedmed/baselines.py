@@ -24,13 +24,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from torch.utils.data import ConcatDataset
 
+from fedmed.atomic import write_json
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.provenance import weights_sha256
 from fedmed.tasks import build_task
@@ -198,19 +198,7 @@ def run_baselines(
 
 def write_baselines(doc: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``baselines.json`` atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(doc, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_json(path, doc)
 
 
 def run_for_job(

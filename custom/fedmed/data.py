@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedmed.atomic import atomic_path
 
 NPZ_REQUIRED_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
 
@@ -116,15 +117,8 @@ def save_npz(path: str | os.PathLike, data: SiteData) -> None:
         images = np.clip(np.rint(split.images * 255.0), 0, 255).astype(np.uint8)
         arrays[f"{prefix}_images"] = images[:, 0] if images.shape[1] == 1 else np.transpose(images, (0, 2, 3, 1))
         arrays[f"{prefix}_labels"] = split.labels.reshape(-1, 1).astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.partial")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def load_datalist(

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from fedmed.atomic import write_json
 
 CARD_FORMAT = "fedmed-provenance/1"
 CARD_FILENAME = "provenance.json"
@@ -327,20 +328,8 @@ class ProvenanceRecorder:
 
 
 def write_card(card: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write a card atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(card, handle, indent=2, sort_keys=False, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write a card atomically (temp file in the same folder, then rename); NaN is refused."""
+    return write_json(path, card, allow_nan=False)
 
 
 def load_card(path: str | os.PathLike) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fedmed.atomic import write_json
 from fedmed.bundle import write_bundle
 from fedmed.provenance import CARD_FILENAME, bundle_metadata
 from fedmed.tasks import build_task
@@ -91,7 +92,5 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
     tb_events_dir = Path(tb_events_dir) if tb_events_dir else server_app_dir.parent / "tb_events"
     if tb_events_dir.is_dir():
         shutil.copytree(tb_events_dir, out_dir / "tb_events", dirs_exist_ok=True)
-    tmp = out_dir / (METRICS_FILE + ".partial")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(out_dir / METRICS_FILE)
+    write_json(out_dir / METRICS_FILE, metrics)
     return metrics

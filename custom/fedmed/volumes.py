@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedmed.atomic import atomic_path, write_json
 from fedmed.data import DataError
 
 DATALIST_SPLITS = ("training", "validation")
@@ -94,22 +94,7 @@ def _resolve(value, root: Path, where: str):
 
 def write_datalist(path: str | os.PathLike, training: list[dict], validation: list[dict]) -> Path:
     """Write a datalist atomically (temp file, then rename)."""
-    return _write_json_atomic(Path(path), {"training": training, "validation": validation})
-
-
-def _write_json_atomic(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_json(path, {"training": training, "validation": validation})
 
 
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -119,15 +104,8 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
     path = Path(path)
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{path}: NIfTI file names end in .nii or .nii.gz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{path.name[: -len(suffix)]}.partial{suffix}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64)), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -257,5 +235,5 @@ def write_synthetic_site(
         write_nifti(out_dir / "imagesTr" / name, image, affine)
         write_nifti(out_dir / "labelsTr" / name, label, affine)
         items.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
-    _write_json_atomic(out_dir / "scanner.json", asdict(profile))
+    write_json(out_dir / "scanner.json", asdict(profile))
     return write_datalist(out_dir / "datalist.json", items[:num_train], items[num_train:])

@@ -10,7 +10,7 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 
-from fedmed.flare.executor import ERROR_HEADER
+from fedmed.flare.replies import ERROR_HEADER
 from fedmed.flare.filters import (
     BUDGET_SPENT,
     RELEASE_REFUSED,

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedmed.atomic import write_json
 from fedmed.deploy.federation import LocalFederation
 from fedmed.deploy.processes import DeploymentError, free_port
 from fedmed.deploy.provision import ProvisionError, customize_project, load_project, provision, server_of
@@ -72,10 +73,7 @@ def fill_site_configs(prod_dir: Path, hospitals: list[str], data_dir: Path, data
     task = build_task(controller_args.get("task", {"name": "classification"}))
     configs, summary = task.prepare_simulation(len(hospitals), data_dir, data, alpha, seed)
     for hospital, (sim_name, config) in zip(hospitals, configs.items()):
-        path = prod_dir / hospital / "local" / "fedmed_site.json"
-        tmp = path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        tmp.replace(path)
+        write_json(prod_dir / hospital / "local" / "fedmed_site.json", config)
     return [line.replace(f"site-{i}:", f"{h}:", 1) for i, (h, line) in enumerate(zip(hospitals, summary), start=1)]
 
 

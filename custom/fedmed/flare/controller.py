@@ -12,23 +12,21 @@ round), ``best_global_model.pt`` (best mean validation metric), ``metrics.json``
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
-from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
 from fedmed.aggregation import UpdateError, apply_update, validate_update, weighted_mean
-from fedmed.flare.executor import ERROR_HEADER
+from fedmed.atomic import atomic_path, write_json
+from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, numpy_to_state, state_to_numpy
 from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
 from fedmed.results import (
@@ -42,12 +40,6 @@ from fedmed.tasks import build_task
 
 DEFAULT_NETWORK = {"name": "small_cnn", "args": {"in_channels": 1, "num_classes": 2}}
 DEFAULT_TASK = {"name": "classification", "args": {}}
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def mean_metric(site_metrics: dict, key: str) -> float | None:
@@ -136,7 +128,7 @@ class FedAvgController(Controller):
         workspace = fl_ctx.get_engine().get_workspace()
         self.out_dir = Path(workspace.get_app_dir(fl_ctx.get_job_id())) / SERVER_OUTPUT_DIR
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(
+        write_json(
             self.out_dir / RUN_CONFIG_FILE,
             {
                 "job_name": self.job_name,
@@ -148,6 +140,7 @@ class FedAvgController(Controller):
                 "aggregation": "FedAvg weighted by training sample counts",
                 "seed": self.seed,
             },
+            default=float,
         )
         self.metrics = {
             "job_name": self.job_name,
@@ -189,26 +182,7 @@ class FedAvgController(Controller):
             fl_ctx=fl_ctx,
             abort_signal=abort_signal,
         )
-        answers, errors = {}, {}
-        for client_task in task.client_tasks:
-            site = client_task.client.name
-            result: Shareable | None = client_task.result
-            if result is None:
-                errors[site] = "no answer before the round closed (timed out or disconnected)"
-                continue
-            rc = result.get_return_code(ReturnCode.OK)
-            if rc != ReturnCode.OK:
-                errors[site] = result.get_header(ERROR_HEADER) or f"returned {rc}"
-                continue
-            try:
-                answers[site] = from_shareable(result)
-            except Exception as exc:
-                errors[site] = f"sent a result that is not a DXO ({exc})"
-            client_task.result = None  # free memory
-        for client in clients:
-            if client.name not in answers and client.name not in errors:
-                errors[client.name] = "was not reached before the round closed"
-        return answers, errors
+        return collect_replies(task, clients)
 
     def _model_dxo(self, round_num: int | None, model_name: str) -> DXO:
         meta = {"network": self.network, "task": self.task_spec, "model_name": model_name, "num_rounds": self.num_rounds}
@@ -218,7 +192,7 @@ class FedAvgController(Controller):
 
     def _fail(self, fl_ctx: FLContext, message: str) -> None:
         self.metrics["error"] = message
-        _write_json(self.out_dir / METRICS_FILE, self.metrics)
+        write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
         self.log_error(fl_ctx, f"[fedmed] {message}")
         self.system_panic(message, fl_ctx)
 
@@ -242,9 +216,8 @@ class FedAvgController(Controller):
         return evaluation
 
     def _save_model(self, name: str) -> None:
-        tmp = self.out_dir / (name + ".partial")
-        torch.save(numpy_to_state(self.global_weights, self.reference_state), tmp)
-        os.replace(tmp, self.out_dir / name)
+        with atomic_path(self.out_dir / name) as tmp:
+            torch.save(numpy_to_state(self.global_weights, self.reference_state), tmp)
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         if self.he_rounds is not None:
@@ -290,7 +263,7 @@ class FedAvgController(Controller):
             self._save_model(GLOBAL_MODEL_FILE)
             self.provenance.record_federated_round(round_num, self.global_weights, {s: answers[s].meta for s in train_metrics}, val_metrics, self.requested_scope)
             self.provenance.write(self.out_dir / CARD_FILENAME, released_model_file=GLOBAL_MODEL_FILE)
-            _write_json(self.out_dir / METRICS_FILE, self.metrics)
+            write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
             score = evaluation[f"mean_{self.key_metric}"]
             self.log_info(
                 fl_ctx,
@@ -313,5 +286,5 @@ class FedAvgController(Controller):
                     f"{evaluation[f'mean_{self.key_metric}']:.4f} over {len(site_metrics)} sites",
                 )
         self.metrics["finished"] = True
-        _write_json(self.out_dir / METRICS_FILE, self.metrics)
+        write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
         self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model version {self.metrics['best']}")

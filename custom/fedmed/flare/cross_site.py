@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
-from fedmed.flare.executor import ERROR_HEADER
+from fedmed.atomic import write_json
+from fedmed.flare.replies import collect_replies
 from fedmed.networks import state_to_numpy
 from fedmed.provenance import weights_sha256
 from fedmed.results import GLOBAL_MODEL_FILE, RUN_CONFIG_FILE, SERVER_OUTPUT_DIR
@@ -44,12 +44,6 @@ from fedmed.tasks import build_task
 CROSS_SITE_FILE = "cross_site.json"
 CROSS_SITE_FORMAT = "fedmed-cross-site/1"
 GLOBAL_MODEL_NAME = "global_model"
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
 
 
 class CrossSiteEvaluation(Controller):
@@ -99,30 +93,6 @@ class CrossSiteEvaluation(Controller):
     def _fail(self, fl_ctx: FLContext, message: str) -> None:
         self.log_error(fl_ctx, f"[fedmed] cross-site evaluation: {message}")
         self.system_panic(f"cross-site evaluation: {message}", fl_ctx)
-
-    @staticmethod
-    def _answers(task: Task) -> tuple[dict[str, DXO], dict[str, str]]:
-        answers, errors = {}, {}
-        for client_task in task.client_tasks:
-            site = client_task.client.name
-            result: Shareable | None = client_task.result
-            if result is None:
-                errors[site] = "no answer before the task timed out (or the site disconnected)"
-                continue
-            rc = result.get_return_code(ReturnCode.OK)
-            if rc != ReturnCode.OK:
-                errors[site] = result.get_header(ERROR_HEADER) or f"returned {rc}"
-                continue
-            try:
-                answers[site] = from_shareable(result)
-            except Exception as exc:  # a malformed reply is this site's error, not the workflow's
-                errors[site] = f"sent a result that is not a DXO ({exc})"
-            client_task.result = None
-        for site in task.targets or []:
-            name = getattr(site, "name", site)
-            if name not in answers and name not in errors:
-                errors[name] = "was not reached before the task ended"
-        return answers, errors
 
     def _wait(self, tasks: list[Task], abort_signal: Signal) -> bool:
         while any(task.completion_status is None for task in tasks):
@@ -174,7 +144,7 @@ class CrossSiteEvaluation(Controller):
             )
             if abort_signal.triggered:
                 return
-            answers, submit_errors = self._answers(submit)
+            answers, submit_errors = collect_replies(submit, submit.targets or [])
             errors["submit_model"].update(submit_errors)
             for site, dxo in sorted(answers.items()):
                 if dxo.data_kind != DataKind.WEIGHTS or not dxo.data:
@@ -213,7 +183,7 @@ class CrossSiteEvaluation(Controller):
 
         results: dict[str, dict[str, dict]] = {}
         for model_name, task in tasks.items():
-            answers, validate_errors = self._answers(task)
+            answers, validate_errors = collect_replies(task, task.targets or [])
             row = {}
             for site, dxo in answers.items():
                 if dxo.data_kind != DataKind.METRICS:
@@ -228,7 +198,7 @@ class CrossSiteEvaluation(Controller):
 
         metric_names = sorted({key for row in results.values() for cell in row.values() for key in cell})
         filled = sum(len(row) for row in results.values())
-        _write_json(
+        write_json(
             self.out_dir / CROSS_SITE_FILE,
             {
                 "format": CROSS_SITE_FORMAT,

@@ -23,18 +23,10 @@ from nvflare.apis.signal import Signal
 
 from fedmed.aggregation import weight_difference
 from fedmed.data import DataError
+from fedmed.flare.replies import error_reply
 from fedmed.site_config import SITE_CONFIG_FILE, SiteConfigError, load_site_config
 from fedmed.tasks import build_task
 from fedmed.training import LocalTrainer, TrainingAborted
-
-ERROR_HEADER = "fedmed_error"  # reply header carrying a site's error message to the server
-
-
-def error_reply(message: str, rc: str = ReturnCode.EXECUTION_EXCEPTION) -> Shareable:
-    reply = make_reply(rc)
-    reply.set_header(ERROR_HEADER, message)
-    return reply
-
 
 class FedMedExecutor(Executor):
     def __init__(

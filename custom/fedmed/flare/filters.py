@@ -22,7 +22,6 @@ its constructor, so the site refuses to start the job. The math lives in :mod:`f
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -33,9 +32,10 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.shareable import Shareable
 
-from fedmed.flare.executor import ERROR_HEADER
+from fedmed.atomic import write_json
+from fedmed.flare.replies import error_reply
 from fedmed.privacy.compression import (
     CODEC,
     COMPRESSION_META_KEY,
@@ -78,12 +78,6 @@ def _scope(fl_ctx: FLContext) -> str:
 
 def _task(fl_ctx: FLContext) -> str:
     return fl_ctx.get_prop(FLContextKey.TASK_NAME, "?")
-
-
-def _blocked(rc: str, message: str) -> Shareable:
-    reply = make_reply(rc)
-    reply.set_header(ERROR_HEADER, message)
-    return reply
 
 
 def _dxo_or_none(shareable: Shareable):
@@ -140,7 +134,7 @@ class ReleasePolicyFilter(Filter):
         except ReleaseRefused as exc:
             message = f"site {site}: privacy policy (scope '{_scope(fl_ctx)}') blocked the result of task '{task}': {exc}"
             self.log_error(fl_ctx, message)
-            return _blocked(RELEASE_REFUSED, message)
+            return error_reply(message, RELEASE_REFUSED)
         return shareable
 
 
@@ -209,7 +203,7 @@ class DPUpdateFilter(Filter):
         site, task = _site(fl_ctx), _task(fl_ctx)
         dxo = _dxo_or_none(shareable)
         if dxo is None:
-            return _blocked(RELEASE_REFUSED, f"site {site}: dp scope: the result of task '{task}' is not a DXO; nothing released")
+            return error_reply(f"site {site}: dp scope: the result of task '{task}' is not a DXO; nothing released", RELEASE_REFUSED)
         if dxo.data_kind == DataKind.METRICS:
             return shareable  # aggregate metrics leave as under standard (see docs/privacy.md)
         if dxo.data_kind != DataKind.WEIGHT_DIFF:
@@ -218,17 +212,17 @@ class DPUpdateFilter(Filter):
                 f"for task '{task}'"
             )
             self.log_error(fl_ctx, message)
-            return _blocked(RELEASE_REFUSED, message)
+            return error_reply(message, RELEASE_REFUSED)
         if self._stopped_message:
             self.log_error(fl_ctx, self._stopped_message)
-            return _blocked(BUDGET_SPENT, self._stopped_message)
+            return error_reply(self._stopped_message, BUDGET_SPENT)
 
         floats, integers = split_integer_tensors(dxo.data)
         bad = [key for key in integers if not key.endswith(COUNTER_SUFFIX)]
         if bad:
             message = f"site {site}: dp scope cannot release integer tensor(s) {', '.join(bad[:3])}; nothing released"
             self.log_error(fl_ctx, message)
-            return _blocked(RELEASE_REFUSED, message)
+            return error_reply(message, RELEASE_REFUSED)
         round_num = int(dxo.get_meta_prop("round", -1))
         path = self.ledger_path(fl_ctx)
         try:
@@ -238,7 +232,7 @@ class DPUpdateFilter(Filter):
         except PrivacyBudgetExceeded as exc:
             self._stopped_message = f"{exc} (ledger {path})"
             self.log_error(fl_ctx, self._stopped_message)
-            return _blocked(BUDGET_SPENT, self._stopped_message)
+            return error_reply(self._stopped_message, BUDGET_SPENT)
         released, info = privatize_update(floats, self.clip_norm, self.noise_multiplier, self._rng)
         released.update({key: dxo.data[key] for key in integers})
 
@@ -279,11 +273,11 @@ class Float16CompressFilter(Filter):
         site, task = _site(fl_ctx), _task(fl_ctx)
         dxo = _dxo_or_none(shareable)
         if dxo is None:
-            return _blocked(RELEASE_REFUSED, f"site {site}: compressed scope: the result of task '{task}' is not a DXO")
+            return error_reply(f"site {site}: compressed scope: the result of task '{task}' is not a DXO", RELEASE_REFUSED)
         if dxo.data_kind == DataKind.METRICS:
             return shareable
         if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
-            return _blocked(RELEASE_REFUSED, f"site {site}: compressed scope cannot send {dxo.data_kind} (task '{task}')")
+            return error_reply(f"site {site}: compressed scope cannot send {dxo.data_kind} (task '{task}')", RELEASE_REFUSED)
         if COMPRESSION_META_KEY in dxo.meta:
             raise CompressionError(f"site {site}: the result of task '{task}' is already compressed; Float16CompressFilter is listed twice")
         try:
@@ -291,7 +285,7 @@ class Float16CompressFilter(Filter):
         except CompressionError as exc:
             message = f"site {site}: task '{task}': {exc}"
             self.log_error(fl_ctx, message)
-            return _blocked(RELEASE_REFUSED, message)
+            return error_reply(message, RELEASE_REFUSED)
         meta = dict(dxo.meta)
         meta[COMPRESSION_META_KEY] = {"codec": CODEC, "dtypes": dtypes}
         self.log_info(
@@ -411,7 +405,7 @@ class CiphertextOnlyCheck(Filter):
                 f"with encryption '{algorithm}'; the update was dropped — check the site's privacy.json he scope"
             )
             self.log_error(fl_ctx, message)
-            return _blocked(RELEASE_REFUSED, message)
+            return error_reply(message, RELEASE_REFUSED)
         with_secret_key = sorted(key for key, value in dxo.data.items() if self._context_is_private(value))
         if with_secret_key:
             message = (
@@ -419,7 +413,7 @@ class CiphertextOnlyCheck(Filter):
                 "the server could decrypt it, so the update was dropped — the site's TenSEAL context must not be serialized with its secret key"
             )
             self.log_error(fl_ctx, message)
-            return _blocked(RELEASE_REFUSED, message)
+            return error_reply(message, RELEASE_REFUSED)
         record = {
             "round": dxo.get_meta_prop("round"),
             "site": site,
@@ -439,10 +433,7 @@ class CiphertextOnlyCheck(Filter):
 
         workspace = fl_ctx.get_engine().get_workspace()
         out = Path(workspace.get_app_dir(fl_ctx.get_job_id())) / SERVER_OUTPUT_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (self.audit_file + ".partial")
-        tmp.write_text(json.dumps({"records": self._records}, indent=2) + "\n")
-        os.replace(tmp, out / self.audit_file)
+        write_json(out / self.audit_file, {"records": self._records})
 
 
 __all__ = [

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -42,6 +42,7 @@ from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 
 from fedmed.aggregation import UpdateError
+from fedmed.atomic import atomic_path, write_json
 
 ENCRYPTED_MODEL_FILE = "global_model_encrypted.npz"
 SHAPES_META_KEY = "tensor_shapes"
@@ -119,9 +120,8 @@ class HEFedAvgRounds:
             else:
                 arrays[key], encrypted[key] = np.asarray(value), False
         header = json.dumps({"shapes": self.shapes, "dtypes": self.dtypes, "encrypted": encrypted})
-        tmp = self.c.out_dir / (ENCRYPTED_MODEL_FILE + ".partial.npz")
-        np.savez(tmp, __header__=np.frombuffer(header.encode(), dtype=np.uint8), **arrays)
-        os.replace(tmp, self.c.out_dir / ENCRYPTED_MODEL_FILE)
+        with atomic_path(self.c.out_dir / ENCRYPTED_MODEL_FILE) as tmp:
+            np.savez(tmp, __header__=np.frombuffer(header.encode(), dtype=np.uint8), **arrays)
 
     def _record_evaluation(self, version: int, site_metrics: dict) -> dict:
         from fedmed.flare.controller import mean_metric
@@ -137,7 +137,6 @@ class HEFedAvgRounds:
         return evaluation
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
-        from fedmed.flare.controller import _write_json
         from fedmed.results import METRICS_FILE
 
         c = self.c
@@ -197,7 +196,7 @@ class HEFedAvgRounds:
             self.global_model = self.generator.shareable_to_learnable(aggregated, fl_ctx)
             fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, self.global_model, private=True, sticky=True)
             self._save_encrypted()
-            _write_json(c.out_dir / METRICS_FILE, c.metrics)
+            write_json(c.out_dir / METRICS_FILE, c.metrics, default=float)
             score = evaluation[f"mean_{c.key_metric}"]
             c.log_info(
                 fl_ctx,
@@ -215,7 +214,7 @@ class HEFedAvgRounds:
                 c.log_info(fl_ctx, f"[fedmed] final global model (decrypted at the sites): mean validation {c.key_metric} "
                            f"{evaluation[f'mean_{c.key_metric}']:.4f} over {len(site_metrics)} sites")
         c.metrics["finished"] = True
-        _write_json(c.out_dir / METRICS_FILE, c.metrics)
+        write_json(c.out_dir / METRICS_FILE, c.metrics, default=float)
         c.log_info(fl_ctx, f"[fedmed] finished {c.num_rounds} rounds under he; encrypted global model in {c.out_dir / ENCRYPTED_MODEL_FILE}")
 
 
@@ -314,7 +313,6 @@ def decrypt_for_hospital(server_app_dir: str | os.PathLike, context_file: str | 
     if not source.is_file():
         raise FileNotFoundError(f"{source} is missing: the he job did not write its encrypted global model")
     weights = decrypt_global_model(source, context_file)
-    tmp = out / (GLOBAL_MODEL_FILE + ".partial")
-    torch.save({key: torch.as_tensor(value) for key, value in weights.items()}, tmp)
-    os.replace(tmp, out / GLOBAL_MODEL_FILE)
+    with atomic_path(out / GLOBAL_MODEL_FILE) as tmp:
+        torch.save({key: torch.as_tensor(value) for key, value in weights.items()}, tmp)
     return out / GLOBAL_MODEL_FILE

@@ -20,13 +20,14 @@ import fcntl
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from fedmed.atomic import write_json
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 LEDGER_FORMAT = "fedmed-privacy-ledger/1"
@@ -243,12 +244,7 @@ class PrivacyLedger:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".partial", dir=self.path.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.to_json(), handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, self.to_json())
 
     # -- accounting ------------------------------------------------------------------------
     @property

@@ -11,16 +11,10 @@ scope, as a job for a real deployment would. Pure module (json only).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from fedmed.atomic import write_json
 from fedmed.privacy.scopes import MODES, SIMULATABLE_MODES, ScopeError, get_scope, inject_scope_filters, template_privacy_file
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _client_task_names(client_config: dict, path: Path) -> list[str]:
@@ -69,12 +63,12 @@ def apply_privacy_mode(job_dir: str | Path, mode: str, client_privacy_file: str 
     server_config = inject_scope_filters(
         server_config, server_scope.get("task_data_filters", []), server_scope.get("task_result_filters", []), tasks
     )
-    _write_json(client_path, client_config)
-    _write_json(server_path, server_config)
+    write_json(client_path, client_config)
+    write_json(server_path, server_config)
     meta_path = job_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["scope"] = mode
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
     return {
         "mode": mode,
         "client_privacy_file": str(client_file),
