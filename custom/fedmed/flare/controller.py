@@ -184,6 +184,46 @@ class FedAvgController(Controller):
         )
         return collect_replies(task, clients)
 
+    def _file_site_metrics(self, site: str, num_samples, dxo: DXO, train_metrics: dict, val_metrics: dict) -> None:
+        """File a contributing site's reported metrics: training ones for the round record, validation
+        ones (of the global model it received) for the evaluation."""
+        reported = dict(dxo.get_meta_prop("metrics", {}))
+        is_validation = {k: k.startswith("val_") or k == "num_val_samples" for k in reported}
+        train_metrics[site] = {"num_samples": num_samples, **{k: v for k, v in reported.items() if not is_validation[k]}}
+        val_metrics[site] = {k: v for k, v in reported.items() if is_validation[k]}
+        if site not in self.metrics["sites"]:
+            self.metrics["sites"].append(site)
+
+    def _close_round(self, round_num: int, train_metrics: dict, errors: dict, fl_ctx: FLContext) -> bool:
+        """Log the sites left out and record the round; fail the job (return False) below min_clients."""
+        for site, message in errors.items():
+            self.log_warning(fl_ctx, f"[fedmed] round {round_num}: left out {site}: {message}")
+        self.metrics["rounds"].append(
+            {"round": round_num, "contributors": sorted(train_metrics), "sites": train_metrics, "failed": errors}
+        )
+        if len(train_metrics) < self.min_clients:
+            self._fail(
+                fl_ctx,
+                f"round {round_num}: only {len(train_metrics)} valid update(s), min_clients is {self.min_clients}. "
+                + "; ".join(f"{site}: {msg}" for site, msg in sorted(errors.items())),
+            )
+            return False
+        return True
+
+    def _validate_final(self, model_dxo: DXO, record, what: str, fl_ctx: FLContext, abort_signal: Signal) -> None:
+        """Every site validates the final model; ``record(site_metrics)`` files the evaluation."""
+        answers, errors = self._broadcast(self.validate_task_name, model_dxo, fl_ctx, abort_signal)
+        site_metrics = {site: dict(dxo.data) for site, dxo in answers.items() if dxo.data_kind == DataKind.METRICS}
+        for site, message in errors.items():
+            self.log_warning(fl_ctx, f"[fedmed] final validation: left out {site}: {message}")
+        if site_metrics:
+            evaluation = record(site_metrics)
+            self.log_info(
+                fl_ctx,
+                f"[fedmed] {what}: mean validation {self.key_metric} "
+                f"{evaluation[f'mean_{self.key_metric}']:.4f} over {len(site_metrics)} sites",
+            )
+
     def _model_dxo(self, round_num: int | None, model_name: str) -> DXO:
         meta = {"network": self.network, "task": self.task_spec, "model_name": model_name, "num_rounds": self.num_rounds}
         if round_num is not None:
@@ -241,22 +281,8 @@ class FedAvgController(Controller):
                     errors[site] = str(exc)
                     continue
                 updates.append((dxo.data, num_samples))
-                site_metrics = dict(dxo.get_meta_prop("metrics", {}))
-                train_metrics[site] = {"num_samples": num_samples, **{k: v for k, v in site_metrics.items() if not k.startswith("val_") and k != "num_val_samples"}}
-                val_metrics[site] = {k: v for k, v in site_metrics.items() if k.startswith("val_") or k == "num_val_samples"}
-                if site not in self.metrics["sites"]:
-                    self.metrics["sites"].append(site)
-            for site, message in errors.items():
-                self.log_warning(fl_ctx, f"[fedmed] round {round_num}: left out {site}: {message}")
-            self.metrics["rounds"].append(
-                {"round": round_num, "contributors": sorted(train_metrics), "sites": train_metrics, "failed": errors}
-            )
-            if len(updates) < self.min_clients:
-                self._fail(
-                    fl_ctx,
-                    f"round {round_num}: only {len(updates)} valid update(s), min_clients is {self.min_clients}. "
-                    + "; ".join(f"{site}: {msg}" for site, msg in sorted(errors.items())),
-                )
+                self._file_site_metrics(site, num_samples, dxo, train_metrics, val_metrics)
+            if not self._close_round(round_num, train_metrics, errors, fl_ctx):
                 return
             evaluation = self._record_evaluation(round_num, val_metrics, fl_ctx)
             self.global_weights = apply_update(self.global_weights, weighted_mean(updates))
@@ -274,17 +300,8 @@ class FedAvgController(Controller):
             )
 
         if self.final_validation:
-            answers, errors = self._broadcast(self.validate_task_name, self._model_dxo(self.num_rounds, "global"), fl_ctx, abort_signal)
-            site_metrics = {site: dict(dxo.data) for site, dxo in answers.items() if dxo.data_kind == DataKind.METRICS}
-            for site, message in errors.items():
-                self.log_warning(fl_ctx, f"[fedmed] final validation: left out {site}: {message}")
-            if site_metrics:
-                evaluation = self._record_evaluation(self.num_rounds, site_metrics, fl_ctx)
-                self.log_info(
-                    fl_ctx,
-                    f"[fedmed] final global model: mean validation {self.key_metric} "
-                    f"{evaluation[f'mean_{self.key_metric}']:.4f} over {len(site_metrics)} sites",
-                )
+            self._validate_final(self._model_dxo(self.num_rounds, "global"), lambda m: self._record_evaluation(self.num_rounds, m, fl_ctx),
+                                 "final global model", fl_ctx, abort_signal)
         self.metrics["finished"] = True
         write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
         self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model version {self.metrics['best']}")

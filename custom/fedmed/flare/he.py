@@ -179,17 +179,8 @@ class HEFedAvgRounds:
                 except UpdateError as exc:
                     errors[site] = str(exc)
                     continue
-                site_metrics = dict(dxo.get_meta_prop("metrics", {}))
-                train_metrics[site] = {"num_samples": num_samples, **{k: v for k, v in site_metrics.items() if not k.startswith("val_") and k != "num_val_samples"}}
-                val_metrics[site] = {k: v for k, v in site_metrics.items() if k.startswith("val_") or k == "num_val_samples"}
-                if site not in c.metrics["sites"]:
-                    c.metrics["sites"].append(site)
-            for site, message in errors.items():
-                c.log_warning(fl_ctx, f"[fedmed] round {round_num}: left out {site}: {message}")
-            c.metrics["rounds"].append({"round": round_num, "contributors": sorted(train_metrics), "sites": train_metrics, "failed": errors})
-            if len(train_metrics) < c.min_clients:
-                c._fail(fl_ctx, f"round {round_num}: only {len(train_metrics)} valid update(s), min_clients is {c.min_clients}. "
-                        + "; ".join(f"{site}: {msg}" for site, msg in sorted(errors.items())))
+                c._file_site_metrics(site, num_samples, dxo, train_metrics, val_metrics)
+            if not c._close_round(round_num, train_metrics, errors, fl_ctx):
                 return
             evaluation = self._record_evaluation(round_num, val_metrics)
             aggregated = self.aggregator.aggregate(fl_ctx)
@@ -205,14 +196,8 @@ class HEFedAvgRounds:
                 f"round: {score if score is None else round(score, 4)}; {time.time() - started:.1f} s",
             )
         if c.final_validation:
-            answers, errors = c._broadcast(c.validate_task_name, self._model_dxo(c.num_rounds, "global", fl_ctx), fl_ctx, abort_signal)
-            site_metrics = {site: dict(dxo.data) for site, dxo in answers.items() if dxo.data_kind == DataKind.METRICS}
-            for site, message in errors.items():
-                c.log_warning(fl_ctx, f"[fedmed] final validation: left out {site}: {message}")
-            if site_metrics:
-                evaluation = self._record_evaluation(c.num_rounds, site_metrics)
-                c.log_info(fl_ctx, f"[fedmed] final global model (decrypted at the sites): mean validation {c.key_metric} "
-                           f"{evaluation[f'mean_{c.key_metric}']:.4f} over {len(site_metrics)} sites")
+            c._validate_final(self._model_dxo(c.num_rounds, "global", fl_ctx), lambda m: self._record_evaluation(c.num_rounds, m),
+                              "final global model (decrypted at the sites)", fl_ctx, abort_signal)
         c.metrics["finished"] = True
         write_json(c.out_dir / METRICS_FILE, c.metrics, default=float)
         c.log_info(fl_ctx, f"[fedmed] finished {c.num_rounds} rounds under he; encrypted global model in {c.out_dir / ENCRYPTED_MODEL_FILE}")
