@@ -1,14 +1,25 @@
 """`python -m fedmed rehearse` as the project lead runs it: exit code, progress, outputs, cleanup."""
 
 import json
+import re
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 
 import psutil
 import pytest
 
 from deploy_helpers import REPO
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -38,6 +49,24 @@ def test_rehearse_runs_the_job_on_loopback_writes_the_bundle_and_exits_0(tmp_pat
     assert (out / "bundle" / "configs" / "metadata.json").is_file() and (out / "bundle" / "models" / "model.pt").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and sorted(metrics["sites"]) == ["hospital-01", "hospital-02"]
+    # the report, as simulate writes it, from the downloaded result
+    report = out / "report"
+    for name in ("report.md", "report.html", "report.json"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    assert f"report: {report / 'report.html'}" in result.stdout
+    report_summary = json.loads((report / "report.json").read_text())
+    assert report_summary["sites"] == ["hospital-01", "hospital-02"] and report_summary["plots"]
+    parser = _Refs()
+    parser.feed((report / "report.html").read_text())
+    assert sum(r.startswith("data:image/png;base64,") for r in parser.refs) == len(report_summary["plots"])
+    local_refs = [r for r in parser.refs if not r.startswith(("data:", "#"))]
+    assert "report.md" in local_refs and "../provenance.json" in local_refs  # the exported card, not job_result's copy
+    assert report_summary["exam"]["metric"] == "val_auc"  # cross-site matrix from the deployment's workflow
+    for ref in local_refs:
+        assert not re.match(r"^[a-z]+://", ref), ref
+        assert (report / ref).is_file(), f"report.html references missing {ref}"
+    for name in report_summary["plots"]:
+        assert (report / name).is_file(), name
     summary = json.loads((out / "rehearsal.json").read_text())
     assert summary["status"] == "FINISHED:COMPLETED"
     assert {"localhost.log", "hospital-01.log", "hospital-02.log"} <= {p.name for p in (out / "logs").iterdir()}

@@ -8,10 +8,11 @@
 4. submits the job (a temporary copy with ``--rounds`` / ``--privacy`` applied) as the lead
    researcher through FLARE's admin API, waits, downloads the result;
 5. writes the output folder like ``simulate`` (``fedmed.results.export_run_outputs``: bundle,
-   models, metrics, TensorBoard) plus every process's log in ``logs/``;
+   models, metrics, TensorBoard; then ``fedmed.report.build_report``: ``report/``) plus every
+   process's log in ``logs/`` and the downloaded result in ``job_result/``;
 6. shuts the system down and ends every process it started by PID.
 
-Exit code 0 only when the job finished and the global model was downloaded.
+Exit code 0 only when the job finished, the global model was downloaded and the report was written.
 """
 
 from __future__ import annotations
@@ -200,6 +201,11 @@ def rehearse(
         score = final.get("mean_" + key)
         print(f"  final global model: mean validation {key} {score if score is None else round(score, 4)}; "
               f"bundle {out_dir / 'bundle'}", flush=True)
+        from fedmed.report import build_report
+
+        # as simulate does: from the exported outputs; a ReportError (names the file and key) fails the rehearsal
+        build_report(out_dir, log=lambda line: print("  " + line, flush=True))
+        print(f"  report: {out_dir / 'report' / 'report.html'}", flush=True)
     finally:
         if federation is not None:
             print("[6/6] shutting down (admin API, then every started process by PID)", flush=True)
