@@ -143,9 +143,11 @@ def test_report_files_exist_and_html_is_self_contained(tmp_path):
     run = _write_run(tmp_path / "run")
     summary = report.build_report(run, log=lambda *_: None)
     out = run / "report"
-    for name in ("report.md", "report.html", "report.json", *report.PLOTS):
+    plots = report.plot_files("val_auc")
+    assert "cross_site_auc.png" in plots
+    for name in ("report.md", "report.html", "report.json", *plots):
         assert (out / name).is_file(), name
-    for name in report.PLOTS:
+    for name in plots:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".report.*")), "temporary report folder left behind"
 
@@ -153,7 +155,7 @@ def test_report_files_exist_and_html_is_self_contained(tmp_path):
     parser = _Refs()
     parser.feed(page)
     images = [r for r in parser.refs if r.startswith("data:image/png;base64,")]
-    assert len(images) == len(report.PLOTS)
+    assert len(images) == len(plots)
     for ref in images:
         assert base64.b64decode(ref.split(",", 1)[1])[:4] == b"\x89PNG"
     files = [r for r in parser.refs if not r.startswith(("data:", "#"))]
@@ -184,6 +186,37 @@ def test_report_without_baselines_uses_last_local_models_and_says_so(tmp_path):
     assert summary["exam"]["mean_own_gain"] == pytest.approx(0.02)
     md = (run / "report" / "report.md").read_text()
     assert "last-round local model" in md and "No provenance card" in md
+
+
+def _as_segmentation(value):
+    """The same run as a segmentation job reports it: val_dice instead of val_auc, no accuracy."""
+    if isinstance(value, dict):
+        return {("val_dice" if k == "val_auc" else k): _as_segmentation(v) for k, v in value.items() if k != "val_accuracy"}
+    if isinstance(value, list):
+        return [_as_segmentation(v) for v in value]
+    return value
+
+
+def test_dice_report_names_the_cross_site_heatmap_after_its_metric(tmp_path):
+    run = _write_run(tmp_path / "run", with_card=False)
+    for name in ("cross_site.json", "baselines.json", "metrics.json"):
+        (run / name).write_text(json.dumps(_as_segmentation(json.loads((run / name).read_text()))))
+    summary = report.build_report(run, log=lambda *_: None)
+    out = run / "report"
+    assert summary["metric"] == "val_dice" and summary["exam"]["metric"] == "val_dice"
+    assert report.cross_site_plot("val_dice") == "cross_site_dice.png"
+    assert "cross_site_dice.png" in summary["plots"] and "cross_site_auc.png" not in summary["plots"]
+    assert (out / "cross_site_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "cross_site_auc.png").exists()
+    assert sorted(summary["plots"]) == sorted(report.plot_files("val_dice"))
+    md = (out / "report.md").read_text()
+    assert "](cross_site_dice.png)" in md and "cross_site_auc" not in md
+    parser = _Refs()
+    parser.feed((out / "report.html").read_text())
+    assert "cross_site_dice.png" in parser.refs and "cross_site_auc.png" not in parser.refs
+    for ref in parser.refs:
+        if not ref.startswith(("data:", "#")):
+            assert (out / ref).is_file(), f"report.html references {ref}, which does not exist"
 
 
 def test_report_marks_a_tampered_card_and_rebuilding_replaces_old_report(tmp_path):

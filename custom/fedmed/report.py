@@ -4,9 +4,10 @@
 
 - ``report.md`` and a self-contained ``report.html`` (plots embedded as base64 PNG; it opens
   offline and still works when moved on its own);
-- PNG plots: ``cross_site_auc.png`` (models x sites heatmap), ``learning_curves.png`` (each site's
-  validation metric of the global model over rounds), ``fed_vs_local_vs_pooled.png`` and
-  ``exam.png`` (own-data gain and generalizability, federated vs local).
+- PNG plots: ``cross_site_<metric>.png`` (models x sites heatmap of the primary metric:
+  ``cross_site_auc.png`` for classification, ``cross_site_dice.png`` for segmentation),
+  ``learning_curves.png`` (each site's validation metric of the global model over rounds),
+  ``fed_vs_local_vs_pooled.png`` and ``exam.png`` (own-data gain and generalizability, federated vs local).
 
 Inputs in the run folder (every one optional except that at least one must exist):
 
@@ -51,12 +52,21 @@ FEDERATED = "global_model"
 POOLED = "pooled"
 LOCAL_ONLY_PREFIX = "local-only:"
 INPUT_FILES = ("metrics.json", "cross_site.json", "baselines.json", "provenance.json")
-PLOTS = {
-    "cross_site_auc.png": "Cross-site matrix: every model on every site's validation data",
-    "learning_curves.png": "Per-site learning curves: the global model's validation metric on each site, by round",
-    "fed_vs_local_vs_pooled.png": "Federated vs local vs pooled, on each site's own validation data",
-    "exam.png": "EXAM-style: own-data performance and generalizability, federated vs local",
-}
+
+
+def cross_site_plot(metric: str) -> str:
+    """The heatmap's file name, after the metric it shows: ``cross_site_auc.png``, ``cross_site_dice.png``."""
+    return f"cross_site_{metric.removeprefix('val_')}.png"
+
+
+def plot_files(metric: str) -> dict[str, str]:
+    """File name -> caption of every plot a report on ``metric`` can hold, in the order the report links them."""
+    return {
+        cross_site_plot(metric): "Cross-site matrix: every model on every site's validation data",
+        "learning_curves.png": "Per-site learning curves: the global model's validation metric on each site, by round",
+        "fed_vs_local_vs_pooled.png": "Federated vs local vs pooled, on each site's own validation data",
+        "exam.png": "EXAM-style: own-data performance and generalizability, federated vs local",
+    }
 
 
 class ReportError(ValueError):
@@ -514,11 +524,13 @@ class Section:
     title: str
     paragraphs: list[str] = field(default_factory=list)
     tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
-    image: str | None = None
+    image: str | None = None  # a file name from plot_files(metric)
+    caption: str = ""
 
 
 def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Section], dict[str, Any]]:
     metric = data.primary_metric()
+    captions = plot_files(metric)
     sections: list[Section] = []
     summary: dict[str, Any] = {"metric": metric}
     local_models, local_kind = data.local_models()
@@ -556,7 +568,7 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
                  for r in figures["per_site"]],
             ))
             if plots.get("exam.png"):
-                headline.image = "exam.png"
+                headline.image, headline.caption = "exam.png", captions["exam.png"]
     else:
         missing = "a federated (global) model" if not federated else "local models"
         headline.paragraphs.append(
@@ -593,7 +605,7 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
             ))
             summary["pooled_validation"] = pv
         if plots.get("fed_vs_local_vs_pooled.png"):
-            comparison.image = "fed_vs_local_vs_pooled.png"
+            comparison.image, comparison.caption = "fed_vs_local_vs_pooled.png", captions["fed_vs_local_vs_pooled.png"]
         sections.append(comparison)
 
         matrix_section = Section("Cross-site matrix")
@@ -610,8 +622,9 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
         failures = flatten_errors(data.cross_site_errors)
         if failures:
             matrix_section.paragraphs.append("Failures during cross-site evaluation (missing cells): " + "; ".join(failures) + ".")
-        if plots.get("cross_site_auc.png"):
-            matrix_section.image = "cross_site_auc.png"
+        heatmap = cross_site_plot(metric)
+        if plots.get(heatmap):
+            matrix_section.image, matrix_section.caption = heatmap, captions[heatmap]
         sections.append(matrix_section)
 
     if data.curves:
@@ -630,7 +643,7 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
         if table_rows:
             curves.tables.append(([f"{metric} \\ rounds completed"] + [str(int(x)) if float(x).is_integer() else str(x) for x in xs], table_rows))
         if plots.get("learning_curves.png"):
-            curves.image = "learning_curves.png"
+            curves.image, curves.caption = "learning_curves.png", captions["learning_curves.png"]
         sections.append(curves)
 
     prov = Section("Provenance")
@@ -704,7 +717,7 @@ def render_markdown(title: str, meta: list[str], sections: list[Section]) -> str
         for header, rows in section.tables:
             out += [_md_table(header, rows), ""]
         if section.image:
-            out += [f"![{PLOTS[section.image]}]({section.image})", ""]
+            out += [f"![{section.caption}]({section.image})", ""]
     return "\n".join(out)
 
 
@@ -740,8 +753,8 @@ def render_html(title: str, meta: list[str], sections: list[Section], images: Ma
         if section.image and section.image in images:
             encoded = base64.b64encode(images[section.image]).decode("ascii")
             parts.append(
-                f'<figure><img alt="{html.escape(PLOTS[section.image])}" src="data:image/png;base64,{encoded}">'
-                f"<figcaption>{html.escape(PLOTS[section.image])}</figcaption></figure>"
+                f'<figure><img alt="{html.escape(section.caption)}" src="data:image/png;base64,{encoded}">'
+                f"<figcaption>{html.escape(section.caption)}</figcaption></figure>"
             )
     if links:
         parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{html.escape(link)}">{html.escape(link)}</a></li>' for link in links) + "</ul>")
@@ -771,7 +784,7 @@ def build_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
         federated = next((m for m, k in data.model_kinds.items() if k == "global"), None)
         jobs = []
         if data.matrix and data.sites:
-            jobs.append(("cross_site_auc.png", lambda p: plot_heatmap(data, metric, p)))
+            jobs.append((cross_site_plot(metric), lambda p: plot_heatmap(data, metric, p)))
             jobs.append(("fed_vs_local_vs_pooled.png", lambda p: plot_comparison(data, metric, p)))
         if data.curves:
             jobs.append(("learning_curves.png", lambda p: plot_learning_curves(data, metric, p)))
@@ -797,7 +810,7 @@ def build_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
             f"Inputs: {', '.join(sorted(data.files))}",
         ]
         images = {name: (tmp / name).read_bytes() for name in plots}
-        links = [name for name in PLOTS if name in plots] + ["report.md", "report.json"]
+        links = [name for name in plot_files(metric) if name in plots] + ["report.md", "report.json"]
         card_path = data.files.get("provenance.json")
         if card_path is not None:
             rel = os.path.relpath(card_path, out_dir)
