@@ -62,6 +62,13 @@ def test_rehearse_runs_the_job_on_loopback_writes_the_bundle_and_exits_0(tmp_pat
     local_refs = [r for r in parser.refs if not r.startswith(("data:", "#"))]
     assert "report.md" in local_refs and "../provenance.json" in local_refs  # the exported card, not job_result's copy
     assert report_summary["exam"]["metric"] == "val_auc"  # cross-site matrix from the deployment's workflow
+    # cross-site evaluation ran in the real deployment: every (model, hospital) cell is filled
+    cross_site = json.loads((out / "cross_site.json").read_text())
+    hospitals = ["hospital-01", "hospital-02"]
+    assert sorted(cross_site["results"]) == sorted(["global_model", *hospitals]) and not cross_site["errors"]
+    for model, row in cross_site["results"].items():
+        assert sorted(row) == hospitals, model
+        assert all(0.0 <= row[h]["val_auc"] <= 1.0 and row[h]["num_val_samples"] > 0 for h in hospitals), (model, row)
     for ref in local_refs:
         assert not re.match(r"^[a-z]+://", ref), ref
         assert (report / ref).is_file(), f"report.html references missing {ref}"
