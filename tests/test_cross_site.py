@@ -2,9 +2,7 @@
 cross-site matrix, report files, provenance chain and tamper detection, bundle pointing at the card."""
 
 import json
-import re
 import shutil
-from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from fedmed import provenance
 from fedmed.cli import main as cli_main
 from fedmed.flare.cross_site import CrossSiteEvaluation
 from fedmed.simulate import simulate
+from report_checks import check_report_links
 
 SITES = ["site-1", "site-2"]
 
@@ -57,31 +56,14 @@ def test_cross_site_matrix_has_every_model_on_every_site(run):
     assert base["budget"]["rounds"] == 2
 
 
-class _Refs(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.refs = []
-
-    def handle_starttag(self, tag, attrs):
-        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
-
-
 @pytest.mark.slow
 def test_report_files_exist_and_html_references_only_existing_files(run):
     out = run / "report"
     for name in ("report.md", "report.html", "report.json", "cross_site_auc.png", "learning_curves.png",
                  "fed_vs_local_vs_pooled.png", "exam.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    parser = _Refs()
-    parser.feed((out / "report.html").read_text())
-    assert sum(r.startswith("data:image/png;base64,") for r in parser.refs) == 4
-    for ref in parser.refs:
-        if ref.startswith(("data:", "#")):
-            continue
-        assert not re.match(r"^[a-z]+://", ref), ref
-        assert (out / ref).is_file(), f"report.html references missing {ref}"
-    for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (out / "report.md").read_text()):
-        assert (out / ref).is_file()
+    images, _ = check_report_links(out)
+    assert images == 4
     summary = json.loads((out / "report.json").read_text())
     assert summary["exam"]["metric"] == "val_auc" and len(summary["exam"]["per_site"]) == 2
     assert summary["provenance"]["status"].startswith("intact")

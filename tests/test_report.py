@@ -1,16 +1,14 @@
 """Report: EXAM-style arithmetic on a hand-built matrix, files written, HTML self-contained and link-safe."""
 
-import base64
 import json
 import math
-import re
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 
 from fedmed import provenance, report
 from fedmed.cli import main as cli_main
+from report_checks import check_report_links
 
 SITES = ["site-1", "site-2", "site-3"]
 # hand-built AUCs: federated model, each site's last local model (cross-site), local-only baselines, pooled
@@ -81,17 +79,6 @@ def _write_run(folder, with_baselines=True, with_card=True):
     return folder
 
 
-class _Refs(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.refs = []
-
-    def handle_starttag(self, tag, attrs):
-        for key, value in attrs:
-            if key in ("src", "href") and value:
-                self.refs.append(value)
-
-
 def test_exam_figures_match_hand_computation():
     matrix = {"global_model": {s: _cell(v) for s, v in GLOBAL.items()}}
     matrix.update({f"L{s}": {t: _cell(v) for t, v in row.items()} for s, row in LOCAL_ONLY.items()})
@@ -151,20 +138,8 @@ def test_report_files_exist_and_html_is_self_contained(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(".report.*")), "temporary report folder left behind"
 
-    page = (out / "report.html").read_text()
-    parser = _Refs()
-    parser.feed(page)
-    images = [r for r in parser.refs if r.startswith("data:image/png;base64,")]
-    assert len(images) == len(plots)
-    for ref in images:
-        assert base64.b64decode(ref.split(",", 1)[1])[:4] == b"\x89PNG"
-    files = [r for r in parser.refs if not r.startswith(("data:", "#"))]
-    assert "../provenance.json" in files
-    for ref in files:
-        assert not re.match(r"^[a-z]+://", ref), f"report.html references a remote resource {ref}"
-        assert (out / ref).is_file(), f"report.html references {ref}, which does not exist"
-    for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (out / "report.md").read_text()):
-        assert (out / ref).is_file()
+    images, files = check_report_links(out)
+    assert images == len(plots) and "../provenance.json" in files
 
     # the numbers in the report are the EXAM numbers of the local-only baselines
     exam = summary["exam"]
@@ -211,12 +186,8 @@ def test_dice_report_names_the_cross_site_heatmap_after_its_metric(tmp_path):
     assert sorted(summary["plots"]) == sorted(report.plot_files("val_dice"))
     md = (out / "report.md").read_text()
     assert "](cross_site_dice.png)" in md and "cross_site_auc" not in md
-    parser = _Refs()
-    parser.feed((out / "report.html").read_text())
-    assert "cross_site_dice.png" in parser.refs and "cross_site_auc.png" not in parser.refs
-    for ref in parser.refs:
-        if not ref.startswith(("data:", "#")):
-            assert (out / ref).is_file(), f"report.html references {ref}, which does not exist"
+    _, files = check_report_links(out)
+    assert "cross_site_dice.png" in files and "cross_site_auc.png" not in files
 
 
 def test_report_marks_a_tampered_card_and_rebuilding_replaces_old_report(tmp_path):

@@ -5,21 +5,12 @@ import re
 import subprocess
 import sys
 import time
-from html.parser import HTMLParser
 
 import psutil
 import pytest
 
 from deploy_helpers import REPO
-
-
-class _Refs(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.refs = []
-
-    def handle_starttag(self, tag, attrs):
-        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+from report_checks import check_report_links
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -56,10 +47,8 @@ def test_rehearse_runs_the_job_on_loopback_writes_the_bundle_and_exits_0(tmp_pat
     assert f"report: {report / 'report.html'}" in result.stdout
     report_summary = json.loads((report / "report.json").read_text())
     assert report_summary["sites"] == ["hospital-01", "hospital-02"] and report_summary["plots"]
-    parser = _Refs()
-    parser.feed((report / "report.html").read_text())
-    assert sum(r.startswith("data:image/png;base64,") for r in parser.refs) == len(report_summary["plots"])
-    local_refs = [r for r in parser.refs if not r.startswith(("data:", "#"))]
+    images, local_refs = check_report_links(report)
+    assert images == len(report_summary["plots"])
     assert "report.md" in local_refs and "../provenance.json" in local_refs  # the exported card, not job_result's copy
     assert report_summary["exam"]["metric"] == "val_auc"  # cross-site matrix from the deployment's workflow
     # cross-site evaluation ran in the real deployment: every (model, hospital) cell is filled
