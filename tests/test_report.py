@@ -1,7 +1,6 @@
 """Report: EXAM-style arithmetic on a hand-built matrix, files written, HTML self-contained and link-safe."""
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -19,7 +19,6 @@ from fedmed.volumes import (
     read_datalist,
     scanner_profile,
     synthetic_case,
-    write_datalist,
     write_nifti,
     write_synthetic_site,
 )
