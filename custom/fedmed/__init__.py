@@ -1,7 +1,8 @@
 """fedmed: federated medical-imaging training across hospitals with NVIDIA FLARE and MONAI.
 
-Pure modules (no ``nvflare`` import): data, site_config, networks, tasks, training, aggregation,
-bundle, report, provenance, privacy. FLARE adapters live in ``fedmed.flare`` and ``fedmed.deploy``.
+Pure modules (no ``nvflare`` import): atomic, aggregation, baselines, bundle, data, networks,
+privacy, provenance, report, results, site_config, tasks, training, volumes. ``fedmed.simulate``
+glues them to the FLARE simulator; FLARE adapters live in ``fedmed.flare`` and ``fedmed.deploy``.
 """
 
 __version__ = "0.1.0"

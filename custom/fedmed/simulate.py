@@ -193,7 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", default=DEFAULT_JOB, help=f"job folder (default {DEFAULT_JOB})")
     parser.add_argument("--sites", type=int, default=5, help="number of simulated hospitals (default 5)")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the job's num_rounds)")
-    parser.add_argument("--data", default=None, help="MedMNIST-style .npz pool to partition (default: synthetic X-rays)")
+    parser.add_argument("--data", default=None, help="data pool to partition: a MedMNIST-style .npz for classification, an MSD-style "
+                        "datalist JSON for segmentation (default: synthetic X-rays or volumes)")
     parser.add_argument("--out", default=None, help="output folder (default runs/<job>-<timestamp>)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="partition / synthetic-data seed (default 0)")

@@ -3,7 +3,7 @@
 Wraps the real ``nvflare provision`` with this project's ``provisioning/project.yml``, its builder
 (:class:`fedmed.deploy.builder.FedMedKitBuilder`) and ``workspace_templates/``. Options change a
 copy of the project file (server host name, port, first N hospitals, HE); the copy is kept next to
-the kits as ``project.yml``. Output defaults to ``provisioning/workspace/`` (git-ignored: it holds
+the kits as ``<out>/<project name>.project.yml``. Output defaults to ``provisioning/workspace/`` (git-ignored: it holds
 the root CA's private key in ``<project>/state/``).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from fedmed.atomic import write_json
 from fedmed.deploy.builder import repo_root
 
 DEFAULT_PROJECT = "provisioning/project.yml"
@@ -169,5 +169,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"  admins: {', '.join(admins)}")
     print(f"  root CA private key: {prod.parent / 'state'} (keep it safe; never commit it)")
     summary = {"prod_dir": str(prod), "server": server["name"], "hospitals": clients}
-    (prod / "fedmed_provision.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(prod / "fedmed_provision.json", summary)
     return 0

@@ -216,7 +216,7 @@ def rehearse(
             shutil.rmtree(work, ignore_errors=True)
     summary = {"job_id": job_id, "status": status, "hospitals": names["hospitals"], "port": port,
                "out": str(out_dir)}
-    (out_dir / "rehearsal.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "rehearsal.json", summary)
     print(f"  done: {out_dir}", flush=True)
     return out_dir
 
@@ -242,7 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hospitals", type=int, default=2, help="hospital clients to start (default 2)")
     parser.add_argument("--rounds", type=int, default=2, help="federated rounds (default 2; 0 = the job's own)")
     parser.add_argument("--job", default=DEFAULT_JOB, help=f"job folder (default {DEFAULT_JOB})")
-    parser.add_argument("--data", default=None, help="MedMNIST-style .npz to partition across hospitals (default: synthetic)")
+    parser.add_argument("--data", default=None, help="data pool to partition across hospitals: a MedMNIST-style .npz for classification, "
+                        "an MSD-style datalist JSON for segmentation (default: synthetic)")
     parser.add_argument("--out", default=None, help="output folder (default runs/rehearse-<timestamp>)")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default=None,
                         help="privacy scope the job asks for (meta.json 'scope'); 'he' provisions HE kits")
