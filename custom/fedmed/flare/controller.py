@@ -232,7 +232,7 @@ class FedAvgController(Controller):
 
     def _fail(self, fl_ctx: FLContext, message: str) -> None:
         self.metrics["error"] = message
-        write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
+        self._save_metrics()
         self.log_error(fl_ctx, f"[fedmed] {message}")
         self.system_panic(message, fl_ctx)
 
@@ -254,6 +254,9 @@ class FedAvgController(Controller):
             self.metrics["best"] = {"model_version": version, f"mean_{self.key_metric}": score}
             self._save_model(BEST_MODEL_FILE)
         return evaluation
+
+    def _save_metrics(self) -> None:
+        write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
 
     def _save_model(self, name: str) -> None:
         with atomic_path(self.out_dir / name) as tmp:
@@ -289,7 +292,7 @@ class FedAvgController(Controller):
             self._save_model(GLOBAL_MODEL_FILE)
             self.provenance.record_federated_round(round_num, self.global_weights, {s: answers[s].meta for s in train_metrics}, val_metrics, self.requested_scope)
             self.provenance.write(self.out_dir / CARD_FILENAME, released_model_file=GLOBAL_MODEL_FILE)
-            write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
+            self._save_metrics()
             score = evaluation[f"mean_{self.key_metric}"]
             self.log_info(
                 fl_ctx,
@@ -303,5 +306,5 @@ class FedAvgController(Controller):
             self._validate_final(self._model_dxo(self.num_rounds, "global"), lambda m: self._record_evaluation(self.num_rounds, m, fl_ctx),
                                  "final global model", fl_ctx, abort_signal)
         self.metrics["finished"] = True
-        write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
+        self._save_metrics()
         self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model version {self.metrics['best']}")

@@ -42,7 +42,7 @@ from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 
 from fedmed.aggregation import UpdateError
-from fedmed.atomic import atomic_path, write_json
+from fedmed.atomic import atomic_path
 
 ENCRYPTED_MODEL_FILE = "global_model_encrypted.npz"
 SHAPES_META_KEY = "tensor_shapes"
@@ -137,8 +137,6 @@ class HEFedAvgRounds:
         return evaluation
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
-        from fedmed.results import METRICS_FILE
-
         c = self.c
         c.metrics["aggregation"] = "he: CKKS ciphertext FedAvg (FLARE HEInTimeAccumulateWeightedAggregator)"
         self._save_encrypted()
@@ -187,7 +185,7 @@ class HEFedAvgRounds:
             self.global_model = self.generator.shareable_to_learnable(aggregated, fl_ctx)
             fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, self.global_model, private=True, sticky=True)
             self._save_encrypted()
-            write_json(c.out_dir / METRICS_FILE, c.metrics, default=float)
+            c._save_metrics()
             score = evaluation[f"mean_{c.key_metric}"]
             c.log_info(
                 fl_ctx,
@@ -199,7 +197,7 @@ class HEFedAvgRounds:
             c._validate_final(self._model_dxo(c.num_rounds, "global", fl_ctx), lambda m: self._record_evaluation(c.num_rounds, m),
                               "final global model (decrypted at the sites)", fl_ctx, abort_signal)
         c.metrics["finished"] = True
-        write_json(c.out_dir / METRICS_FILE, c.metrics, default=float)
+        c._save_metrics()
         c.log_info(fl_ctx, f"[fedmed] finished {c.num_rounds} rounds under he; encrypted global model in {c.out_dir / ENCRYPTED_MODEL_FILE}")
 
 
