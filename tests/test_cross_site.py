@@ -9,7 +9,7 @@ import torch
 
 from fedmed import provenance
 from fedmed.cli import main as cli_main
-from fedmed.flare.cross_site import CrossSiteEvaluation
+from fedmed.flare.cross_site import CrossSiteEvaluation, sites_to_evaluate
 from fedmed.simulate import simulate
 from report_checks import check_report_links
 
@@ -30,6 +30,50 @@ def test_constructor_checks_its_configuration():
         CrossSiteEvaluation(validation_timeout=0)
 
 
+def test_default_submit_timeout_is_short_and_the_jobs_use_it():
+    assert CrossSiteEvaluation().submit_timeout == 60
+    from pathlib import Path
+
+    for config in Path(__file__).resolve().parents[1].glob("jobs/*/app/config/config_fed_server.json"):
+        workflows = json.loads(config.read_text())["workflows"]
+        for workflow in workflows:
+            if workflow["path"].endswith("CrossSiteEvaluation"):
+                assert workflow["args"]["submit_timeout"] <= 60, config
+
+
+def _metrics(rounds, final_sites=None):
+    records = [{"round": r, "contributors": sites} for r, sites in enumerate(rounds)]
+    evaluations = [{"model_version": r, "after_round": r - 1, "sites": {s: {} for s in sites}} for r, sites in enumerate(rounds)]
+    if final_sites is not None:
+        evaluations.append({"model_version": len(rounds), "after_round": len(rounds) - 1,
+                            "sites": {s: {} for s in final_sites}})
+    return {"rounds": records, "evaluations": evaluations}
+
+
+def test_a_site_that_dropped_out_during_training_is_skipped_and_named():
+    connected = ["hospital-03", "hospital-01", "hospital-02"]  # a SIGKILLed client stays "connected" for 600 s
+    metrics = _metrics([["hospital-01", "hospital-02", "hospital-03"], ["hospital-01", "hospital-02"]])
+    sites, skipped = sites_to_evaluate(connected, metrics)
+    assert sites == ["hospital-01", "hospital-02"]
+    assert list(skipped) == ["hospital-03"] and "round 2" in skipped["hospital-03"]
+
+
+def test_the_final_validation_is_the_latest_sign_of_life():
+    connected = ["a", "b", "c"]
+    metrics = _metrics([["a", "b", "c"]], final_sites=["a", "c"])
+    sites, skipped = sites_to_evaluate(connected, metrics)
+    assert sites == ["a", "c"] and list(skipped) == ["b"] and "final validation" in skipped["b"]
+
+
+def test_without_training_records_or_live_sites_every_connected_site_is_evaluated():
+    assert sites_to_evaluate(["b", "a"], None) == (["a", "b"], {})
+    assert sites_to_evaluate(["b", "a"], {"rounds": []}) == (["a", "b"], {})
+    # nobody connected answered the last round (e.g. every site reconnected under a new name): evaluate all
+    assert sites_to_evaluate(["a", "b"], _metrics([["x", "y"]])) == (["a", "b"], {})
+    # a site that answered but is no longer connected is simply absent
+    assert sites_to_evaluate(["a"], _metrics([["a", "b"]])) == (["a"], {})
+
+
 @pytest.mark.slow
 def test_cross_site_matrix_has_every_model_on_every_site(run):
     doc = json.loads((run / "cross_site.json").read_text())
@@ -40,7 +84,7 @@ def test_cross_site_matrix_has_every_model_on_every_site(run):
         for site, cell in row.items():
             assert 0.0 <= cell["val_auc"] <= 1.0 and 0.0 <= cell["val_accuracy"] <= 1.0, (model, site)
             assert cell["num_val_samples"] > 0
-    assert not doc.get("errors")
+    assert not doc.get("errors") and doc["skipped_sites"] == {}
     assert doc["models"]["site-1"]["kind"] == "local" and doc["models"]["site-1"]["num_samples"] > 0
     # the evaluated global model is the released one
     final = provenance.weights_sha256(torch.load(run / "models" / "global_model.pt", weights_only=True))

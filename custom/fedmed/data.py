@@ -122,14 +122,19 @@ def save_npz(path: str | os.PathLike, data: SiteData) -> None:
 
 
 def load_datalist(
-    path: str | os.PathLike, image_size: int = 28, num_classes: int = 2, base_dir: str | None = None
+    path: str | os.PathLike,
+    image_size: int = 28,
+    num_classes: int = 2,
+    base_dir: str | None = None,
+    allow_absolute_paths: bool = False,
 ) -> SiteData:
     """Load a MONAI-style datalist JSON of image files with labels.
 
     ``{"training": [{"image": "a.png", "label": 0}, ...], "validation": [...], "test": [...]}``.
     Images (PNG/JPEG/NIfTI/DICOM) are read with MONAI ``LoadImage``, made channel-first, scaled to
     [0, 1] and resized to ``image_size`` x ``image_size``. Relative paths resolve against
-    ``base_dir`` or the datalist's folder.
+    ``base_dir`` or the datalist's folder; a path outside that folder (absolute, ``../``) is refused
+    unless ``allow_absolute_paths`` (the site config's ``data.allow_absolute_paths``) is true.
     """
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensity
 
@@ -143,6 +148,8 @@ def load_datalist(
     for key in ("training", "validation"):
         if not isinstance(datalist.get(key), list) or not datalist[key]:
             raise DataError(f"datalist {path}: key '{key}' must be a non-empty list of {{'image', 'label'}} items")
+    from fedmed.site_config import SiteConfigError, confined_path
+
     root = Path(base_dir) if base_dir else path.parent
     transform = Compose(
         [
@@ -158,8 +165,10 @@ def load_datalist(
         for index, item in enumerate(datalist[key]):
             if not isinstance(item, dict) or "image" not in item or "label" not in item:
                 raise DataError(f"datalist {path}: {key}[{index}] needs 'image' and 'label'")
-            image_path = Path(item["image"])
-            image_path = image_path if image_path.is_absolute() else root / image_path
+            try:
+                image_path = confined_path(str(item["image"]), root, allow_absolute_paths, f"datalist {path}: {key}[{index}]")
+            except SiteConfigError as exc:
+                raise DataError(str(exc)) from exc
             if not image_path.exists():
                 raise DataError(f"datalist {path}: {key}[{index}] image {image_path} does not exist")
             try:

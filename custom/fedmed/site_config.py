@@ -13,6 +13,8 @@ from pathlib import Path
 SITE_CONFIG_FILE = "fedmed_site.json"
 PLACEHOLDER = "FILL_IN"
 DATA_FORMATS = ("npz", "datalist", "synthetic", "msd")
+# data-config key that lets a datalist name files outside its own folder (or base_dir): absolute paths or "../"
+ALLOW_OUTSIDE_KEY = "allow_absolute_paths"
 
 
 class SiteConfigError(ValueError):
@@ -81,4 +83,25 @@ def load_site_config(path: str | Path, site_name: str) -> dict:
         if not data_path.exists():
             raise SiteConfigError(f"{where}: key 'data.path' points at {data_path}, which does not exist")
         config = {**config, "data": {**data, "path": str(data_path)}}
+    if ALLOW_OUTSIDE_KEY in data and not isinstance(data[ALLOW_OUTSIDE_KEY], bool):
+        raise SiteConfigError(f"{where}: key 'data.{ALLOW_OUTSIDE_KEY}' must be true or false, got {data[ALLOW_OUTSIDE_KEY]!r}")
     return config
+
+
+def confined_path(entry: str, root: str | Path, allow_outside: bool, where: str) -> Path:
+    """Resolve a datalist entry's file path against ``root`` (the datalist's folder or ``base_dir``).
+
+    A path that is absolute or leads out of ``root`` (``../``, a symlinked folder) is refused unless the
+    site's data config sets ``data.allow_absolute_paths: true``; the error names ``where`` (the datalist
+    and entry), the path and the key to set. Raises :class:`SiteConfigError`.
+    """
+    root = Path(root).resolve()
+    given = Path(entry)
+    resolved = (given if given.is_absolute() else root / given).resolve()
+    if not allow_outside and not resolved.is_relative_to(root):
+        raise SiteConfigError(
+            f"{where}: path '{entry}' resolves to {resolved}, outside {root} (the datalist's folder, or its base_dir). Move the file "
+            f"under {root}, or set \"{ALLOW_OUTSIDE_KEY}\": true in the data section of this site's "
+            f"local/{SITE_CONFIG_FILE} to allow absolute and outside paths"
+        )
+    return resolved

@@ -5,6 +5,7 @@ The 20-hospital project is provisioned once per module (about 10 s on 2 cores)."
 import json
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -226,7 +227,12 @@ def test_provision_command_writes_kits_for_the_chosen_server_and_hospitals(tmp_p
     client = json.loads((prod / "hospital-02" / "startup" / "fed_client.json").read_text())
     assert client["servers"][0]["service"]["target"] == "fl.example-network.org:9443"
     assert kit_files.verify_startup_signature(prod / "hospital-02") == []
-    assert (out / "fedmed" / "state").is_dir()  # the root CA key stays with the provisioning output
+    state = out / "fedmed" / "state"
+    assert state.is_dir()  # the root CA key stays with the provisioning output, readable by its owner only
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    files = [p for p in state.rglob("*") if p.is_file()]
+    assert any(p.name == "cert.json" for p in files)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
 
 
 def test_provision_refuses_an_org_name_flare_would_reject(tmp_path):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -28,6 +30,22 @@ BUILDER_PATH = "fedmed.deploy.builder.FedMedKitBuilder"
 CERT_BUILDER_PATH = "nvflare.lighter.impl.cert.CertBuilder"
 HE_BUILDER_PATH = "nvflare.lighter.impl.he.HEBuilder"
 ORG_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
+STATE_DIR = "state"  # <out>/<project>/state/cert.json: the root CA's private key
+
+
+def secure_state(state_dir: str | Path) -> None:
+    """Make the provisioning state private: folders 0700, files 0600 (owner only).
+
+    ``nvflare provision`` writes ``state/cert.json`` (the root CA's private key: whoever reads it can
+    issue kits the federation trusts) with the umask's mode, 0644 under the usual 0022.
+    """
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        raise ProvisionError(f"{state_dir} is missing after nvflare provision: the root CA's state was not written")
+    for root, dirs, files in os.walk(state_dir):
+        os.chmod(root, stat.S_IRWXU)
+        for name in files:
+            os.chmod(os.path.join(root, name), stat.S_IRUSR | stat.S_IWUSR)
 
 
 class ProvisionError(RuntimeError):
@@ -130,6 +148,7 @@ def provision(project: dict, out_dir: str | Path, log=print) -> Path:
     if result.returncode != 0 or "Exception" in output or not prod_dirs:
         raise ProvisionError(f"nvflare provision failed (exit {result.returncode}) for {project_file}:\n{output[-4000:]}")
     prod = prod_dirs[-1]
+    secure_state(out_dir / project["name"] / STATE_DIR)
     missing = [p["name"] for p in project["participants"] if not (prod / p["name"] / "startup").is_dir()]
     if missing:
         raise ProvisionError(f"nvflare provision left no kit for {', '.join(missing)} in {prod}:\n{output[-4000:]}")

@@ -2,8 +2,12 @@
 
 Runs as the second workflow of a job, after :class:`fedmed.flare.controller.FedAvgController`:
 
-1. asks every connected site for its latest local model (task ``submit_model``);
-2. sends the final global model and every submitted local model to every site (task ``validate``);
+1. asks every live site for its latest local model (task ``submit_model``, ``submit_timeout``
+   seconds, default 60). A site that dropped out during training is skipped: FLARE keeps a killed
+   client "connected" until its heartbeat times out (600 s), so liveness comes from the training
+   workflow's ``metrics.json`` (see :func:`sites_to_evaluate`); skipped sites are named in the log
+   and in ``cross_site.json`` (``skipped_sites``);
+2. sends the final global model and every submitted local model to every live site (task ``validate``);
    all validation tasks are queued at once and each site works through them;
 3. writes ``app_server/fedmed/cross_site.json``: for every (model, site) cell the site's metrics
    (``val_auc``, ``val_accuracy``, ``val_loss``, ``num_val_samples``), plus the SHA-256 of every
@@ -38,12 +42,41 @@ from fedmed.atomic import write_json
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import state_to_numpy
 from fedmed.provenance import weights_sha256
-from fedmed.results import GLOBAL_MODEL_FILE, RUN_CONFIG_FILE, SERVER_OUTPUT_DIR
+from fedmed.results import GLOBAL_MODEL_FILE, METRICS_FILE, RUN_CONFIG_FILE, SERVER_OUTPUT_DIR
 from fedmed.tasks import build_task
 
 CROSS_SITE_FILE = "cross_site.json"
 CROSS_SITE_FORMAT = "fedmed-cross-site/1"
 GLOBAL_MODEL_NAME = "global_model"
+
+
+def sites_to_evaluate(connected: list[str], metrics: dict | None) -> tuple[list[str], dict[str, str]]:
+    """Split the connected sites into (sites to evaluate, {skipped site: reason}).
+
+    ``metrics`` is the training workflow's ``metrics.json`` (``rounds``: per round the
+    ``contributors``; ``evaluations``: per model version the validating ``sites``). The latest record
+    of who answered wins: the final validation (when it came after the last round), else the last
+    round's contributors. A connected site missing from it dropped out (killed, crashed, failed) and
+    would only make this workflow wait out its timeouts. Without training records every connected
+    site is evaluated. Never returns an empty list while sites are connected: when no connected site
+    answered the last record, all are evaluated (better a slow matrix than none).
+    """
+    connected = sorted(connected)
+    if not metrics or not metrics.get("rounds"):
+        return connected, {}
+    last_round = metrics["rounds"][-1]
+    answered = set(last_round.get("contributors") or [])
+    source = f"the last training round (round {int(last_round.get('round', len(metrics['rounds']) - 1)) + 1})"
+    evaluations = metrics.get("evaluations") or []
+    if evaluations:
+        final = evaluations[-1]
+        if final.get("sites") and final.get("after_round", -1) >= last_round.get("round", len(metrics["rounds"]) - 1):
+            answered = set(final["sites"])
+            source = "the final validation of the global model"
+    live = [site for site in connected if site in answered]
+    if not live:
+        return connected, {}
+    return live, {site: f"did not answer {source}; it dropped out of training" for site in connected if site not in answered}
 
 
 class CrossSiteEvaluation(Controller):
@@ -52,7 +85,7 @@ class CrossSiteEvaluation(Controller):
         model_file: str = GLOBAL_MODEL_FILE,
         submit_model_task_name: str = "submit_model",
         validate_task_name: str = "validate",
-        submit_timeout: int = 600,
+        submit_timeout: int = 60,
         validation_timeout: int = 3600,
         evaluate_local_models: bool = True,
     ):
@@ -60,7 +93,8 @@ class CrossSiteEvaluation(Controller):
         model_file: the global model to evaluate, in the server's ``app_server/fedmed/`` folder
             (``global_model.pt``, the final model; ``best_global_model.pt`` for the best round's).
         submit_model_task_name / validate_task_name: task names the sites' executor answers.
-        submit_timeout: seconds to wait for the sites' local models.
+        submit_timeout: seconds to wait for the sites' local models (default 60: a site's local model
+            is in memory; a site that does not send it within a minute is most likely gone).
         validation_timeout: seconds each validation task may take.
         evaluate_local_models: False evaluates only the global model on every site (a deployment
             whose sites must not share their local models).
@@ -89,6 +123,16 @@ class CrossSiteEvaluation(Controller):
         self.log_warning(fl_ctx, f"[fedmed] cross-site: ignored a late result for task '{task_name}' from {client.name}")
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    def _training_metrics(self, fl_ctx: FLContext) -> dict | None:
+        path = self.out_dir / METRICS_FILE
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            self.log_warning(fl_ctx, f"[fedmed] cross-site: cannot read {path} ({exc}); evaluating every connected site")
+            return None
 
     def _fail(self, fl_ctx: FLContext, message: str) -> None:
         self.log_error(fl_ctx, f"[fedmed] cross-site evaluation: {message}")
@@ -120,11 +164,14 @@ class CrossSiteEvaluation(Controller):
         state = torch.load(model_path, map_location="cpu", weights_only=True)
         global_weights = state_to_numpy(state)
 
-        clients = fl_ctx.get_engine().get_clients()
-        if not clients:
+        connected = fl_ctx.get_engine().get_clients()
+        if not connected:
             self._fail(fl_ctx, "no site is connected")
             return
-        sites = sorted(client.name for client in clients)
+        sites, skipped = sites_to_evaluate([c.name for c in connected], self._training_metrics(fl_ctx))
+        for site, reason in sorted(skipped.items()):
+            self.log_warning(fl_ctx, f"[fedmed] cross-site: skipping {site}: {reason}")
+        clients = [c for c in connected if c.name in sites]
         if GLOBAL_MODEL_NAME in sites:
             self._fail(fl_ctx, f"a site is named '{GLOBAL_MODEL_NAME}', which is the global model's name in the matrix")
             return
@@ -208,6 +255,7 @@ class CrossSiteEvaluation(Controller):
                 "models": models,
                 "results": results,
                 "errors": {kind: value for kind, value in errors.items() if value},
+                "skipped_sites": skipped,
             },
         )
         key = build_task(task_spec).key_metric  # val_auc, val_dice, ...

@@ -48,7 +48,8 @@ class ClassificationTask:
             return site_data.load_npz(data_config["path"], self.num_classes)
         if fmt == "datalist":
             return site_data.load_datalist(
-                data_config["path"], self.image_size, self.num_classes, data_config.get("base_dir")
+                data_config["path"], self.image_size, self.num_classes, data_config.get("base_dir"),
+                bool(data_config.get("allow_absolute_paths", False)),
             )
         if fmt == "synthetic":
             return site_data.synthetic_site_data(
