@@ -77,3 +77,92 @@ def test_weight_difference_round_trips_with_apply_update():
     local = {"a": g["a"] + rng.standard_normal((4, 3)).astype(np.float32)}
     diff = weight_difference(local, g)
     np.testing.assert_allclose(apply_update(g, diff)["a"], local["a"], atol=1e-6)
+
+
+# ---- robust aggregation --------------------------------------------------------------------------
+
+from fedmed.aggregation import (  # noqa: E402
+    aggregate_updates,
+    cap_sample_counts,
+    check_aggregation_spec,
+    clip_update_norms,
+    coordinate_median,
+    lower_median,
+    nonfinite_keys,
+    trimmed_mean,
+    update_norm,
+)
+
+
+def _honest(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    direction = {"w": rng.standard_normal((6, 5)), "b": rng.standard_normal(5)}
+    return [(f"site-{i + 1}", {k: v * (1 + 0.1 * i) for k, v in direction.items()}, 100 + 10 * i) for i in range(n)], direction
+
+
+def test_lower_median_takes_the_smaller_middle_value():
+    assert lower_median([5, 1, 3]) == 3 and lower_median([1, 1000]) == 1
+
+
+def test_sample_counts_are_capped_at_factor_times_the_median_and_per_site_maximum():
+    capped, report = cap_sample_counts({"a": 100, "b": 120, "c": 1e9}, 3.0, {"b": 50})
+    assert capped == {"a": 100.0, "b": 50.0, "c": 360.0}
+    assert set(report) == {"b", "c"} and report["c"]["claimed"] == 1e9
+
+
+def test_update_norms_are_bounded_relative_to_the_median_norm_keeping_direction():
+    updates = {"a": {"w": np.ones(4)}, "b": {"w": np.ones(4) * 1.2}, "c": {"w": -np.ones(4) * 1000}}
+    clipped, report = clip_update_norms(updates, 3.0)
+    assert list(report) == ["c"]
+    assert update_norm(clipped["c"]) == pytest.approx(3 * 2.4)  # 3 x the median norm (|b| = 2.4)
+    assert np.all(clipped["c"]["w"] < 0)  # direction kept
+
+
+def test_norm_is_computed_on_the_named_keys_only_and_other_keys_are_kept():
+    updates = {"a": {"w": np.ones(4), "count": np.array(50.0)}, "b": {"w": np.ones(4), "count": np.array(50.0)},
+               "c": {"w": np.ones(4) * 100, "count": np.array(50.0)}}
+    clipped, report = clip_update_norms(updates, 3.0, norm_keys=["w"])
+    assert list(report) == ["c"] and float(clipped["c"]["count"]) == 50.0
+
+
+def test_trimmed_mean_drops_the_extremes_per_coordinate():
+    ups = [{"x": np.array([v])} for v in (1.0, 2.0, 3.0, 4.0, 1000.0)]
+    assert trimmed_mean(ups, 0.2)["x"][0] == pytest.approx(3.0)
+    assert coordinate_median(ups)["x"][0] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("spec", ["clipped_fedavg", "trimmed_mean", "median"])
+def test_each_attack_kind_is_bounded_by_the_robust_aggregators(spec):
+    contributions, direction = _honest(4)
+    clean, _ = aggregate_updates(contributions, spec)
+    # scale x1000, sign flip x10 and 1e9 claimed samples from a fifth site
+    for attacked in ((lambda u: {k: v * 1000 for k, v in u.items()}), (lambda u: {k: -10 * v for k, v in u.items()})):
+        combined, _ = aggregate_updates(contributions + [("site-5", attacked(direction), 100)], spec)
+        assert update_norm(combined) < 2.0 * update_norm(clean)
+        cos = sum(float(np.sum(combined[k] * clean[k])) for k in clean) / (update_norm(combined) * update_norm(clean))
+        assert cos > 0.5  # the step still points where the honest sites point
+    combined, report = aggregate_updates(contributions + [("site-5", {k: -v for k, v in direction.items()}, 1e9)], spec)
+    cos = sum(float(np.sum(combined[k] * clean[k])) for k in clean) / (update_norm(combined) * update_norm(clean))
+    assert cos > 0.2 and report["weights"]["site-5"] <= 3 * 120
+
+
+def test_plain_fedavg_is_not_robust_which_is_why_it_is_not_the_default():
+    contributions, direction = _honest(4)
+    combined, _ = aggregate_updates(contributions + [("site-5", {k: -v for k, v in direction.items()}, 1e9)], "fedavg")
+    clean, _ = aggregate_updates(contributions, "fedavg")
+    assert sum(float(np.sum(combined[k] * clean[k])) for k in clean) < 0  # the attacker reversed the step
+
+
+def test_aggregation_spec_errors_name_the_key():
+    with pytest.raises(ValueError, match="unknown aggregator 'krum'"):
+        check_aggregation_spec({"name": "krum"})
+    with pytest.raises(ValueError, match="norm_multiplier"):
+        check_aggregation_spec({"name": "clipped_fedavg", "args": {"norm_multiplier": 0.5}})
+    with pytest.raises(ValueError, match="unknown key"):
+        check_aggregation_spec({"name": "median", "args": {"trim_fraction": 0.1}})
+    with pytest.raises(ValueError, match="max_samples.site-1"):
+        check_aggregation_spec({"name": "fedavg", "args": {"max_samples": {"site-1": -1}}})
+
+
+def test_nonfinite_keys_names_the_tensors():
+    assert nonfinite_keys({"a": np.array([1.0, np.inf]), "b": np.zeros(2), "c": np.array([np.nan])}) == ["a", "c"]

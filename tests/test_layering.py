@@ -29,3 +29,14 @@ def test_pure_modules_do_not_import_nvflare():
             if name == "nvflare" or name.startswith("nvflare.") or name.startswith("fedmed.flare") or name.startswith("fedmed.deploy"):
                 offenders.append(f"{relative}: {name}")
     assert offenders == []
+
+
+PURE_MODULES = ("aggregation.py", "rounds.py", "attacks.py", "provenance.py", "training.py", "data.py", "networks.py")
+
+
+def test_the_named_pure_modules_exist_and_import_no_flare():
+    for name in PURE_MODULES:
+        path = PACKAGE / name
+        assert path.is_file(), name
+        flare = [m for m in _imports(path) if m.split(".")[0] == "nvflare" or m.startswith(("fedmed.flare", "fedmed.deploy"))]
+        assert flare == [], (name, flare)

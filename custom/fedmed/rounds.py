@@ -1,0 +1,470 @@
+"""The round engine: one federated round's bookkeeping, checks and model selection, for every workflow.
+
+Pure module (numpy only; never imports ``nvflare``). A FLARE controller broadcasts the global model,
+collects the sites' replies and hands them to :meth:`RoundEngine.run_round`, which
+
+1. checks every reply once: data kind, sample count (:func:`fedmed.aggregation.validate_sample_count`),
+   reported metrics (:func:`check_site_metrics`: AUC / accuracy / Dice in [0, 1], losses finite and
+   >= 0, counts positive, list-valued metrics such as ``val_score_histogram`` lists of finite
+   non-negative numbers) and the update itself (the aggregation step's ``check_update``). A reply
+   that fails any check is left out of the round and its site named with the reason;
+2. records the round in ``metrics`` (``rounds[]``: contributors, per-site metrics, failed sites with
+   reasons, what the aggregator bounded) and stops the job (:class:`RoundFailed`) when fewer than
+   ``min_clients`` (or the step's ``min_sites``) valid updates arrived;
+3. records the evaluation of the global model that entered the round (``evaluations[]``, the sites'
+   validation metrics) and keeps the best model version, chosen on the **median** of the sites' key
+   metric (one site reporting an extreme value cannot choose it);
+4. runs the pluggable aggregation step (:class:`AggregationStep`): :class:`PlaintextAggregation`
+   (plain or robust aggregation from :mod:`fedmed.aggregation`, then a server optimizer, then a
+   finite check) or the controller's HE step (``fedmed.flare.he``). A step that cannot produce a
+   sound model raises :class:`RoundRejected`: the previous model is kept and the sites are named.
+
+The engine's state (``state_dict`` / ``load_state_dict``: next round, metrics, the step's state,
+e.g. the server optimizer's) is what a resumed server needs besides the global model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from fedmed.aggregation import (
+    DEFAULT_AGGREGATION,
+    UpdateError,
+    aggregate_updates,
+    apply_update,
+    check_aggregation_spec,
+    nonfinite_keys,
+    validate_sample_count,
+    validate_update,
+)
+
+WEIGHT_DIFF = "WEIGHT_DIFF"  # the data kind a site's training reply carries (FLARE's DataKind.WEIGHT_DIFF)
+STATE_FORMAT = "fedmed-round-engine/1"
+ATTACK_META_KEY = "simulated_attack"  # set by fedmed.flare.attack_filter in simulated jobs only
+UNIT_INTERVAL_METRICS = ("auc", "accuracy", "dice")  # a val_* metric naming one of these lies in [0, 1]
+
+
+class RoundFailed(RuntimeError):
+    """The job must stop; the message names the round, the reason and every failed site."""
+
+
+class RoundRejected(Exception):
+    """The aggregation step refused to produce a new global model this round (the previous one is kept)."""
+
+    def __init__(self, message: str, sites: Sequence[str] = ()):
+        super().__init__(message)
+        self.sites = sorted(sites)
+
+
+class MetricError(UpdateError):
+    """A site reported a metric outside its range; the message names the site and the metric."""
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+def _check_list_metric(site: str, key: str, value) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+            continue
+        if isinstance(item, bool) or not isinstance(item, (int, float, np.integer, np.floating)) or not math.isfinite(item) or item < 0:
+            raise MetricError(f"site {site}: metric '{key}' must be a list of finite non-negative numbers, holds {item!r}")
+
+
+def check_site_metrics(site: str, metrics: Mapping[str, Any] | None) -> tuple[dict, list[str]]:
+    """Range-check the metrics a site reported; return (the metrics to file, notes).
+
+    - ``val_*`` metrics naming auc / accuracy / dice: in [0, 1]; NaN or None means "not
+      computable" (e.g. AUC on one class): dropped with a note;
+    - metrics naming a loss: finite and >= 0;
+    - ``num_*`` counts: finite and > 0;
+    - other numbers: finite; booleans and strings pass;
+    - lists (e.g. ``val_score_histogram``, per-class lists of counts): finite non-negative numbers,
+      passed through unchanged.
+
+    Anything else raises :class:`MetricError` naming the site and the metric.
+    """
+    if metrics is None:
+        return {}, []
+    if not isinstance(metrics, Mapping):
+        raise MetricError(f"site {site}: metrics must be a mapping of name -> value, got {type(metrics).__name__}")
+    clean, notes = {}, []
+    for key, value in metrics.items():
+        lowered = str(key).lower()
+        bounded = lowered.startswith("val_") and any(word in lowered for word in UNIT_INTERVAL_METRICS)
+        if isinstance(value, (bool, str)):
+            clean[key] = value
+            continue
+        if isinstance(value, (list, tuple)):
+            _check_list_metric(site, key, value)
+            clean[key] = value
+            continue
+        if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value) and bounded):
+            notes.append(f"site {site}: metric '{key}' is not available ({value}); left out")
+            continue
+        if not isinstance(value, (int, float, np.integer, np.floating)):
+            raise MetricError(f"site {site}: metric '{key}' has type {type(value).__name__}; expected a number or a list of numbers")
+        value = value.item() if isinstance(value, np.generic) else value
+        if not math.isfinite(value):
+            raise MetricError(f"site {site}: metric '{key}' is {value}; metrics must be finite")
+        if bounded and not 0.0 <= value <= 1.0:
+            raise MetricError(f"site {site}: metric '{key}' = {value} is outside [0, 1]")
+        if "loss" in lowered and value < 0:
+            raise MetricError(f"site {site}: metric '{key}' = {value} is negative; a loss is >= 0")
+        if lowered.startswith("num_") and value <= 0:
+            raise MetricError(f"site {site}: count '{key}' = {value} must be positive")
+        clean[key] = value
+    return clean, notes
+
+
+def is_validation_metric(key: str) -> bool:
+    return key.startswith("val_") or key == "num_val_samples"
+
+
+def weighted_site_mean(site_metrics: Mapping[str, Mapping], key: str) -> float | None:
+    """Mean of ``key`` over sites, weighted by each site's validation sample count."""
+    pairs = [(m[key], m.get("num_val_samples", 1)) for m in site_metrics.values() if key in m]
+    pairs = [(v, w) for v, w in pairs if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    if not pairs:
+        return None
+    values, weights = zip(*pairs)
+    return float(np.average(values, weights=weights))
+
+
+def site_median(site_metrics: Mapping[str, Mapping], key: str) -> float | None:
+    """Median of ``key`` over sites (the robust statistic the best model is chosen on)."""
+    values = [m[key] for m in site_metrics.values() if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)]
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.median(values)) if values else None
+
+
+# ---- aggregation steps ---------------------------------------------------------------------------
+
+@dataclass
+class Contribution:
+    """A site's update admitted to the round."""
+
+    site: str
+    update: Mapping[str, Any]
+    num_samples: float
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+class AggregationStep(Protocol):
+    """What the engine needs from an aggregation: plain, robust or HE."""
+
+    description: str  # written to metrics.json "aggregation"
+    min_sites: int  # fewest contributors the step can aggregate safely
+    min_sites_reason: str  # why (named when the job stops)
+
+    def check_update(self, site: str, update: Mapping[str, Any], num_samples: float, global_model: Any) -> None:
+        """Raise UpdateError (naming the site) when the update must not enter the aggregate."""
+
+    def aggregate(self, global_model: Any, contributions: Sequence[Contribution], round_num: int) -> tuple[Any, dict]:
+        """Return (the new global model, a JSON-able report); raise RoundRejected to keep the old one."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: Mapping) -> None: ...
+
+
+class _PlainApply:
+    """Server optimizer ``fedavg`` (global + mean update), used when fedmed.server_optim is absent."""
+
+    def step(self, global_weights, mean_update):
+        return apply_update(global_weights, mean_update)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+def build_server_optimizer(spec: Mapping | None):
+    """``fedmed.server_optim.build_server_optimizer(spec)``; ``{"name": "fedavg"}`` (the default) is
+    global + aggregated update."""
+    spec = dict(spec or {"name": "fedavg"})
+    try:
+        from fedmed.server_optim import build_server_optimizer as build
+    except ImportError:
+        if spec.get("name", "fedavg") == "fedavg" and not spec.get("args"):
+            return _PlainApply()
+        raise ValueError(f"server_optimizer {spec!r} needs fedmed.server_optim, which is not installed") from None
+    return build(spec)
+
+
+class PlaintextAggregation:
+    """Aggregation of plaintext weight differences: plain or robust combination
+    (:func:`fedmed.aggregation.aggregate_updates`), then the server optimizer, then a finite check.
+
+    Args:
+        aggregation: ``{"name", "args"}`` aggregator spec (default ``clipped_fedavg``, see
+            :func:`fedmed.aggregation.check_aggregation_spec`).
+        server_optimizer: ``{"name", "args"}`` spec for ``fedmed.server_optim`` (default
+            ``{"name": "fedavg"}``: global + aggregated update).
+        allow_partial: accept updates lacking some keys (a privacy filter removed them).
+    """
+
+    min_sites = 1
+    min_sites_reason = ""
+
+    def __init__(self, aggregation: Mapping | None = None, server_optimizer: Mapping | None = None, allow_partial: bool = False):
+        self.spec = check_aggregation_spec(aggregation or DEFAULT_AGGREGATION)
+        self.server_optimizer_spec = dict(server_optimizer or {"name": "fedavg"})
+        self.optimizer = build_server_optimizer(self.server_optimizer_spec)
+        self.allow_partial = allow_partial
+        self.description = f"{self.spec['name']} {self.spec['args'] or ''}".strip() + f"; server optimizer {self.server_optimizer_spec['name']}"
+
+    def check_update(self, site, update, num_samples, global_model) -> None:
+        validate_update(update, global_model, num_samples, site, self.allow_partial)
+
+    def _combine(self, global_model, contributions, spec):
+        norm_keys = [k for k, v in global_model.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+        return aggregate_updates([(c.site, c.update, c.num_samples) for c in contributions], spec, norm_keys)
+
+    def aggregate(self, global_model, contributions, round_num):
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below by the finite check
+            mean_update, report = self._combine(global_model, contributions, self.spec)
+            saved = copy.deepcopy(self.optimizer.state_dict())
+            new_model = self.optimizer.step(global_model, mean_update)
+        bad = nonfinite_keys(new_model)
+        if bad:
+            self.optimizer.load_state_dict(saved)  # a rejected round leaves no trace in the optimizer
+            sites = self._responsible(global_model, contributions)
+            raise RoundRejected(
+                f"round {round_num}: the new global model would hold NaN/Inf in {len(bad)} tensor(s) "
+                f"({', '.join(bad[:3])}); the previous global model is kept. Responsible: {', '.join(sites)}",
+                sites,
+            )
+        report = {k: v for k, v in report.items() if v or k == "aggregator"}
+        return new_model, report
+
+    def _responsible(self, global_model, contributions) -> list[str]:
+        """The sites without which the round's model would be finite (else every contributor)."""
+        if len(contributions) > 1:
+            culprits = []
+            np_state = np.seterr(over="ignore", invalid="ignore")
+            for left_out in contributions:
+                rest = [c for c in contributions if c is not left_out]
+                mean_update, _ = self._combine(global_model, rest, self.spec)
+                if not nonfinite_keys(apply_update(global_model, mean_update)):
+                    culprits.append(left_out.site)
+            np.seterr(**np_state)
+            if culprits:
+                return culprits
+        return [c.site for c in contributions]
+
+    def state_dict(self) -> dict:
+        return {"server_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        self.optimizer.load_state_dict((state or {}).get("server_optimizer", {}))
+
+
+# ---- the engine ----------------------------------------------------------------------------------
+
+@dataclass
+class SiteReply:
+    """A site's answer to a training task: its data kind, the update and the DXO meta."""
+
+    kind: str
+    update: Mapping[str, Any]
+    meta: Mapping[str, Any]
+
+
+@dataclass
+class RoundOutcome:
+    model: Any  # the new global model (the previous one when the round was rejected)
+    accepted: bool  # False: the step rejected the round and the previous model was kept
+    record: dict  # the round's entry in metrics["rounds"]
+    evaluation: dict  # the evaluation of the global model that entered the round
+    entering_model_is_best: bool  # save the model that entered the round as the best one
+    contributions: list[Contribution]
+    val_metrics: dict
+    notes: list[str]
+
+
+class RoundEngine:
+    """Round bookkeeping, checks and best-model selection (see the module docstring).
+
+    Args:
+        step: the aggregation step (:class:`PlaintextAggregation`, or the controller's HE step).
+        job_name, key_metric, num_rounds: written into ``metrics``.
+        min_clients: fewest valid updates a round needs; fewer stops the job.
+    """
+
+    def __init__(self, step: AggregationStep, job_name: str, key_metric: str, num_rounds: int, min_clients: int):
+        if num_rounds < 1 or min_clients < 1:
+            raise ValueError(f"num_rounds and min_clients must be >= 1, got {num_rounds}, {min_clients}")
+        self.step = step
+        self.key_metric = key_metric
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients
+        self.next_round = 0
+        self.metrics: dict = {
+            "job_name": job_name,
+            "key_metric": key_metric,
+            "num_rounds": num_rounds,
+            "aggregation": step.description,
+            "sites": [],
+            "rounds": [],
+            "evaluations": [],
+            "best": None,
+            "finished": False,
+        }
+
+    # -- a round -------------------------------------------------------------------------
+    def _admit(self, site: str, reply: SiteReply, global_model) -> tuple[Contribution, dict, list[str]]:
+        if reply.kind != WEIGHT_DIFF:
+            raise UpdateError(f"site {site}: sent {reply.kind}, expected {WEIGHT_DIFF}")
+        meta = dict(reply.meta or {})
+        num_samples = meta.get("num_samples")
+        validate_sample_count(num_samples, site)
+        metrics, notes = check_site_metrics(site, meta.get("metrics"))
+        self.step.check_update(site, reply.update, num_samples, global_model)  # last: HE accepts into its aggregator here
+        return Contribution(site, reply.update, num_samples, meta), metrics, notes
+
+    def run_round(self, round_num: int, global_model, replies: Mapping[str, SiteReply], errors: Mapping[str, str] | None = None) -> RoundOutcome:
+        """Check the replies, record the round and its evaluation, aggregate. Raises :class:`RoundFailed`."""
+        failed = dict(errors or {})
+        contributions, train_metrics, val_metrics, notes = [], {}, {}, []
+        for site in sorted(replies):
+            reply = replies[site]
+            attack = (reply.meta or {}).get(ATTACK_META_KEY)
+            try:
+                contribution, metrics, site_notes = self._admit(site, reply, global_model)
+            except UpdateError as exc:
+                failed[site] = str(exc) + (f" (simulated attack: {attack})" if attack else "")
+                continue
+            contributions.append(contribution)
+            notes += site_notes
+            train_metrics[site] = {"num_samples": contribution.num_samples,
+                                   **{k: v for k, v in metrics.items() if not is_validation_metric(k)}}
+            if attack:
+                train_metrics[site][ATTACK_META_KEY] = attack
+            val_metrics[site] = {k: v for k, v in metrics.items() if is_validation_metric(k)}
+            if site not in self.metrics["sites"]:
+                self.metrics["sites"].append(site)
+        record = {"round": round_num, "contributors": sorted(train_metrics), "sites": train_metrics, "failed": failed}
+        self.metrics["rounds"].append(record)
+        if len(contributions) < self.min_clients:
+            raise self.fail(f"round {round_num}: only {len(contributions)} valid update(s), min_clients is {self.min_clients}. "
+                            + "; ".join(f"{site}: {msg}" for site, msg in sorted(failed.items())))
+        if len(contributions) < self.step.min_sites:
+            raise self.fail(f"round {round_num}: only {len(contributions)} site(s) contributed "
+                            f"({', '.join(sorted(train_metrics))}); refused: {self.step.min_sites_reason}"
+                            + "".join(f"; {site}: {msg}" for site, msg in sorted(failed.items())))
+        evaluation, improved = self.record_evaluation(round_num, val_metrics)
+        accepted = True
+        try:
+            model, report = self.step.aggregate(global_model, contributions, round_num)
+            if report:
+                record["aggregation"] = report
+        except RoundRejected as exc:
+            model, accepted = global_model, False
+            record["rejected"] = {"reason": str(exc), "sites": exc.sites}
+        self.next_round = round_num + 1
+        return RoundOutcome(model, accepted, record, evaluation, improved, contributions, val_metrics, notes)
+
+    # -- evaluations -----------------------------------------------------------------------
+    def record_evaluation(self, version: int, site_metrics: Mapping[str, Mapping]) -> tuple[dict, bool]:
+        """File the sites' (checked) validation of global model ``version``; True if it is the new best."""
+        key = self.key_metric
+        evaluation = {"model_version": version, "after_round": version - 1, "sites": dict(site_metrics),
+                      f"mean_{key}": weighted_site_mean(site_metrics, key), f"median_{key}": site_median(site_metrics, key)}
+        for other in ("val_accuracy", "val_loss"):
+            if other != key:
+                value = weighted_site_mean(site_metrics, other)
+                if value is not None:
+                    evaluation[f"mean_{other}"] = value
+        self.metrics["evaluations"].append(evaluation)
+        score, best = evaluation[f"median_{key}"], self.metrics["best"]
+        if score is not None and (best is None or best.get(f"median_{key}") is None or score > best[f"median_{key}"]):
+            self.metrics["best"] = {"model_version": version, f"median_{key}": score, f"mean_{key}": evaluation[f"mean_{key}"],
+                                    "selected_by": f"median over sites of {key}"}
+            return evaluation, True
+        return evaluation, False
+
+    def record_final_validation(self, site_metrics: Mapping[str, Mapping], errors: Mapping[str, str] | None = None) -> tuple[dict | None, bool, dict]:
+        """Check and file the sites' validation of the final model (version ``num_rounds``).
+
+        Returns (the evaluation or None when no site's metrics passed, whether it is the best, failed sites).
+        """
+        failed, checked = dict(errors or {}), {}
+        for site, metrics in sorted(site_metrics.items()):
+            try:
+                checked[site], _ = check_site_metrics(site, metrics)
+            except MetricError as exc:
+                failed[site] = str(exc)
+        if not checked:
+            return None, False, failed
+        evaluation, improved = self.record_evaluation(self.num_rounds, checked)
+        if failed:
+            evaluation["failed"] = failed
+        return evaluation, improved, failed
+
+    # -- end -------------------------------------------------------------------------------
+    def fail(self, message: str) -> RoundFailed:
+        """Record ``message`` as the job's error; return the exception to raise."""
+        self.metrics["error"] = message
+        return RoundFailed(message)
+
+    def finish(self) -> None:
+        self.metrics["finished"] = True
+
+    @property
+    def done(self) -> bool:
+        return self.next_round >= self.num_rounds
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything but the global model: next round, metrics, the step's state (JSON types
+        except numpy arrays a server optimizer may hold; see :func:`split_arrays`)."""
+        return {"format": STATE_FORMAT, "next_round": self.next_round, "num_rounds": self.num_rounds,
+                "metrics": copy.deepcopy(self.metrics), "step": self.step.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a round-engine state (format {STATE_FORMAT}): {str(state)[:80]}")
+        if int(state["num_rounds"]) != self.num_rounds:
+            raise ValueError(f"saved state is for {state['num_rounds']} rounds, this job has {self.num_rounds}")
+        self.next_round = int(state["next_round"])
+        self.metrics = copy.deepcopy(dict(state["metrics"]))
+        self.metrics.pop("error", None)
+        self.metrics["finished"] = False
+        self.step.load_state_dict(state.get("step") or {})
+
+
+def split_arrays(obj, arrays: dict | None = None, prefix: str = "a"):
+    """(obj with every numpy array replaced by ``{"__array__": name}``, {name: array}) for JSON + npz."""
+    arrays = {} if arrays is None else arrays
+    if isinstance(obj, np.ndarray):
+        name = f"{prefix}{len(arrays)}"
+        arrays[name] = obj
+        return {"__array__": name}, arrays
+    if isinstance(obj, Mapping):
+        return {str(k): split_arrays(v, arrays, prefix)[0] for k, v in obj.items()}, arrays
+    if isinstance(obj, (list, tuple)):
+        return [split_arrays(v, arrays, prefix)[0] for v in obj], arrays
+    if isinstance(obj, np.generic):
+        return obj.item(), arrays
+    return obj, arrays
+
+
+def join_arrays(obj, arrays: Mapping[str, np.ndarray]):
+    """Inverse of :func:`split_arrays`."""
+    if isinstance(obj, Mapping):
+        if set(obj) == {"__array__"}:
+            return np.asarray(arrays[obj["__array__"]])
+        return {k: join_arrays(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_arrays(v, arrays) for v in obj]
+    return obj
