@@ -70,6 +70,7 @@ def test_tensorboard_holds_every_sites_loss_and_auc_per_round(sim_run):
 
 
 def test_existing_output_folder_is_not_overwritten(sim_run):
+    assert not (sim_run / "INCOMPLETE").exists(), "a finished run must not stay marked incomplete"
     with pytest.raises(SimulationError, match="not empty"):
         simulate(num_sites=2, rounds=1, out=str(sim_run))
 

@@ -55,24 +55,19 @@ def _trainer_parameters() -> set[str]:
 
 def job_settings(job_dir: str | os.PathLike) -> dict[str, Any]:
     """The federation's budget from a job folder: network, task, seed, rounds and trainer settings."""
-    job_dir = Path(job_dir)
-    server_path = job_dir / "app" / "config" / "config_fed_server.json"
-    client_path = job_dir / "app" / "config" / "config_fed_client.json"
-    configs = {}
-    for path in (server_path, client_path):
-        try:
-            configs[path] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BaselineError(f"{path} could not be read as JSON: {exc}") from exc
-    controller = next((w.get("args", {}) for w in configs[server_path].get("workflows", []) if w.get("path") == CONTROLLER_PATH), None)
-    if controller is None:
-        raise BaselineError(f"{server_path}: no workflow with path {CONTROLLER_PATH}; the baselines copy its network and rounds")
-    executor = None
-    for entry in configs[client_path].get("executors", []):
-        if entry.get("executor", {}).get("path") == EXECUTOR_PATH:
-            executor = entry["executor"].get("args", {})
-    if executor is None:
-        raise BaselineError(f"{client_path}: no executor with path {EXECUTOR_PATH}; the baselines copy its trainer settings")
+    from fedmed.jobfolder import JobFolder, JobFolderError
+
+    try:
+        job = JobFolder(job_dir)
+        server_path = job.config_dir / "config_fed_server.json"
+        controller = job.controller_args()
+        executor_entry = job.executor()
+    except JobFolderError as exc:
+        raise BaselineError(f"{exc}; the baselines copy the job's network, rounds and trainer settings") from exc
+    if executor_entry["path"] != EXECUTOR_PATH:
+        raise BaselineError(f"{job.config_dir / 'config_fed_client.json'}: no executor with path {EXECUTOR_PATH}; "
+                            "the baselines copy its trainer settings")
+    executor = executor_entry["args"]
     for key in ("network", "task"):
         if key not in controller:
             raise BaselineError(f"{server_path}: the FedAvgController args lack '{key}'")

@@ -10,24 +10,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from fedmed.flare.allow_list import class_allow_list
-from fedmed.results import METRICS_FILE, ResultsError, export_run_outputs
+# Heavy modules (torch, monai, nvflare) are imported inside the functions that need them, so that
+# `python -m fedmed simulate --help` answers at once (issue 13).
+from fedmed.jobfolder import CONTROLLER_PATHS, JobFolder, JobFolderError, parse_assignments
 from fedmed.site_config import SITE_CONFIG_FILE
-from fedmed.tasks import build_task
 
-CONTROLLER_PATHS = ("fedmed.flare.controller.FedAvgController",)
 DEFAULT_JOB = "jobs/cxr_pneumonia_fedavg"
 SIMULATOR_MODULE = "nvflare.private.fed.app.simulator.simulator"
+INCOMPLETE_MARKER = "INCOMPLETE"  # in --out while a run is in progress or after it failed / was interrupted
 
 
 class SimulationError(RuntimeError):
     pass
+
+
+class SimulationInterrupted(SimulationError):
+    """Ctrl-C: every process this command started was ended; the output folder is marked incomplete."""
 
 
 def repo_root() -> Path:
@@ -35,58 +41,144 @@ def repo_root() -> Path:
 
 
 def resolve_job(job: str) -> Path:
-    path = Path(job)
-    if not path.is_dir() and not path.is_absolute() and (repo_root() / path).is_dir():
-        path = repo_root() / path
-    if not (path / "meta.json").is_file() or not (path / "app" / "config" / "config_fed_server.json").is_file():
-        raise SimulationError(f"job folder {job} needs meta.json and app/config/config_fed_server.json")
-    return path
+    try:
+        return JobFolder.resolve(job).path
+    except JobFolderError as exc:
+        raise SimulationError(str(exc)) from exc
 
 
 def load_controller_args(job_dir: Path) -> tuple[dict, dict]:
     """(server config, the FedMed controller's args dict inside it)."""
-    server_config = json.loads((job_dir / "app" / "config" / "config_fed_server.json").read_text())
-    for workflow in server_config.get("workflows", []):
-        if workflow.get("path") in CONTROLLER_PATHS:
-            return server_config, workflow.setdefault("args", {})
-    raise SimulationError(f"{job_dir}: no workflow with path {CONTROLLER_PATHS[0]} in config_fed_server.json")
+    folder = JobFolder(job_dir)
+    try:
+        server_config = folder.load_server()
+        return server_config, folder.controller_args(server_config)
+    except JobFolderError as exc:
+        raise SimulationError(str(exc)) from exc
 
 
-def prepare_job(job_dir: Path, dest: Path, num_sites: int, rounds: int | None) -> dict:
-    """Copy the job to ``dest`` with rounds / min_clients fitted to this simulation; return controller args."""
-    shutil.copytree(job_dir, dest)
-    server_config, args = load_controller_args(dest)
-    if rounds is not None:
-        args["num_rounds"] = rounds
-    args["min_clients"] = min(int(args.get("min_clients", 1)), num_sites)
-    (dest / "app" / "config" / "config_fed_server.json").write_text(json.dumps(server_config, indent=2) + "\n")
-    meta_path = dest / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["min_clients"] = min(int(meta.get("min_clients", 1)), num_sites)
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return args
+def prepare_job(job_dir: Path, dest: Path, num_sites: int, rounds: int | None, settings: dict | None = None) -> dict:
+    """Copy the job to ``dest`` with rounds / min_clients fitted to this simulation and ``--set``
+    overrides applied (:mod:`fedmed.jobfolder`); return the controller args."""
+    job = JobFolder(job_dir).copy_to(dest)
+    try:
+        applied = job.apply_settings(settings or {})
+    except JobFolderError as exc:
+        raise SimulationError(str(exc)) from exc
+    for key, targets in applied.items():
+        where = ", ".join(f"{component} argument {argument}" for component, argument in targets)
+        print(f"  --set {key}={json.dumps(settings[key])} ({where})", flush=True)
+    return job.fit_to_simulation(num_sites, rounds)
 
 
-def run_simulator(job_dir: Path, workspace: Path, sites: list[str], threads: int, log_path: Path) -> int:
-    """Run the real FLARE simulator; echo this project's progress lines; return its exit code."""
+class _Progress:
+    """Echo the server's ``[fedmed]`` lines with an ETA: setup until the first round, then per round."""
+
+    ROUND = re.compile(r"round (\d+)/(\d+)")
+
+    def __init__(self, num_rounds: int | None, started: float):
+        self.num_rounds = num_rounds
+        self.started = started
+        self.first_round_started: float | None = None
+        self.rounds_done = 0
+
+    def line(self, text: str, now: float) -> str:
+        match = self.ROUND.search(text)
+        if not match:
+            return text
+        done, total = int(match.group(1)), int(match.group(2))
+        if self.first_round_started is None:
+            seconds = re.search(r"; ([0-9.]+) s$", text)
+            self.first_round_started = now - (float(seconds.group(1)) if seconds else 0.0)
+        self.rounds_done = done
+        per_round = (now - self.first_round_started) / max(done, 1)
+        left = max(total - done, 0) * per_round
+        return f"{text} [{now - self.started:.0f} s elapsed, about {left:.0f} s left for training]"
+
+
+def _heartbeat(progress: _Progress, now: float, last: float) -> float:
+    """While nothing has been printed for a while (FLARE's setup, a long round), say so."""
+    if now - last < 10:
+        return last
+    elapsed = now - progress.started
+    if progress.rounds_done == 0:
+        print(f"  ... setting up the simulated federation and training round 1 ({elapsed:.0f} s elapsed)", flush=True)
+    else:
+        print(f"  ... round {progress.rounds_done + 1}/{progress.num_rounds} running ({elapsed:.0f} s elapsed)", flush=True)
+    return now
+
+
+def _end_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End the simulator and every process it spawned: its own process group (by its PID), SIGTERM then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # any process of the group left?
+            except ProcessLookupError:
+                proc.poll()
+                return
+            proc.poll()
+            time.sleep(0.2)
+
+
+def run_simulator(job_dir: Path, workspace: Path, sites: list[str], threads: int, log_path: Path,
+                  num_rounds: int | None = None) -> int:
+    """Run the real FLARE simulator; echo this project's progress lines with an ETA; return its exit code.
+
+    The simulator starts in its own session (process group); Ctrl-C or any error here ends the whole
+    group, so no simulator or site process outlives this command.
+    """
+    import threading
+
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // threads)))
     cmd = [sys.executable, "-u", "-m", SIMULATOR_MODULE, str(job_dir), "-w", str(workspace),
            "-n", str(len(sites)), "-t", str(threads), "-c", ",".join(sites)]
+    progress = _Progress(num_rounds, time.time())
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        last_output = [time.time()]
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(2.0):
+                last_output[0] = _heartbeat(progress, time.time(), last_output[0])
+
+        ticker = threading.Thread(target=beat, daemon=True)
+        ticker.start()
         try:
             for line in proc.stdout:
                 log.write(line)
                 if "[fedmed]" in line:
-                    print("  " + line.split("[fedmed]", 1)[1].strip(), flush=True)
+                    print("  " + progress.line(line.split("[fedmed]", 1)[1].strip(), time.time()), flush=True)
+                    last_output[0] = time.time()
                 elif " ERROR " in line or "Traceback" in line:
                     print("  ! " + line.rstrip()[-300:], flush=True)
             return proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait(timeout=30)
-            raise
+        finally:
+            stop.set()
+            if proc.poll() is None or _group_alive(proc.pid):
+                in_main = threading.current_thread() is threading.main_thread()
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None  # a second Ctrl-C must not cut the cleanup short
+                try:
+                    _end_process_group(proc)
+                finally:
+                    if in_main:
+                        signal.signal(signal.SIGINT, previous)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def simulate(
@@ -102,20 +194,45 @@ def simulate(
     baselines: bool = False,
     privacy: str | None = None,
     privacy_file: str | None = None,
+    settings: dict | None = None,
 ) -> Path:
-    """Run a simulated federation and return the output folder."""
+    """Run a simulated federation and return the output folder.
+
+    ``settings``: ``--set`` overrides ``{key: value}`` for the job copy's executor / controller args
+    (:meth:`fedmed.jobfolder.JobFolder.apply_settings`); an unknown key raises before anything runs.
+    While the run is in progress, and after it failed or was interrupted, ``out`` holds an
+    ``INCOMPLETE`` marker; such a folder may be reused without ``force``.
+    """
     if num_sites < 1:
         raise SimulationError(f"--sites must be >= 1, got {num_sites}")
     if rounds is not None and rounds < 1:
         raise SimulationError(f"--rounds must be >= 1, got {rounds}")
     job_dir = resolve_job(job)
+    if settings:  # refuse an unknown key before any work
+        try:
+            valid = JobFolder(job_dir).settable_keys()
+        except JobFolderError as exc:
+            raise SimulationError(str(exc)) from exc
+        unknown = sorted(set(settings) - set(valid))
+        if unknown:
+            raise SimulationError(f"--set: unknown key(s) {', '.join(unknown)} for job {job_dir.name}; "
+                                  f"valid keys: {', '.join(sorted(valid))}")
     out_dir = Path(out or f"runs/{job_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
+        if not force and not (out_dir / INCOMPLETE_MARKER).exists():
             raise SimulationError(f"output folder {out_dir} is not empty; choose another --out or pass --force")
+        if not force:
+            print(f"  {out_dir} holds an incomplete run ({INCOMPLETE_MARKER}); replacing it", flush=True)
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INCOMPLETE_MARKER).write_text(
+        "this run has not finished (in progress, failed or interrupted); rerun simulate with the same --out to replace it\n")
 
+    from fedmed.flare.allow_list import class_allow_list
+    from fedmed.results import ResultsError, export_run_outputs
+    from fedmed.tasks import build_task
+
+    print(f"[0/3] loading the job {job_dir.name} (PyTorch, MONAI, FLARE)", flush=True)
     _, controller_args = load_controller_args(job_dir)
     task = build_task(controller_args.get("task", {"name": "classification"}))
     sites_dir, workspace, run_job = out_dir / "sites", out_dir / "workspace", out_dir / "job"
@@ -124,7 +241,7 @@ def simulate(
     site_configs, summary = task.prepare_simulation(num_sites, sites_dir, data, alpha, seed)
     for line in summary:
         print("  " + line, flush=True)
-    args = prepare_job(job_dir, run_job, num_sites, rounds)
+    args = prepare_job(job_dir, run_job, num_sites, rounds, settings)
     if privacy:  # issue 5: the FLARE simulator does not enforce site scopes; copy the mode's filters in
         from fedmed.privacy.simulation import apply_privacy_mode
 
@@ -140,7 +257,7 @@ def simulate(
     print(f"[2/3] FLARE simulator: {num_sites} sites x {args.get('num_rounds')} rounds "
           f"(job {job_dir.name}; log {out_dir / 'simulator.log'})", flush=True)
     started = time.time()
-    rc = run_simulator(run_job, workspace, site_names, threads, out_dir / "simulator.log")
+    rc = run_simulator(run_job, workspace, site_names, threads, out_dir / "simulator.log", args.get("num_rounds"))
     print(f"  simulator finished in {time.time() - started:.0f} s (exit code {rc})", flush=True)
 
     print(f"[3/3] writing outputs to {out_dir}", flush=True)
@@ -152,6 +269,7 @@ def simulate(
         raise SimulationError(f"the federated run failed: {error or exc}. Logs: {out_dir / 'simulator.log'}, {workspace}/*/log.txt") from exc
     _print_summary(metrics, out_dir)
     _baselines_and_report(run_job, site_configs, args.get("num_rounds"), out_dir, baselines)
+    (out_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)
     return out_dir
 
 
@@ -170,6 +288,8 @@ def _baselines_and_report(run_job: Path, site_configs: dict, rounds, out_dir: Pa
 
 
 def _server_error(server_app: Path) -> str | None:
+    from fedmed.results import METRICS_FILE
+
     metrics_path = server_app / "fedmed" / METRICS_FILE
     if metrics_path.is_file():
         return json.loads(metrics_path.read_text()).get("error")
@@ -177,6 +297,8 @@ def _server_error(server_app: Path) -> str | None:
 
 
 def _print_summary(metrics: dict, out_dir: Path) -> None:
+    from fedmed.results import METRICS_FILE
+
     key = metrics["key_metric"]
     evaluations = metrics.get("evaluations", [])
     if evaluations:
@@ -207,12 +329,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "he needs HE kits: use rehearse --privacy he")
     parser.add_argument("--privacy-file", default=None,
                         help="the hospitals' privacy.json (default workspace_templates/client/local/privacy.json)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training or aggregation setting of the job copy, repeatable: e.g. --set lr=0.01 "
+                             "--set local_epochs=2 --set batch_size=64 --set network='{\"name\": \"densenet121\", ...}'; "
+                             "VALUE is parsed as JSON when it can be; the keys are the job's executor and controller "
+                             "arguments (an unknown key is refused with the list)")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
+        settings = parse_assignments(getattr(args, "settings", None))
+    except JobFolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         simulate(args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed, args.threads, args.force,
-                 args.baselines, args.privacy, args.privacy_file)
+                 args.baselines, args.privacy, args.privacy_file, settings=settings)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every process this command started was stopped; the output folder is marked "
+              f"{INCOMPLETE_MARKER} (rerun with the same --out to replace it)", file=sys.stderr)
+        return 130
     except (SimulationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
