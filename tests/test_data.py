@@ -50,12 +50,74 @@ def test_partition_refuses_more_sites_than_the_data_can_fill():
         data.dirichlet_partition(labels, 5, min_per_class=1)
 
 
-def test_partition_sites_splits_train_and_val_with_the_same_site_shares():
-    sites = data.partition_sites(_pool(2000, 1000), 4, alpha=0.3, seed=0)
-    train_frac = [s.train.labels.mean() for s in sites]
-    val_frac = [s.val.labels.mean() for s in sites]
-    assert np.corrcoef(train_frac, val_frac)[0, 1] > 0.9
-    assert sum(len(s.train) for s in sites) == 2000
+def test_partition_sites_carves_each_sites_validation_from_its_own_train_share():
+    fed = data.partition_sites(_pool(2000, 1000), 4, alpha=0.3, seed=0)
+    train_frac = [s.train.labels.mean() for s in fed.sites]
+    val_frac = [s.val.labels.mean() for s in fed.sites]
+    assert np.corrcoef(train_frac, val_frac)[0, 1] > 0.9  # a site validates on its own label mix
+    assert sum(len(s.train) + len(s.val) for s in fed.sites) == 2000  # only the pool's train rows reach sites
+    for site in fed.sites:
+        assert 0.1 < len(site.val) / (len(site.train) + len(site.val)) < 0.3
+        assert set(np.unique(site.val.labels)) == {0, 1}
+
+
+def _row_keys(images):
+    return {row.tobytes() for row in np.rint(images * 255).astype(np.uint8)}
+
+
+def test_no_image_of_an_external_set_reaches_any_site():
+    pool = _pool(600, 200)
+    rng = np.random.default_rng(3)
+    pool.test = data.ImageSplit(rng.random((50, 1, 28, 28)).astype(np.float32), rng.integers(0, 2, 50))
+    fed = data.partition_sites(pool, 3, alpha=0.5, seed=1)
+    assert sorted(fed.external) == ["external-test", "external-val"]
+    # by provenance: site rows come from the pool's train split only, each row at most once
+    rows = np.concatenate([np.concatenate([r["train"], r["val"]]) for r in fed.provenance["sites"].values()])
+    assert len(rows) == len(np.unique(rows)) == 600 and rows.max() < 600
+    # by content: no external image equals any site image, before or after the scanner shifts
+    site_images = set()
+    for site in fed.sites:
+        site_images |= _row_keys(site.train.images) | _row_keys(site.val.images)
+    raw_pool_train = _row_keys(pool.train.images)
+    for name, split in fed.external.items():
+        assert not (_row_keys(split.images) & site_images), name
+    assert not (_row_keys(pool.val.images) & raw_pool_train)
+    np.testing.assert_array_equal(fed.external["external-val"].labels, pool.val.labels)
+
+
+def test_external_hospital_has_a_scanner_profile_of_its_own():
+    pool = _pool(400, 100)
+    fed = data.partition_sites(pool, 3, seed=0)
+    external = fed.external["external-val"].images
+    for index in range(3):
+        assert not np.allclose(external, data.scanner_shift(pool.val.images, index, 0))
+    assert not np.allclose(external, pool.val.images)
+
+
+def test_a_site_too_small_to_carve_validation_names_the_site_and_minimum():
+    with pytest.raises(DataError, match=r"site site-2 holds only 3 image\(s\) of class 1.*at least 4"):
+        data.carve_validation(np.array([0] * 10 + [1] * 3), 0.2, 0, "site-2", source="pool.npz")
+
+
+def test_a_pool_too_small_for_the_sites_names_the_file_and_minimum():
+    pool = _pool(60, 20)
+    with pytest.raises(DataError, match=r"pool.npz: train split: .*4 images per class"):
+        data.partition_sites(pool, 10, source="pool.npz")
+
+
+def test_a_pool_without_a_usable_validation_split_is_refused():
+    pool = _pool(400, 50)
+    pool.val.labels[:] = 1
+    with pytest.raises(DataError, match="pool.npz: the val split holds only class 1"):
+        data.partition_sites(pool, 2, source="pool.npz")
+
+
+def test_external_split_round_trip(tmp_path):
+    split = _pool(20, 2).train
+    data.save_split(tmp_path / "ext.npz", split)
+    loaded = data.load_split(tmp_path / "ext.npz")
+    np.testing.assert_array_equal(loaded.labels, split.labels)
+    np.testing.assert_allclose(loaded.images, split.images, atol=1 / 255)
 
 
 def test_scanner_shift_differs_per_site_and_stays_in_range():

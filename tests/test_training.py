@@ -49,8 +49,9 @@ def test_train_starts_from_the_given_weights(trainer_parts):
 
 def test_evaluate_uses_monai_auc_and_reports_counts(trainer_parts):
     metrics = _trainer(trainer_parts).evaluate(SPEC, None)
-    assert set(metrics) == {"val_auc", "val_accuracy", "val_loss", "num_val_samples"}
+    assert set(metrics) == {"val_auc", "val_accuracy", "val_loss", "num_val_samples", "val_score_histogram"}
     assert metrics["num_val_samples"] == 128
+    assert sum(map(sum, metrics["val_score_histogram"])) == 128  # every image in one bin of its class
     assert 0.0 <= metrics["val_auc"] <= 1.0
 
 

@@ -102,9 +102,15 @@ def run_baselines(
     pooled: bool = True,
     federated_weights: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    external: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train each site's local-only model and a pooled model with the federation's budget and
     evaluate every one on every site's validation data, and on all sites' validation data pooled.
+
+    ``external`` maps an external set's name to its dataset (images no site holds): every baseline
+    model is also evaluated there (``doc["external"][set][model]``), with accuracy at the decision
+    threshold chosen on that model's own validation data (a local model: its site's; pooled: all
+    sites'), as the federation's threshold is chosen on the sites' validation data.
 
     ``site_datasets`` maps site -> (train_dataset, val_dataset). ``federated_weights`` (the
     federation's final global model), when given, is evaluated on the pooled validation data too,
@@ -164,15 +170,30 @@ def run_baselines(
         for site in sites:
             trainer = trainers[site]
             metrics = trainer.evaluate(network, weights, dataset=site_datasets[site][1])
-            results[name][site] = {key: float(value) for key, value in metrics.items()}
+            results[name][site] = _scalars(metrics)
     all_val = ConcatDataset([site_datasets[s][1] for s in sites])
     on_all_val = {}
     candidates = dict(weights_by_model)
     if federated_weights is not None:
         candidates = {FEDERATED: {k: v for k, v in federated_weights.items()}, **candidates}
     evaluator = trainers[sites[0]]
+    all_val_metrics = {}
     for name, weights in candidates.items():
-        on_all_val[name] = {key: float(value) for key, value in evaluator.evaluate(network, weights, dataset=all_val).items()}
+        all_val_metrics[name] = evaluator.evaluate(network, weights, dataset=all_val)
+        on_all_val[name] = _scalars(all_val_metrics[name])
+    external_results = {}
+    if external:
+        from fedmed.threshold import choose_threshold
+
+        for name, weights in weights_by_model.items():
+            own_val = {name: all_val_metrics[name]} if models[name]["kind"] == "pooled" else {
+                models[name]["site"]: evaluator.evaluate(network, weights, dataset=site_datasets[models[name]["site"]][1])}
+            chosen = choose_threshold(own_val)
+            models[name]["decision_threshold"] = chosen
+            model = evaluator.model(network, weights)
+            for set_name, dataset in external.items():
+                external_results.setdefault(set_name, {})[name] = task.external_metrics(
+                    model, dataset, evaluator.device, chosen["threshold"] if chosen else None)
     return {
         "format": BASELINES_FORMAT,
         "sites": sites,
@@ -188,7 +209,13 @@ def run_baselines(
         "results": results,
         # every model on all sites' validation images together (one AUC over len(all_val) images)
         "pooled_validation": {"num_val_samples": len(all_val), "sites": sites, "results": on_all_val},
+        **({"external": external_results} if external_results else {}),
     }
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics (drops per-class score histograms and other lists)."""
+    return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def write_baselines(doc: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -203,11 +230,13 @@ def run_for_job(
     num_rounds: int | None = None,
     federated_model: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
+    external: Mapping[str, str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Baselines for a job run on ``site_configs`` (``{site: {"data": {...}}}``, as in
     ``local/fedmed_site.json``), written to ``out_path``. ``num_rounds`` overrides the job's;
     ``federated_model`` (a state_dict .pt, e.g. ``OUT/models/global_model.pt``) is evaluated
-    beside the baselines on all sites' validation data."""
+    beside the baselines on all sites' validation data; ``external`` ({name: path} of external
+    sets written by ``simulate``) adds every baseline model's external-data figures."""
     settings = job_settings(job_dir)
     task = build_task(settings["task"])
     datasets = {}
@@ -231,6 +260,7 @@ def run_for_job(
     doc = run_baselines(
         task, settings["network"], datasets, rounds, settings["trainer_args"], settings["network_seed"],
         federated_weights=federated_weights, log=log,
+        external={name: task.load_external(path) for name, path in (external or {}).items()},
     )
     write_baselines(doc, out_path)
     return doc

@@ -305,25 +305,114 @@ def scanner_shift(images: np.ndarray, site_index: int, seed: int = 0, strength: 
     return np.clip(shifted, 0.0, 1.0).astype(np.float32)
 
 
+def carve_validation(
+    labels: np.ndarray, val_fraction: float, seed: int, site: str, min_per_class: int = 2, source: str = "data"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split one site's sample indices into (train, val), stratified by class, seeded.
+
+    Each class gives ``val_fraction`` of its samples (at least ``min_per_class``) to validation and
+    keeps at least ``min_per_class`` for training. Raises :class:`DataError` naming ``source`` and
+    the site when a class is too small for that.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        if len(idx) < 2 * min_per_class:
+            raise DataError(
+                f"{source}: site {site} holds only {len(idx)} image(s) of class {int(cls)}; carving a validation set "
+                f"needs at least {2 * min_per_class} per class ({min_per_class} to train, {min_per_class} to validate). "
+                "Use fewer sites, a larger --alpha or more data"
+            )
+        rng.shuffle(idx)
+        n_val = min(max(min_per_class, int(round(val_fraction * len(idx)))), len(idx) - min_per_class)
+        val.extend(idx[:n_val].tolist())
+        train.extend(idx[n_val:].tolist())
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+# A scanner profile index no simulated site uses: external hospitals get profiles from here on.
+EXTERNAL_PROFILE_BASE = 10_000
+
+
+@dataclass
+class Federation:
+    """A simulated federation: what each site holds, and external data no site holds."""
+
+    sites: list[SiteData]
+    external: dict[str, ImageSplit]  # name -> images no site trains on, validates on or selects with
+    provenance: dict  # which pool rows went where (for audits and tests)
+
+
 def partition_sites(
     pool: SiteData,
     num_sites: int,
     alpha: float = 0.5,
     seed: int = 0,
     shift_strength: float = 1.0,
-) -> list[SiteData]:
-    """Split a pooled dataset into per-hospital datasets (train and val partitioned alike).
+    val_fraction: float = 0.2,
+    source: str = "data",
+) -> Federation:
+    """Split a pool into per-hospital datasets plus external hospitals no site ever sees.
 
-    Both splits use the same per-class site shares so a site's validation data follows its own
-    label distribution; each site's images get that site's scanner shift.
+    - Every site's training and validation data come from the pool's ``train`` split: the rows are
+      dealt out with Dirichlet(alpha) label skew, then each site carves its own stratified
+      validation set (``val_fraction``) out of its share.
+    - The pool's ``val`` split becomes the external hospital ``external-val`` with a scanner
+      profile of its own (different from every site's); ``test``, when the pool has it, becomes a
+      second external set ``external-test`` as collected (no simulated shift).
+    - Each site's images get that site's scanner shift.
     """
-    train_parts, val_parts = partition_indices([pool.train.labels, pool.val.labels], num_sites, alpha, seed)
-    sites = []
-    for site, (tr, va) in enumerate(zip(train_parts, val_parts)):
+    if len(np.unique(pool.val.labels)) < 2:
+        raise DataError(
+            f"{source}: the val split holds only class {int(pool.val.labels[0])}; it becomes the external hospital and "
+            "needs images of at least two classes to measure AUC. Provide a val_* split with every class"
+        )
+    try:
+        (train_parts,) = partition_indices([pool.train.labels], num_sites, alpha, seed, min_per_class=4)
+    except DataError as exc:
+        raise DataError(f"{source}: train split: {exc} (each site needs 4 images per class: 2 to train, 2 to validate)") from exc
+    sites, rows = [], {}
+    for index, part in enumerate(train_parts):
+        name = f"site-{index + 1}"
+        tr, va = carve_validation(pool.train.labels[part], val_fraction, seed * 7919 + index, name, source=source)
+        tr, va = part[tr], part[va]
         sites.append(
             SiteData(
-                train=ImageSplit(scanner_shift(pool.train.images[tr], site, seed, shift_strength), pool.train.labels[tr]),
-                val=ImageSplit(scanner_shift(pool.val.images[va], site, seed, shift_strength), pool.val.labels[va]),
+                train=ImageSplit(scanner_shift(pool.train.images[tr], index, seed, shift_strength), pool.train.labels[tr]),
+                val=ImageSplit(scanner_shift(pool.train.images[va], index, seed, shift_strength), pool.train.labels[va]),
             )
         )
-    return sites
+        rows[name] = {"train": tr, "val": va}
+    external = {
+        "external-val": ImageSplit(
+            scanner_shift(pool.val.images, EXTERNAL_PROFILE_BASE, seed, shift_strength), pool.val.labels
+        )
+    }
+    if pool.test is not None:
+        external["external-test"] = ImageSplit(pool.test.images, pool.test.labels)
+    provenance = {"site_rows_from": "train", "sites": rows, "external": {"external-val": "val", "external-test": "test"}}
+    return Federation(sites=sites, external=external, provenance=provenance)
+
+
+def save_split(path: str | os.PathLike, split: ImageSplit) -> None:
+    """Write one split (an external set) as ``images`` (uint8) and ``labels``, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = np.clip(np.rint(split.images * 255.0), 0, 255).astype(np.uint8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, images=images, labels=split.labels.astype(np.int64))
+
+
+def load_split(path: str | os.PathLike, num_classes: int = 2) -> ImageSplit:
+    """Read a split written by :func:`save_split`."""
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+        images, labels = archive["images"], archive["labels"]
+    except Exception as exc:
+        raise DataError(f"external set {path} is not readable ({exc}); rerun simulate to recreate it") from exc
+    return ImageSplit(_to_float_images(images, str(path)), _to_labels(labels, num_classes, str(path)))

@@ -1,0 +1,93 @@
+"""The decision threshold of a binary classifier, chosen on the sites' validation data.
+
+Pure module. A site never sends its validation predictions: it sends, per class, a histogram of
+the model's probability for the positive class (``val_score_histogram``, ``SCORE_BINS`` equal bins
+on [0, 1]). Summing the sites' histograms gives the federation's ROC curve at the bin edges; the
+threshold maximising Youden's J (sensitivity + specificity - 1) is chosen. J does not depend on
+class prevalence, so the threshold carries over to a hospital whose mix of normal and pneumonia
+images differs from the training sites'.
+
+No external data is read here: the threshold is a model-selection choice and uses the sites' own
+validation only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+SCORE_BINS = 100
+HISTOGRAM_KEY = "val_score_histogram"
+
+
+def score_histogram(positive_scores: np.ndarray, labels: np.ndarray, bins: int = SCORE_BINS) -> list[list[int]]:
+    """Per class (0, 1), the count of positive-class probabilities in ``bins`` equal bins on [0, 1]."""
+    scores = np.clip(np.asarray(positive_scores, dtype=np.float64).reshape(-1), 0.0, 1.0)
+    labels = np.asarray(labels).reshape(-1)
+    index = np.minimum((scores * bins).astype(np.int64), bins - 1)
+    return [np.bincount(index[labels == cls], minlength=bins).astype(int).tolist() for cls in (0, 1)]
+
+
+def _check_histogram(histogram, source: str) -> np.ndarray:
+    counts = np.asarray(histogram, dtype=np.float64)
+    if counts.ndim != 2 or counts.shape[0] != 2 or counts.shape[1] < 2:
+        raise ValueError(f"{source}: {HISTOGRAM_KEY} must be two lists (normal, positive) of bin counts, got shape {counts.shape}")
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError(f"{source}: {HISTOGRAM_KEY} holds negative or non-finite counts")
+    return counts
+
+
+def choose_threshold(site_metrics: Mapping[str, Mapping]) -> dict | None:
+    """Youden-optimal threshold from the sites' ``val_score_histogram`` entries.
+
+    ``site_metrics`` maps site -> its validation metrics. Returns None when no site sent a
+    histogram (multi-class or segmentation tasks), else ``{"threshold", "method", "sensitivity",
+    "specificity", "num_val_samples", "sites"}``; the threshold is a bin edge, applied as
+    ``probability >= threshold`` -> positive class.
+    """
+    sites = sorted(site for site, metrics in site_metrics.items() if HISTOGRAM_KEY in (metrics or {}))
+    if not sites:
+        return None
+    counts = sum(_check_histogram(site_metrics[site][HISTOGRAM_KEY], f"site {site}") for site in sites)
+    negatives, positives = counts[0].sum(), counts[1].sum()
+    if negatives == 0 or positives == 0:
+        return None
+    bins = counts.shape[1]
+    # threshold at edge k/bins: everything in bins >= k is called positive
+    tp = np.cumsum(counts[1][::-1])[::-1]  # positives with score >= edge k
+    fp = np.cumsum(counts[0][::-1])[::-1]
+    sensitivity = tp / positives
+    specificity = 1.0 - fp / negatives
+    youden = sensitivity + specificity - 1.0
+    # among ties take the middle of the flat stretch (robust to a shift of the score distribution)
+    ties = np.flatnonzero(youden >= youden.max() - 1e-12)
+    best = int(ties[len(ties) // 2])
+    return {
+        "threshold": best / bins,
+        "method": "youden_j_on_site_validation",
+        "sensitivity": float(sensitivity[best]),
+        "specificity": float(specificity[best]),
+        "num_val_samples": int(negatives + positives),
+        "sites": sites,
+    }
+
+
+def binary_metrics(positive_scores: Sequence[float], labels: Sequence[int], threshold: float) -> dict:
+    """Accuracy, sensitivity and specificity when ``score >= threshold`` means positive."""
+    scores = np.asarray(positive_scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    predicted = scores >= threshold
+    positives, negatives = labels == 1, labels == 0
+    return {
+        "accuracy": float(np.mean(predicted == positives)),
+        "sensitivity": float(np.mean(predicted[positives])) if positives.any() else float("nan"),
+        "specificity": float(np.mean(~predicted[negatives])) if negatives.any() else float("nan"),
+        "threshold": float(threshold),
+    }
+
+
+def final_site_metrics(evaluations: Iterable[Mapping]) -> dict:
+    """The last evaluation's per-site metrics from metrics.json's ``evaluations`` list ({} if none)."""
+    evaluations = list(evaluations or [])
+    return dict(evaluations[-1].get("sites", {})) if evaluations else {}
