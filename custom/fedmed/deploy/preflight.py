@@ -6,6 +6,8 @@ Checks (each prints OK or FAIL with what to do):
   start) and the pre-deployed ``fedmed`` package in ``local/custom/`` is the signed one;
 - certificates: the kit's certificate was issued by the kit's ``rootCA.pem`` and is valid today;
 - site config (hospital kits): ``local/fedmed_site.json`` is filled in and its data exists;
+- site data (hospital kits): the data read with the job's own loaders, every problem naming the file
+  and the entry, counts per split and class (``--job``, ``--sample``; :mod:`fedmed.deploy.data_check`);
 - allow-list (server and hospital kits): ``local/resources.json`` admits the fedmed package and the
   server's job store is inside its workspace (not /tmp/nvflare);
 - server (hospital and admin kits): a mutual-TLS connection to the server with this kit's
@@ -96,6 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kit", help="the startup kit folder (the one holding startup/ and local/)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server (default 5)")
     parser.add_argument("--no-server", action="store_true", help="skip the server connection check (offline check)")
+    parser.add_argument("--job", default=None, help="hospital kits: the job folder whose task (classes, image size) the "
+                        "site data is checked against (default: the main job, jobs/cxr_pneumonia_fedavg)")
+    parser.add_argument("--sample", type=int, default=None, metavar="N",
+                        help="hospital kits: open at most N images per datalist split (every entry's keys, label and "
+                        "file are still checked; default: open every image)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -123,6 +130,9 @@ def main(args: argparse.Namespace) -> int:
                 print(f"       - {problem}")
         else:
             print(f"  OK   {name}")
+    from fedmed.deploy.data_check import preflight_data_check  # the site's data, read with the job's own loaders
+
+    failed += preflight_data_check(kit, results, args.job, args.sample)
     verdict = "ready to start" if not failed else f"{failed} check(s) failed: fix them before starting this kit"
     print(f"  {verdict} ({time.time() - started:.1f} s)")
     return 0 if not failed else 1
