@@ -208,6 +208,7 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
     from fedmed.bundle import write_bundle
     from fedmed.provenance import CARD_FILENAME, bundle_metadata
     from fedmed.tasks import build_task
+    from fedmed.threshold import choose_threshold, final_site_metrics
 
     server_app_dir = Path(server_app_dir)
     source = server_app_dir / SERVER_OUTPUT_DIR
@@ -238,6 +239,13 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
     task = build_task(run_config["task"])
     state = torch.load(source / GLOBAL_MODEL_FILE, map_location="cpu", weights_only=True)
     final = metrics.get("evaluations", [{}])[-1]
+    # the decision threshold: chosen on the sites' validation of the final global model (fedmed.threshold)
+    threshold = choose_threshold(final_site_metrics(metrics.get("evaluations")))
+    if threshold is not None:
+        class_names = getattr(task, "class_names", ["class_0", "class_1"])
+        threshold = {"class": class_names[1], "applies_to": f"softmax probability of class {class_names[1]!r}",
+                     "rule": "probability >= threshold -> positive", **threshold}
+        metrics["decision_threshold"] = threshold
     write_bundle(
         out_dir / "bundle",
         run_config["network"],
@@ -247,6 +255,7 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
         description=f"{run_config['task']['name']} model trained by federated averaging over "
         f"{len(metrics.get('sites', []))} sites for {metrics.get('num_rounds')} rounds",
         postprocessing=task.inference_postprocessing(),
+        decision_threshold=threshold,
         inference_config=task.inference_config() if hasattr(task, "inference_config") else None,  # e.g. sliding window
         extra_metadata={"fedmed": {"rounds": metrics.get("num_rounds"), "sites": metrics.get("sites", []),
                                    "final_validation": {k: v for k, v in final.items() if k != "sites"}},

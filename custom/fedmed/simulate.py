@@ -238,7 +238,8 @@ def simulate(
     sites_dir, workspace, run_job = out_dir / "sites", out_dir / "workspace", out_dir / "job"
     print(f"[1/3] preparing {num_sites} simulated hospitals ({'data ' + data if data else 'synthetic data'}, "
           f"Dirichlet alpha {alpha}, seed {seed})", flush=True)
-    site_configs, summary = task.prepare_simulation(num_sites, sites_dir, data, alpha, seed)
+    # external hospitals (OUT/external/): held-out data no site config names (fedmed.external)
+    site_configs, summary = task.prepare_simulation(num_sites, sites_dir, data, alpha, seed, external_dir=out_dir / "external")
     for line in summary:
         print("  " + line, flush=True)
     args = prepare_job(job_dir, run_job, num_sites, rounds, settings)
@@ -276,12 +277,15 @@ def simulate(
 def _baselines_and_report(run_job: Path, site_configs: dict, rounds, out_dir: Path, baselines: bool) -> None:
     """Issue-4 outputs (fedmed.baselines, fedmed.report): OUT/baselines.json, OUT/report/."""
     from fedmed.baselines import BASELINES_FILE, run_for_job
+    from fedmed.external import evaluate_run, external_sets
     from fedmed.report import build_report
 
     if baselines:
         print("  baselines: local-only and pooled models with the same partition and budget", flush=True)
         run_for_job(run_job, site_configs, out_dir / BASELINES_FILE, num_rounds=rounds,
-                    federated_model=out_dir / "models" / "global_model.pt", log=lambda line: print(line, flush=True))
+                    federated_model=out_dir / "models" / "global_model.pt", log=lambda line: print(line, flush=True),
+                    external=external_sets(out_dir))
+    evaluate_run(out_dir, log=lambda line: print("  " + line, flush=True))
     build_report(out_dir, log=lambda line: print("  " + line, flush=True))
     print(f"  report: {out_dir / 'report' / 'report.html'}\n  provenance card: {out_dir / 'provenance.json'} "
           f"(python -m fedmed verify-provenance {out_dir})", flush=True)
@@ -306,7 +310,7 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
         print(f"  mean validation {key}: initial model {first.get('mean_' + key):.4f} -> "
               f"final global model {last.get('mean_' + key):.4f}")
         for site, site_metrics in sorted(last["sites"].items()):
-            print(f"    {site}: " + ", ".join(f"{k} {v:.4f}" for k, v in site_metrics.items() if k.startswith("val_")))
+            print(f"    {site}: " + ", ".join(f"{k} {v:.4f}" for k, v in site_metrics.items() if k.startswith("val_") and isinstance(v, (int, float))))
     print(f"  bundle: {out_dir / 'bundle'}\n  metrics: {out_dir / METRICS_FILE}\n"
           f"  TensorBoard: tensorboard --logdir {out_dir / 'tb_events'}")
 

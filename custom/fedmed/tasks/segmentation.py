@@ -247,7 +247,8 @@ class SegmentationTask:
         )
 
     def prepare_simulation(
-        self, num_sites: int, out_dir: str | Path, data_path: str | None = None, alpha: float = 0.5, seed: int = 0
+        self, num_sites: int, out_dir: str | Path, data_path: str | None = None, alpha: float = 0.5, seed: int = 0,
+        external_dir: str | Path | None = None,
     ) -> tuple[dict, list[str]]:
         """Give every simulated site its own NIfTI volumes and MSD-style datalist under ``out_dir``.
 
@@ -255,7 +256,8 @@ class SegmentationTask:
         orientation, intensity scale, gamma, bias field, noise). With ``data_path`` (an MSD-style
         datalist, e.g. a Decathlon ``dataset.json`` whose ``validation`` may be absent): its cases
         are shuffled (seeded) and dealt out to the sites; each site keeps a fifth for validation.
-        ``alpha`` (label skew) does not apply to segmentation cases. Returns (``{site: {"data": {...}}}``, summary lines).
+        ``alpha`` (label skew) does not apply to segmentation cases. ``external_dir`` is accepted for the
+        shared interface; segmentation keeps no external hospital yet. Returns (``{site: {"data": {...}}}``, summary lines).
         """
         out_dir = Path(out_dir)
         configs, summary = {}, []
