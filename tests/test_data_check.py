@@ -132,3 +132,10 @@ def test_the_task_comes_from_job_or_the_main_job(tmp_path):
     assert spec["name"] == "segmentation"
     with pytest.raises(DataCheckError, match="config_fed_server.json"):
         choose_task(str(tmp_path), "npz")
+
+
+def test_the_main_tasks_shipped_for_kits_equal_the_committed_jobs():
+    from fedmed.deploy.data_check import MAIN_TASKS
+
+    assert MAIN_TASKS["classification"] == task_spec_from_job(REPO / "jobs" / "cxr_pneumonia_fedavg")
+    assert MAIN_TASKS["segmentation"] == task_spec_from_job(REPO / "jobs" / "prostate_seg_fedavg")

@@ -25,6 +25,7 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
 import fedmed
 from fedmed.deploy import kit as kit_files
+from fedmed.deploy.preflight_entry import write_preflight_script
 
 TOKEN_PREFIX = "@fedmed:"
 
@@ -129,6 +130,7 @@ class FedMedKitBuilder(Builder):
                     sample.unlink()
                 if self.deploy_package:
                     self._deploy_package(local_dir)
+                    write_preflight_script(ws_dir)  # startup/preflight.sh: preflight with the kit's package; signed below
             if self.sign:
                 kit_files.sign_startup(ws_dir, root_key)
                 if self.deploy_package and side != "admin":

@@ -14,9 +14,10 @@ loaders the job uses (``fedmed.tasks.build_task(task).load_arrays`` / ``load_sit
 - counts per split and per class.
 
 Which job: ``--job JOB_FOLDER`` (the folder the lead submits; its server config names the task),
-else the main job (``jobs/cxr_pneumonia_fedavg``) when this package sits in the repository, else the
-task's built-in defaults for the data format (what the main jobs use: 2 classes at 28 px for
-classification; one-channel 3D volumes with 2 labels for ``msd``), named in the output.
+else the main job for the data format (``jobs/cxr_pneumonia_fedavg``; ``jobs/prostate_seg_fedavg`` for
+``msd``) when it is found beside the package or in the current folder, else that job's task as
+shipped in this package (:data:`MAIN_TASKS`: a hospital kit carries no job folders); the output
+names which.
 
 Pure module (no FLARE import).
 """
@@ -32,6 +33,18 @@ MAIN_JOB = "jobs/cxr_pneumonia_fedavg"
 SEGMENTATION_JOB = "jobs/prostate_seg_fedavg"
 MAX_LISTED = 25  # problems printed per check; the count of the rest is given
 SPLITS = ("training", "validation", "test")
+
+
+# The main jobs' tasks, for a hospital kit that has no job folder (tests/test_data_check.py keeps them equal
+# to the committed jobs' server configs).
+MAIN_TASKS = {
+    "classification": {"name": "classification",
+                       "args": {"num_classes": 2, "image_size": 28, "class_names": ["normal", "pneumonia"]}},
+    "segmentation": {"name": "segmentation",
+                     "args": {"spatial_dims": 3, "in_channels": 1, "num_classes": 2, "class_names": ["background", "prostate"],
+                              "roi_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0], "orientation": "RAS", "crop_samples": 2,
+                              "sw_batch_size": 4, "sw_overlap": 0.25, "modality": "MR"}},
+}
 
 
 class DataCheckError(ValueError):
@@ -77,7 +90,7 @@ def choose_task(job: str | None, data_format: str) -> tuple[dict, str]:
     if found:
         return task_spec_from_job(found), f"job {found} (default; pass --job for another)"
     name = "segmentation" if data_format == "msd" else "classification"
-    return {"name": name, "args": {}}, f"the {name} task's defaults (no job folder here; pass --job JOB_FOLDER)"
+    return MAIN_TASKS[name], f"{default}'s task as shipped with this package (no job folder here; pass --job JOB_FOLDER)"
 
 
 def describe_task(task) -> str:
