@@ -30,7 +30,12 @@ def test_there_are_jobs():
 def test_job_folder_layout(job):
     for name in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json", "README.md"):
         assert (job / name).is_file(), f"{job.name} lacks {name}"
-    assert not (job / "app" / "custom").exists(), "jobs must not carry bring-your-own-code"
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    client_api = any(e["executor"]["path"] == "fedmed.flare.client_api.FedMedClientAPIExecutor" for e in client["executors"])
+    if client_api:  # the Client API job carries exactly the sites' training script (its README says so)
+        assert sorted(p.name for p in (job / "app" / "custom").iterdir() if p.name != "__pycache__") == ["train.py"]
+    else:
+        assert not (job / "app" / "custom").exists(), "jobs must not carry bring-your-own-code"
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[j.name for j in JOBS])
