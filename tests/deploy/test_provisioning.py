@@ -3,6 +3,7 @@
 The 20-hospital project is provisioned once per module (about 10 s on 2 cores)."""
 
 import json
+import os
 import re
 import shutil
 import stat
@@ -163,7 +164,9 @@ def test_an_edited_startup_file_makes_the_kit_refuse_to_start(kits20, tmp_path):
             proc.popen.wait(timeout=120)
             log = proc.log_text()
             assert proc.popen.returncode != 0
-            assert "The following files are not secure content" in log and config in log
+            # a hospital's own kit check (fedmed.deploy.integrity) refuses first; the server has FLARE's
+            refusal = "refusing to start" if name.startswith("hospital") else "The following files are not secure content"
+            assert refusal in log and config in log
     finally:
         assert stop_processes(procs) == []
 
@@ -252,3 +255,130 @@ def test_provisioning_output_is_git_ignored():
 
     ignored = [line.strip().rstrip("/") for line in (REPO / ".gitignore").read_text().splitlines()]
     assert DEFAULT_OUT in ignored and "state" in ignored and "*.key" in ignored
+
+
+# ---- integrity at run time (issue 12): the client itself refuses a kit that is not the signed one ------------
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.slow
+def test_a_client_kit_without_signature_json_or_with_an_edited_package_or_start_script_refuses_to_start(kits20, tmp_path):
+    """Real client processes, started as rehearse starts them (no start script): the in-process guard
+    from local/resources.json ends each one before it connects, naming the file and what to do."""
+    cases = {
+        "no-signature": ("startup/signature.json", lambda kit: (kit / "startup" / "signature.json").unlink()),
+        "edited-package": ("local/custom/fedmed/aggregation.py",
+                           lambda kit: _edit(kit / "local/custom/fedmed/aggregation.py", "import", "import os, sys  # x\nimport")),
+        # an edited start script that no longer runs the check is noticed by the guard
+        "edited-sub-start": ("startup/sub_start.sh",
+                             lambda kit: _edit(kit / "startup" / "sub_start.sh", "python3 -m fedmed.deploy.integrity", "true")),
+    }
+    procs = []
+    try:
+        for name, (named_file, tamper) in cases.items():
+            kit = tmp_path / name
+            shutil.copytree(kits20 / "hospital-04", kit)
+            tamper(kit)
+            started = time.time()
+            proc = start_kit(kit, tmp_path / f"{name}.log")
+            procs.append(proc)
+            proc.popen.wait(timeout=120)
+            log = proc.log_text()
+            assert proc.popen.returncode == 3, (name, proc.popen.returncode, log[-2000:])
+            assert "refusing to start" in log and str(kit / named_file) in log, (name, log[-2000:])
+            assert "ask the project lead for a fresh kit" in log and "python -m fedmed preflight" in log
+            assert "Successfully registered" not in log and "connect" not in log.lower().split("refusing")[0]
+            assert named_file.split("/")[-1] in (kit / "log.txt").read_text()  # where hospital IT looks first
+            print(f"{name}: refused in {time.time() - started:.1f} s")
+    finally:
+        assert stop_processes(procs) == []
+
+
+@pytest.mark.slow
+def test_the_start_script_refuses_a_kit_whose_resources_no_longer_load_the_guard(kits20, tmp_path):
+    kit = tmp_path / "no-guard"
+    shutil.copytree(kits20 / "hospital-06", kit)
+    resources = json.loads((kit / "local" / "resources.json").read_text())
+    resources["components"] = [c for c in resources["components"] if c["id"] != "fedmed_kit_integrity"]
+    (kit / "local" / "resources.json").write_text(json.dumps(resources))
+    # sub_start.sh checks before it would start FLARE (it exits instead of entering its restart loop)
+    result = subprocess.run(["bash", str(kit / "startup" / "sub_start.sh")], capture_output=True, text=True,
+                            timeout=120, cwd=kit, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fedmed.deploy.integrity.KitIntegrityGuard" in result.stderr and str(kit / "local" / "resources.json") in result.stderr
+    assert "not starting" in result.stdout and not (kit / "daemon_pid.fl").exists()
+    # an intact kit passes the same check
+    assert subprocess.run([sys.executable, "-m", "fedmed.deploy.integrity", str(kits20 / "hospital-06")],
+                          capture_output=True, timeout=60).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_package_file_removed_with_its_signature_entry_is_still_missed(kits20, tmp_path):
+    from fedmed.deploy.integrity import verify_kit
+
+    kit = tmp_path / "dropped"
+    shutil.copytree(kits20 / "hospital-07", kit)
+    sig_path = kit / "local" / kit_files.PACKAGE_SIGNATURE_FILE
+    doc = json.loads(sig_path.read_text())
+    del doc["files"]["fedmed/aggregation.py"]
+    sig_path.write_text(json.dumps(doc))
+    (kit / "local/custom/fedmed/aggregation.py").unlink()
+    assert any("aggregation.py is signed but missing" in p for p in verify_kit(kit))
+    doc["manifest"]["package_files"].remove("fedmed/aggregation.py")  # ... and from the manifest: its signature fails
+    sig_path.write_text(json.dumps(doc))
+    assert any("manifest does not match its signature" in p for p in verify_kit(kit))
+
+
+@pytest.mark.slow
+def test_preflight_warns_when_local_policy_is_weaker_than_provisioned_naming_file_and_key(kits20, tmp_path):
+    from fedmed.deploy.preflight import policy_warnings
+
+    kit = tmp_path / "weakened"
+    shutil.copytree(kits20 / "hospital-08", kit)
+    assert policy_warnings(kit) == []
+    authz_path, privacy_path = kit / "local" / "authorization.json", kit / "local" / "privacy.json"
+    authz = json.loads(authz_path.read_text())
+    authz["permissions"]["lead"]["byoc"] = "any"  # BYOC allowed
+    authz["permissions"]["org_admin"]["download_job"] = "o:site"  # more rights
+    authz["permissions"]["member"] = "any"  # a blanket grant
+    authz_path.write_text(json.dumps(authz))
+    privacy = json.loads(privacy_path.read_text())
+    scopes = {s["name"]: s for s in privacy["scopes"]}
+    dp_filters = [f for key in ("task_data_filters", "task_result_filters") for f in scopes["dp"].get(key, [])]
+    dp_list, dp = next((key, f) for key in ("task_data_filters", "task_result_filters") for f in scopes["dp"].get(key, [])
+                       if {"epsilon", "epsilon_budget"} & set(f.get("args", {})))
+    budget_key = "epsilon" if "epsilon" in dp["args"] else "epsilon_budget"
+    dp["args"][budget_key] = 1000.0  # a bigger budget
+    dp["args"]["delta"] = dp["args"]["delta"] / 10  # a smaller delta: stricter, no warning
+    assert dp_filters
+    scopes["compressed"]["task_result_filters"] = [f for f in scopes["compressed"]["task_result_filters"]
+                                                   if not f["path"].endswith("ReleasePolicyFilter")]  # fewer filters
+    privacy["scopes"].append({"name": "open", "task_result_filters": []})  # a scope the template does not allow
+    privacy_path.write_text(json.dumps(privacy))
+    warnings = policy_warnings(kit)
+    text = "\n".join(warnings)
+    assert f"{authz_path}: key 'permissions.lead.byoc' is \"any\"" in text and "bring-your-own-code" in text
+    assert "key 'permissions.org_admin.download_job'" in text and "key 'permissions.member'" in text
+    assert f"{privacy_path}: scope 'dp' {dp_list}: {dp['path']} key '{budget_key}' is 1000.0, bigger" in text
+    assert "'delta'" not in text
+    assert "scope 'compressed' task_result_filters: filter fedmed.flare.filters.ReleasePolicyFilter was removed" in text
+    assert "scope 'open' is not in the provisioned policy" in text
+    assert len(warnings) == 6, warnings
+    # the command prints them as warnings: the kit still passes (exit code unchanged by warnings)
+    fill = {"data": {"format": "synthetic"}}
+    (kit / "local" / "fedmed_site.json").write_text(json.dumps(fill))
+    result = subprocess.run([sys.executable, "-m", "fedmed", "preflight", str(kit), "--no-server"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stdout
+    assert "WARN local policy weaker than provisioned" in result.stdout and "permissions.lead.byoc" in result.stdout
+    # tightening is not a warning
+    authz = json.loads((kits20 / "hospital-08" / "local" / "authorization.json").read_text())
+    authz["permissions"]["lead"]["submit_job"] = "none"
+    authz_path.write_text(json.dumps(authz))
+    privacy_path.write_text((kits20 / "hospital-08" / "local" / "privacy.json").read_text())
+    assert policy_warnings(kit) == []

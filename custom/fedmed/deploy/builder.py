@@ -7,8 +7,10 @@ its SignatureBuilder. For every participant it
    the folder, so files other engineers add ship automatically), filling ``"@fedmed:NAME"`` values;
 2. pre-deploys the ``fedmed`` package into the kit's ``local/custom/`` (FLARE puts that folder on
    ``sys.path`` of every server/client process), so jobs need no bring-your-own-code;
-3. signs every kit's ``startup/`` with the root CA (``startup/signature.json``) and the package
-   (``local/fedmed_package.signature.json``); see :mod:`fedmed.deploy.kit`.
+3. makes every hospital kit's ``startup/sub_start.sh`` check the kit before it starts FLARE
+   (:mod:`fedmed.deploy.integrity`; the client template's ``resources.json`` checks it again in-process);
+4. signs every kit's ``startup/`` with the root CA (``startup/signature.json``) and the package plus
+   the kit's manifest (``local/fedmed_package.signature.json``); see :mod:`fedmed.deploy.kit`.
 
 Stock FLARE 2.9 signs only HE and confidential-computing kits; without ``signature.json`` an edited
 ``fed_client.json`` is accepted silently.
@@ -87,6 +89,28 @@ def fill_tokens(value, values: dict, where: str):
     return value
 
 
+START_CHECK_ANCHOR = 'echo "WORKSPACE set to $WORKSPACE"'
+START_CHECK = """# fedmed: refuse to start a kit that is not the signed one (fedmed.deploy.integrity; the client checks again in-process)
+PYTHONPATH="$KIT_WORKSPACE/local/custom${PYTHONPATH:+:$PYTHONPATH}" python3 -m fedmed.deploy.integrity "$KIT_WORKSPACE"
+if [[ $? -ne 0 ]]; then
+  echo "fedmed: kit integrity check failed; not starting (see the message above)"
+  exit 1
+fi
+"""
+
+
+def add_start_check(kit_dir: Path) -> None:
+    """Make a client kit's ``startup/sub_start.sh`` run the kit check before it starts FLARE."""
+    script = Path(kit_dir) / kit_files.STARTUP / "sub_start.sh"
+    text = script.read_text()
+    if "fedmed.deploy.integrity" in text:
+        return
+    if START_CHECK_ANCHOR not in text:
+        raise RuntimeError(f"FedMedKitBuilder: {script} has no line '{START_CHECK_ANCHOR}' to put the kit check "
+                           f"before (FLARE's start script changed); update fedmed.deploy.builder.add_start_check")
+    script.write_text(text.replace(START_CHECK_ANCHOR, START_CHECK + START_CHECK_ANCHOR, 1))
+
+
 class FedMedKitBuilder(Builder):
     def __init__(self, templates_dir: str = "workspace_templates", deploy_package: bool = True, sign: bool = True):
         """Write site templates and the fedmed package into every kit and sign the kits.
@@ -131,6 +155,8 @@ class FedMedKitBuilder(Builder):
                 if self.deploy_package:
                     self._deploy_package(local_dir)
                     write_preflight_script(ws_dir)  # startup/preflight.sh: preflight with the kit's package; signed below
+            if side == "client" and self.deploy_package:
+                add_start_check(ws_dir)
             if self.sign:
                 kit_files.sign_startup(ws_dir, root_key)
                 if self.deploy_package and side != "admin":

@@ -112,12 +112,61 @@ def package_files(kit_dir: str | Path) -> list[str]:
     return files
 
 
+POLICY_FILES = ("authorization.json", "privacy.json")  # local/ policy files a site may tighten, never loosen
+
+
+def kit_manifest(kit_dir: str | Path) -> dict:
+    """What the signed kit holds: package file names, startup file names, and the site policy files
+    (``local/authorization.json``, ``local/privacy.json``) as provisioned, the baseline ``preflight``
+    compares the edited ones against. Signed as a whole, so a file removed together with its
+    signature entry, or a loosened policy, is still noticed."""
+    kit = Path(kit_dir)
+    baseline = {}
+    for name in POLICY_FILES:
+        path = kit / LOCAL / name
+        if path.is_file():
+            baseline[name] = json.loads(path.read_text())
+    return {
+        "package_files": package_files(kit),
+        "startup_files": sorted(p.name for p in (kit / STARTUP).iterdir() if p.name != SIGNATURE_FILE),
+        "policy_baseline": baseline,
+    }
+
+
+def _canonical(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
 def sign_package(kit_dir: str | Path, root_private_key) -> Path:
+    """Sign the pre-deployed package file by file and the kit's manifest (:func:`kit_manifest`) into
+    ``local/fedmed_package.signature.json``. Call after ``startup/`` is complete."""
     root = Path(kit_dir) / LOCAL / PACKAGE_DIR
     signatures = {rel: sign_content((root / rel).read_bytes(), root_private_key) for rel in package_files(kit_dir)}
+    manifest = kit_manifest(kit_dir)
     out = Path(kit_dir) / LOCAL / PACKAGE_SIGNATURE_FILE
-    out.write_text(json.dumps({"signed_by": "project root CA (startup/rootCA.pem)", "files": signatures}, indent=1) + "\n")
+    out.write_text(json.dumps({"signed_by": "project root CA (startup/rootCA.pem)", "files": signatures,
+                               "manifest": manifest, "manifest_signature": sign_content(_canonical(manifest), root_private_key)},
+                              indent=1) + "\n")
     return out
+
+
+def read_signed_manifest(kit_dir: str | Path) -> tuple[dict | None, list[str]]:
+    """(the kit's manifest, problems): None with a problem when it is missing, unreadable or not signed
+    by this kit's root CA."""
+    kit = Path(kit_dir)
+    sig_path = kit / LOCAL / PACKAGE_SIGNATURE_FILE
+    if not sig_path.is_file():
+        return None, [f"{sig_path} is missing: the kit's package and manifest are not signed"]
+    try:
+        doc = json.loads(sig_path.read_text())
+    except json.JSONDecodeError as exc:
+        return None, [f"{sig_path} is not valid JSON ({exc})"]
+    manifest, signature = doc.get("manifest"), doc.get("manifest_signature")
+    if not isinstance(manifest, dict) or not isinstance(signature, str):
+        return None, [f"{sig_path} holds no signed manifest (a kit from an older provisioning run); provision new kits"]
+    if not _verifies(_canonical(manifest), signature, _root_public_key(kit)):
+        return None, [f"{sig_path}: the manifest does not match its signature (edited after provisioning)"]
+    return manifest, []
 
 
 # ---- checks (preflight) -----------------------------------------------------------------------------
@@ -166,17 +215,34 @@ def verify_package_signature(kit_dir: str | Path) -> list[str]:
     if not sig_path.is_file():
         return [f"{sig_path} is missing: the pre-deployed package is not signed"]
     public_key = _root_public_key(kit)
-    signatures = json.loads(sig_path.read_text()).get("files", {})
-    problems = []
+    try:
+        signatures = json.loads(sig_path.read_text()).get("files", {})
+    except json.JSONDecodeError as exc:
+        return [f"{sig_path} is not valid JSON ({exc})"]
+    manifest, problems = read_signed_manifest(kit)
+    # the signed manifest says which files the package has: a file dropped together with its
+    # signature entry is still missed (without a manifest, the signature entries are all we have)
+    expected = set(manifest["package_files"]) if manifest is not None else set(signatures)
     present = package_files(kit)
     for rel in present:
-        if rel not in signatures:
+        if rel not in expected:
             problems.append(f"{root / rel} is not part of the signed package (added after provisioning)")
-        elif not _verifies((root / rel).read_bytes(), signatures[rel], public_key):
+        elif not _verifies((root / rel).read_bytes(), signatures.get(rel, ""), public_key):
             problems.append(f"{root / rel} does not match its signature (edited after provisioning)")
-    for rel in sorted(set(signatures) - set(present)):
+    for rel in sorted(expected - set(present)):
         problems.append(f"{root / rel} is signed but missing")
     return problems
+
+
+def verify_startup_manifest(kit_dir: str | Path) -> list[str]:
+    """Startup files the signed manifest lists but ``startup/`` lacks (a file removed together with
+    its ``signature.json`` entry)."""
+    manifest, problems = read_signed_manifest(kit_dir)
+    if manifest is None:
+        return problems
+    startup = Path(kit_dir) / STARTUP
+    return [f"{startup / name} is part of the signed kit but missing" for name in manifest["startup_files"]
+            if not (startup / name).exists()]
 
 
 def _verifies(content, signature: str, public_key) -> bool:

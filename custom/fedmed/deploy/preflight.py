@@ -12,9 +12,11 @@ Checks (each prints OK or FAIL with what to do):
   server's job store is inside its workspace (not /tmp/nvflare);
 - server (hospital and admin kits): a mutual-TLS connection to the server with this kit's
   credentials, within ``--timeout`` seconds. FLARE 2.9's client hangs forever without an error when
-  the server's certificate comes from another provisioning run; this check says so in seconds.
+  the server's certificate comes from another provisioning run; this check says so in seconds;
+- local policy (server and hospital kits, a warning, not a failure): ``local/authorization.json`` or
+  ``local/privacy.json`` grants more than the copy provisioned into the kit (:func:`policy_warnings`).
 
-Exit code 0 when every check passed, 1 otherwise.
+Exit code 0 when every check passed (warnings allowed), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -74,6 +76,139 @@ def _config_strings(value, key: str = ""):
             yield from _config_strings(v)
 
 
+# ---- local policy weaker than provisioned (warnings) -------------------------------------------
+# A hospital may tighten local/authorization.json and local/privacy.json; preflight warns, naming the
+# file and the key, where an edited one grants more than the copy signed into the kit's manifest at
+# provisioning (fedmed.deploy.kit.kit_manifest), the project's templates.
+
+# breadth of a FLARE authorization condition: none < one user (n:) < one org (o:) < anyone
+_CONDITION_RANK = {"none": 0, "no": 0, "n": 1, "name": 1, "o": 2, "org": 2, "any": 3, "all": 3}
+# DP filter arguments and the direction that means less privacy
+_DP_WEAKER_WHEN = {"noise_multiplier": "smaller", "clip_norm": "bigger", "max_grad_norm": "bigger", "epsilon": "bigger",
+                   "epsilon_budget": "bigger", "target_epsilon": "bigger", "delta": "bigger"}
+_FILTER_LISTS = ("task_data_filters", "task_result_filters")
+
+
+def condition_rank(expression) -> int:
+    """How many users a FLARE authorization condition admits, as a rank: 0 none ... 3 anyone."""
+    if isinstance(expression, bool):
+        return 3 if expression else 0
+    if isinstance(expression, list):
+        allowed = [e for e in expression if not str(e).strip().lower().startswith("not ")]
+        return max((condition_rank(e) for e in allowed), default=3)  # only blocks: everyone else is allowed
+    text = str(expression).strip().lower()
+    if text.startswith("not "):
+        return 3
+    return _CONDITION_RANK.get(text.split(":")[0], 3)  # unknown: assume the worst
+
+
+def _right_condition(role_conf, right: str):
+    if isinstance(role_conf, (str, list, bool)):  # one condition for every right of the role
+        return role_conf
+    if isinstance(role_conf, dict):
+        return role_conf.get(right, "none")  # FLARE denies a right a role does not list
+    return "none"
+
+
+def authorization_warnings(path: Path, baseline: dict) -> list[str]:
+    """Where ``path`` (a FLARE authorization policy) grants a role a right more widely than ``baseline``."""
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"{path} cannot be read ({exc}); FLARE will not start with it"]
+    now = current.get("permissions") if isinstance(current, dict) else None
+    before = baseline.get("permissions") or {}
+    if not isinstance(now, dict):
+        return [f"{path}: key 'permissions' is missing or not an object"]
+    warnings = []
+    for role, role_conf in now.items():
+        base_conf = before.get(role, "none")
+        # a blanket condition (not a dict) covers every right, also those the provisioned policy never
+        # granted ("*": compared with the provisioned blanket condition, else with "none")
+        rights = sorted(role_conf) if isinstance(role_conf, dict) else ["*"]
+        for right in rights:
+            new, old = _right_condition(role_conf, right), _right_condition(base_conf, right)
+            key = f"permissions.{role}" + ("" if right == "*" or not isinstance(role_conf, dict) else f".{right}")
+            if condition_rank(new) > condition_rank(old):
+                warnings.append(f"{path}: key '{key}' is {json.dumps(new)}, the provisioned policy has "
+                                f"{json.dumps(old)}" + (" (bring-your-own-code jobs allowed)" if right == "byoc" else "")
+                                + ("" if role in before else f" (role '{role}' is not in the provisioned policy)"))
+            elif condition_rank(new) == condition_rank(old) > 0 and new != old:
+                warnings.append(f"{path}: key '{key}' changed from {json.dumps(old)} to {json.dumps(new)}; "
+                                f"check it grants no more than before")
+    return warnings
+
+
+def _filters_by_path(scope: dict, key: str) -> dict[str, dict]:
+    found = {}
+    for item in scope.get(key) or []:
+        if isinstance(item, dict) and "path" in item:
+            found.setdefault(item["path"], item.get("args") or {})
+    return found
+
+
+def privacy_warnings(path: Path, baseline: dict) -> list[str]:
+    """Where ``path`` (site privacy scopes) protects less than ``baseline``: a scope added, the default
+    scope changed, a filter removed, a DP argument loosened, another filter argument changed."""
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"{path} cannot be read ({exc}); FLARE will not start with it"]
+    if not isinstance(current, dict):
+        return [f"{path} must hold a JSON object"]
+    before = {s.get("name"): s for s in baseline.get("scopes") or [] if isinstance(s, dict)}
+    now = {s.get("name"): s for s in current.get("scopes") or [] if isinstance(s, dict)}
+    warnings = []
+    for name in sorted(set(now) - set(before), key=str):
+        warnings.append(f"{path}: scope '{name}' is not in the provisioned policy: jobs may now ask for it "
+                        f"(a scope the provisioned policy did not allow, or a removed scope requirement)")
+    if current.get("default_scope") != baseline.get("default_scope") and current.get("default_scope") not in (None, ""):
+        warnings.append(f"{path}: key 'default_scope' is {current.get('default_scope')!r}, the provisioned policy "
+                        f"has {baseline.get('default_scope')!r}")
+    for name in sorted(set(now) & set(before), key=str):
+        for key in _FILTER_LISTS:
+            old_filters, new_filters = _filters_by_path(before[name], key), _filters_by_path(now[name], key)
+            for filter_path, old_args in old_filters.items():
+                where = f"{path}: scope '{name}' {key}"
+                if filter_path not in new_filters:
+                    warnings.append(f"{where}: filter {filter_path} was removed (the provisioned policy has it)")
+                    continue
+                new_args = new_filters[filter_path]
+                for arg in sorted(set(old_args) | set(new_args)):
+                    old, new = old_args.get(arg), new_args.get(arg)
+                    if old == new:
+                        continue
+                    direction = _DP_WEAKER_WHEN.get(arg)
+                    if direction and isinstance(old, (int, float)) and isinstance(new, (int, float)):
+                        if (new > old) == (direction == "bigger"):
+                            warnings.append(f"{where}: {filter_path} key '{arg}' is {new}, {direction} than the "
+                                            f"provisioned {old} (less privacy)")
+                    else:
+                        warnings.append(f"{where}: {filter_path} key '{arg}' changed from {old!r} to {new!r}")
+    return warnings
+
+
+def policy_warnings(kit_dir: str | Path) -> list[str]:
+    """Warnings where the kit's ``local/authorization.json`` or ``local/privacy.json`` is weaker than
+    the signed copies provisioned into the kit (the templates). Empty when nothing was loosened."""
+    kit = Path(kit_dir)
+    manifest, problems = kit_files.read_signed_manifest(kit)
+    if manifest is None:
+        return [f"cannot compare local policy with the provisioned one: {problems[0]}"]
+    baseline = manifest.get("policy_baseline") or {}
+    checks = {"authorization.json": authorization_warnings, "privacy.json": privacy_warnings}
+    warnings = []
+    for name, check in checks.items():
+        path = kit / kit_files.LOCAL / name
+        if name not in baseline:
+            continue
+        if not path.is_file():
+            warnings.append(f"{path} is missing; FLARE falls back to its own default ({name}.default)")
+            continue
+        warnings += check(path, baseline[name])
+    return warnings
+
+
 def run_checks(kit_dir: str | Path, timeout: float = 5.0, check_server: bool = True) -> list[tuple[str, list[str]]]:
     """[(check name, problems)] for the kit; a check with no problems passed."""
     kit = Path(kit_dir).resolve()
@@ -83,7 +218,7 @@ def run_checks(kit_dir: str | Path, timeout: float = 5.0, check_server: bool = T
     except kit_files.KitError as exc:
         return [("signature", signature), ("startup config", [str(exc)])]
     if info.kind != "admin":
-        signature += kit_files.verify_package_signature(kit)
+        signature += kit_files.verify_startup_manifest(kit) + kit_files.verify_package_signature(kit)
     results = [("signature", signature), ("certificates", kit_files.verify_certificate_chain(kit))]
     if info.kind == "client":
         results.append(("site config", check_site_config(kit, info.name)))
@@ -133,6 +268,16 @@ def main(args: argparse.Namespace) -> int:
     from fedmed.deploy.data_check import preflight_data_check  # the site's data, read with the job's own loaders
 
     failed += preflight_data_check(kit, results, args.job, args.sample)
+    try:
+        warnings = policy_warnings(kit) if kit_files.read_kit(kit).kind != "admin" else []
+    except kit_files.KitError as exc:
+        warnings = [str(exc)]
+    if warnings:
+        print("  WARN local policy weaker than provisioned (allowed, but check it is intended):")
+        for warning in warnings:
+            print(f"       - {warning}")
+    else:
+        print("  OK   local policy")
     verdict = "ready to start" if not failed else f"{failed} check(s) failed: fix them before starting this kit"
     print(f"  {verdict} ({time.time() - started:.1f} s)")
     return 0 if not failed else 1
