@@ -144,6 +144,7 @@ class RunData:
     card_status: str | None = None
     cross_site_errors: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    external: dict[str, Any] = field(default_factory=dict)  # metrics.json 'external': models on held-out hospitals
 
     def primary_metric(self) -> str:
         for metric in ("val_auc", "val_dice"):
@@ -251,7 +252,11 @@ def load_run(path: str | os.PathLike) -> RunData:
         sites += [str(s) for s in doc.get("sites", [])]
 
     if "metrics.json" in files:
-        data.curves = learning_curves(_read_json(files["metrics.json"]), str(files["metrics.json"]))
+        metrics_doc = _read_json(files["metrics.json"])
+        data.curves = learning_curves(metrics_doc, str(files["metrics.json"]))
+        external = metrics_doc.get("external") if isinstance(metrics_doc, Mapping) else None
+        if isinstance(external, Mapping) and isinstance(external.get("results"), Mapping):
+            data.external = dict(external)
         sites += list(data.curves)
 
     if "provenance.json" in files:
@@ -541,6 +546,9 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
         "site for one round; run `simulate --baselines` for true local-only models)"
     )
 
+    if data.external:
+        sections.append(external_section(data.external, summary))
+
     headline = Section("Headline")
     federated = next((m for m, k in data.model_kinds.items() if k == "global"), None)
     if federated and local_models:
@@ -687,6 +695,39 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
         summary["provenance"] = {"status": data.card_status, "head_sha256": card.get("head_sha256")}
     sections.append(prov)
     return sections, summary
+
+
+def external_section(external: Mapping[str, Any], summary: dict[str, Any]) -> Section:
+    """Models on hospitals no site trained on, validated on or selected with (metrics.json 'external')."""
+    section = Section("External hospitals (data no site held)")
+    names = {FEDERATED: "federated (released model)", "best_global_model": "federated (best on site validation)",
+             POOLED: "pooled (all sites' data in one place)"}
+    rows, verdict = [], []
+    for set_name, by_model in external["results"].items():
+        size = external.get("sets", {}).get(set_name, {}).get("num_images", "?")
+        ranked = sorted(by_model.items(), key=lambda kv: (0 if kv[0] == FEDERATED else 1 if kv[0] == "best_global_model"
+                                                          else 2 if kv[0] == POOLED else 3, kv[0]))
+        for model, figures in ranked:
+            label = names.get(model, model.replace(LOCAL_ONLY_PREFIX, "local-only ") if model.startswith(LOCAL_ONLY_PREFIX) else model)
+            rows.append([f"{set_name} ({size})", label, _fmt(figures.get("auc")), _fmt(figures.get("accuracy")),
+                         _fmt(figures.get("threshold"), 2) if "threshold" in figures else "argmax"])
+        fed = by_model.get(FEDERATED)
+        locals_ = {m: f for m, f in by_model.items() if m.startswith(LOCAL_ONLY_PREFIX)}
+        if fed:
+            line = f"On {set_name} ({size} images) the released federated model has AUC {_fmt(fed['auc'])} and accuracy {_fmt(fed['accuracy'])}"
+            if locals_:
+                beaten = sum(fed["auc"] > f["auc"] for f in locals_.values())
+                line += f"; it beats {beaten} of {len(locals_)} hospitals' local-only models on AUC"
+            if POOLED in by_model:
+                line += f"; the pooled model (data moved to one place) has AUC {_fmt(by_model[POOLED]['auc'])}"
+            verdict.append(line + ".")
+    section.paragraphs += verdict + [
+        "These hospitals' images took no part in training, in choosing the best round or in choosing the decision "
+        "threshold (chosen on the sites' own validation data); accuracy is at that threshold."
+    ]
+    section.tables.append((["external set (images)", "model", "AUC", "accuracy", "threshold"], rows))
+    summary["external"] = external["results"]
+    return section
 
 
 def flatten_errors(errors: Any, path: tuple[str, ...] = ()) -> list[str]:
