@@ -108,3 +108,31 @@ def test_train_reports_the_learning_rate_it_used(trainer_parts):
     assert result.metrics["learning_rate"] == pytest.approx(3e-3 * 0.5)
     with pytest.raises(ValueError, match="lr_schedule"):
         _trainer(trainer_parts, lr_schedule="step")
+
+
+def test_dp_sgd_round_trains_and_reports_the_steps_opacus_accounted(trainer_parts):
+    from fedmed.privacy.dp import poisson_sampling
+    from fedmed.training import DPSGD
+
+    trainer = _trainer(trainer_parts, local_epochs=2)
+    start = state_to_numpy(build_network(SPEC, seed=0))
+    result = trainer.train(SPEC, start, dp=DPSGD(noise_multiplier=0.8, max_grad_norm=1.0))
+    rate, steps = poisson_sampling(256, 32)
+    assert result.privacy_steps == [(0.8, rate, 2 * steps)]
+    assert set(result.weights) == set(start) and result.num_samples == 256
+    assert max(float(np.max(np.abs(result.weights[k] - start[k]))) for k in start) > 1e-4
+    # the cached model of the non-DP path carries no Opacus hooks afterwards
+    model = trainer.model(SPEC, start)
+    assert not any(module._forward_hooks or module._backward_hooks for module in model.modules())
+
+
+def test_dp_sgd_refuses_batchnorm_networks_and_fedprox_by_name(trainer_parts):
+    from fedmed.training import DPSGD, DPNetworkError, check_dp_network
+
+    with pytest.raises(DPNetworkError, match=r"'resnet18' \(the job's config_fed_server.json, key 'network'\).*BatchNorm"):
+        check_dp_network({"name": "resnet18", "args": {"spatial_dims": 2, "n_input_channels": 1, "num_classes": 2}})
+    check_dp_network(SPEC)  # GroupNorm: fine
+    with pytest.raises(ValueError, match="fedprox_mu"):
+        _trainer(trainer_parts, fedprox_mu=0.1).train(SPEC, None, dp=DPSGD(1.0, 1.0))
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        DPSGD(0.0, 1.0)

@@ -324,6 +324,12 @@ class ProvenanceRecorder:
     def write(self, path: str | os.PathLike, **card_kwargs: Any) -> dict[str, Any]:
         card = self.card(**card_kwargs)
         write_card(card, path)
+        # record-level DP (privacy scope dp): every site's ledger, recomputable, beside the card
+        from fedmed.privacy.dp import LEDGER_FILE, ledger_file_payload
+
+        ledger = ledger_file_payload({name: site.get("privacy") for name, site in self.sites.items()})
+        if ledger is not None:
+            write_json(Path(path).parent / LEDGER_FILE, ledger, allow_nan=False)
         return card
 
 

@@ -2,12 +2,19 @@
 
 Trains ``local_epochs`` epochs from the weights it is given and evaluates on the site's validation
 data. Uses CUDA and mixed precision when a GPU is present, the CPU otherwise.
+
+With ``train(..., dp=DPSGD(...))`` the round is trained with record-level DP-SGD (Opacus
+``PrivacyEngine``: Poisson sampling, per-sample clipping, Gaussian noise; see
+:mod:`fedmed.privacy.dp`). The result then carries Opacus' accountant history for the round, which
+the caller charges to the site's ledger. Without ``dp`` nothing changes.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,11 +39,46 @@ class TrainingAborted(RuntimeError):
     """Raised when the caller's abort check fires between batches."""
 
 
+class DPNetworkError(ValueError):
+    """A network that Opacus cannot train with per-sample gradients (e.g. BatchNorm)."""
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """One round of record-level DP-SGD: Gaussian noise ``noise_multiplier * max_grad_norm`` on the
+    sum of per-record gradients clipped to ``max_grad_norm``; Poisson sampling at rate
+    1 / ceil(n / batch_size); ``accountant`` is the Opacus accountant the round's steps go to."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str = "rdp"
+
+    def __post_init__(self):
+        for key in ("noise_multiplier", "max_grad_norm"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"DP-SGD {key} must be a positive number, got {value!r}")
+
+
+def check_dp_network(network_spec: dict, where: str = "the job's config_fed_server.json, key 'network'") -> None:
+    """Raise :class:`DPNetworkError` when Opacus cannot train ``network_spec`` (its ModuleValidator)."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(build_network(network_spec), strict=False)
+    if errors:
+        first = str(errors[0]).split(". ")[0]
+        raise DPNetworkError(
+            f"network '{network_spec.get('name')}' ({where}) cannot be trained with DP-SGD: {len(errors)} incompatible "
+            f"module(s), e.g. {first}; use a GroupNorm network such as small_cnn, or a privacy scope other than dp"
+        )
+
+
 @dataclass
 class TrainResult:
     weights: dict[str, np.ndarray]  # the local model after training
     num_samples: int  # real training-sample count (not batches)
     metrics: dict = field(default_factory=dict)  # train_loss, seconds, samples_per_second, ...
+    privacy_steps: list = field(default_factory=list)  # DP-SGD only: Opacus history [(z, q, steps)] of this round
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -100,6 +142,7 @@ class LocalTrainer:
         self.lr_schedule = lr_schedule
         self._model = None
         self._model_spec = None
+        self._dp_checked_spec = None
 
     @property
     def num_train_samples(self) -> int:
@@ -133,12 +176,15 @@ class LocalTrainer:
         round_num: int = 0,
         should_abort: Callable[[], bool] | None = None,
         num_rounds: int | None = None,
+        dp: DPSGD | None = None,
     ) -> TrainResult:
         """Train from ``global_weights`` (or a fresh seeded network) and return the local model.
 
         ``round_num`` of ``num_rounds`` sets the learning rate under the cosine schedule (no
-        ``num_rounds``: constant ``lr``) and seeds shuffling.
+        ``num_rounds``: constant ``lr``) and seeds shuffling. ``dp``: train with DP-SGD instead.
         """
+        if dp is not None:
+            return self._train_dp(network_spec, global_weights, round_num, should_abort, num_rounds, dp)
         model = self.model(network_spec, global_weights)
         model.train()
         loss_fn = self.task.loss()
@@ -179,6 +225,75 @@ class LocalTrainer:
                 "train_seconds": seconds,
                 "samples_per_second": seen / seconds if seconds > 0 else 0.0,
             },
+        )
+
+    def _train_dp(self, network_spec, global_weights, round_num, should_abort, num_rounds, dp: DPSGD) -> TrainResult:
+        """DP-SGD with Opacus: a fresh copy of the network (hooks never linger on the cached one),
+        Poisson sampling and noise from generators seeded from the OS entropy pool, float32 (no AMP:
+        per-sample gradients are clipped in full precision)."""
+        from opacus import PrivacyEngine
+        from opacus.data_loader import DPDataLoader
+
+        if self.fedprox_mu > 0:
+            raise ValueError("FedProx (fedprox_mu > 0) cannot be combined with DP-SGD: its proximal gradient would bypass "
+                             "per-sample clipping; set fedprox_mu to 0 or use a privacy scope other than dp")
+        if self._dp_checked_spec != network_spec:
+            check_dp_network(network_spec)
+            self._dp_checked_spec = network_spec
+        model = build_network(network_spec, seed=self.seed)
+        if global_weights is not None:
+            model.load_state_dict(numpy_to_state(global_weights, model.state_dict()), strict=True)
+        for module in model.modules():  # Opacus' backward hooks forbid in-place activations
+            if getattr(module, "inplace", False):
+                module.inplace = False
+        model.to(self.device).train()
+        lr = round_learning_rate(self.lr, self.lr_schedule, round_num, num_rounds)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        base = DataLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda")
+        sampling = torch.Generator().manual_seed(secrets.randbits(63))
+        noise = torch.Generator(device=self.device).manual_seed(secrets.randbits(63))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=dp.accountant)
+        loader = DPDataLoader.from_data_loader(base, generator=sampling)
+        private_model, private_optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm, poisson_sampling=False, noise_generator=noise,
+        )
+        private_model.forbid_grad_accumulation()  # as make_private(poisson_sampling=True) does
+        loss_fn = self.task.loss()
+        started = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")  # the first layer's input needs no grad
+                for _ in range(self.local_epochs):
+                    for batch in loader:
+                        if should_abort is not None and should_abort():
+                            raise TrainingAborted("training aborted by the caller")
+                        inputs, targets = self.task.batch_to_device(batch, self.device)
+                        private_optimizer.zero_grad(set_to_none=True)
+                        loss = loss_fn(private_model(inputs), targets)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rate")
+                        loss.backward()
+                        private_optimizer.step()
+                        loss_sum += float(loss.detach()) * len(inputs)
+                        seen += len(inputs)
+        finally:
+            private_model._close()  # remove Opacus' hooks and per-sample gradients
+        seconds = time.perf_counter() - started
+        return TrainResult(
+            weights=state_to_numpy(model),
+            num_samples=self.num_train_samples,
+            metrics={
+                "train_loss": loss_sum / max(seen, 1),
+                "learning_rate": lr,
+                "train_seconds": seconds,
+                "samples_per_second": seen / seconds if seconds > 0 else 0.0,
+            },
+            privacy_steps=[tuple(step) for step in engine.accountant.history],
         )
 
     def evaluate(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None, dataset=None) -> dict:

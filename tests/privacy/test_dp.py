@@ -1,113 +1,112 @@
-"""Pure DP pieces: clipping, noise, and the ledger against Opacus' accountants."""
+"""Record-level DP pieces: settings, the noise multiplier, the ledger against Opacus' accountants."""
 
 import json
 
-import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedmed.privacy.dp import (
+    DPSettings,
     PrivacyBudgetExceeded,
     PrivacyConfigError,
     PrivacyLedger,
-    clip_update,
-    privatize_update,
-    update_norm,
+    accountant_epsilon,
+    check_delta_for_dataset,
+    coarsen_metrics,
+    compact_history,
+    ledger_file_payload,
+    noise_multiplier_for_budget,
+    poisson_sampling,
+    recompute_ledger_file,
+    round_count,
 )
 
 
-def _update(seed=0, scale=3.0):
-    rng = np.random.default_rng(seed)
-    return {"conv.weight": (rng.normal(size=(8, 1, 3, 3)) * scale).astype(np.float32), "fc.bias": (rng.normal(size=(2,)) * scale).astype(np.float32)}
+def test_poisson_sampling_matches_opacus_data_loader():
+    import torch
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    for n, batch in ((1000, 32), (48, 16), (37, 64)):
+        loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch))
+        rate, steps = poisson_sampling(n, batch)
+        assert steps == len(loader) and rate == pytest.approx(loader.sample_rate)
 
 
-def test_clip_update_scales_to_clip_norm_and_keeps_direction():
-    update = _update()
-    norm = update_norm(update)
-    assert norm > 1.0
-    clipped, before = clip_update(update, 1.0)
-    assert before == pytest.approx(norm)
-    assert update_norm(clipped) == pytest.approx(1.0, rel=1e-5)
-    np.testing.assert_allclose(clipped["conv.weight"] * norm, update["conv.weight"], rtol=1e-4)
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noise_multiplier_meets_the_budget(accountant):
+    rate, steps = poisson_sampling(1000, 32)
+    z = noise_multiplier_for_budget(3.0, 1e-5, rate, 10 * steps, accountant)
+    eps = accountant_epsilon(accountant, [(z, rate, 10 * steps)], 1e-5)
+    assert 3.0 - 0.01 <= eps <= 3.0
+    # a little less noise would break the budget: the multiplier is not wastefully large
+    assert accountant_epsilon(accountant, [(z * 0.98, rate, 10 * steps)], 1e-5) > 3.0 - 0.01
 
 
-def test_clip_update_leaves_small_updates_alone():
-    update = _update(scale=0.001)
-    clipped, before = clip_update(update, 1.0)
-    assert before < 1.0
-    np.testing.assert_array_equal(clipped["fc.bias"], update["fc.bias"])
+def test_noise_multiplier_with_earlier_jobs_in_the_ledger_meets_the_total_budget():
+    rate, steps = poisson_sampling(500, 50)
+    prior = [(1.2, rate, 30)]
+    z = noise_multiplier_for_budget(8.0, 1e-5, rate, 40, "rdp", prior_history=prior)
+    total = accountant_epsilon("rdp", prior + [(z, rate, 40)], 1e-5)
+    assert 8.0 - 0.01 <= total <= 8.0
+    with pytest.raises(PrivacyBudgetExceeded, match="already spent"):
+        noise_multiplier_for_budget(0.5, 1e-5, rate, 40, "rdp", prior_history=prior)
 
 
-def test_privatize_adds_noise_of_the_configured_scale():
-    rng = np.random.default_rng(1)
-    big = {"w": np.zeros((200, 500), dtype=np.float32)}
-    released, info = privatize_update(big, clip_norm=0.5, noise_multiplier=2.0, rng=rng)
-    assert info["noise_std"] == pytest.approx(1.0)
-    assert released["w"].dtype == np.float32
-    assert np.std(released["w"]) == pytest.approx(1.0, rel=0.02)
-    assert abs(np.mean(released["w"])) < 0.01
-
-
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", True])
-def test_bad_dp_settings_raise(bad):
-    with pytest.raises(PrivacyConfigError, match="clip_norm"):
-        privatize_update(_update(), clip_norm=bad, noise_multiplier=1.0, rng=np.random.default_rng(0))
-    with pytest.raises(PrivacyConfigError):
-        PrivacyLedger("site-1", delta=1e-5, epsilon_budget=bad)
-
-
-def test_nan_update_is_refused():
-    update = _update()
-    update["fc.bias"][0] = np.nan
-    with pytest.raises(ValueError, match="fc.bias"):
-        clip_update(update, 1.0)
-
-
-def test_ledger_epsilon_grows_every_round_and_equals_opacus_rdp(tmp_path):
-    ledger = PrivacyLedger("site-1", delta=1e-5, epsilon_budget=1e9, accountant="rdp", path=tmp_path / "ledger.json")
+def test_ledger_equals_the_opacus_accountant_fed_its_history_and_persists(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger("site-1", delta=1e-5, epsilon_budget=100.0, accountant="rdp", path=path)
     reference = RDPAccountant()
     previous = 0.0
-    for round_num in range(4):
-        entry = ledger.record_release("job-1", round_num, noise_multiplier=1.3, clip_norm=1.0)
-        reference.step(noise_multiplier=1.3, sample_rate=1.0)
-        assert entry.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-12)
-        assert entry.epsilon > previous
-        previous = entry.epsilon
-    saved = json.loads((tmp_path / "ledger.json").read_text())
-    assert saved["epsilon"] == pytest.approx(previous)
-    assert [e["round"] for e in saved["entries"]] == [0, 1, 2, 3]
+    for round_num in range(3):
+        entry = ledger.charge("job-1", round_num, [(1.1, 0.05, 20)])
+        reference.history.append((1.1, 0.05, 20))
+        assert entry["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-12)
+        assert entry["epsilon"] > previous
+        previous = entry["epsilon"]
+    saved = json.loads(path.read_text())
+    assert saved["unit"] == "record" and saved["history"] == [{"noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 60}]
+    fresh = RDPAccountant()
+    fresh.history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in saved["history"]]
+    assert saved["epsilon"] == pytest.approx(fresh.get_epsilon(delta=saved["delta"]), rel=1e-12)
+
+    # a restarted site (a new ledger object on the same file) continues it
+    restarted = PrivacyLedger("site-1", 1e-5, 100.0, "rdp", path)
+    assert restarted.epsilon == pytest.approx(previous) and restarted.steps == 60
+    restarted.charge("job-2", 0, [(0.9, 0.05, 20)])
+    reference.history.append((0.9, 0.05, 20))
+    assert restarted.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-12)
+    assert [e["job_id"] for e in json.loads(path.read_text())["entries"]] == ["job-1"] * 3 + ["job-2"]
 
 
-def test_ledger_persists_across_jobs(tmp_path):
-    path = tmp_path / "ledger.json"
-    first = PrivacyLedger("site-1", 1e-5, 1e9, "prv", path)
-    first.record_release("job-1", 0, 1.0, 1.0)
-    second = PrivacyLedger("site-1", 1e-5, 1e9, "prv", path)
-    entry = second.record_release("job-2", 0, 1.0, 1.0)
+def test_prv_ledger_equals_opacus_prv():
+    ledger = PrivacyLedger("site-1", 1e-5, 100.0, "prv")
+    ledger.charge("job", 0, [(1.0, 0.1, 30)])
     reference = PRVAccountant()
-    reference.step(noise_multiplier=1.0, sample_rate=1.0)
-    reference.step(noise_multiplier=1.0, sample_rate=1.0)
-    assert entry.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
-    assert second.rounds == 2
+    reference.history = [(1.0, 0.1, 30)]
+    assert ledger.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
 
 
-def test_ledger_refuses_a_release_past_the_budget_and_records_nothing(tmp_path):
-    ledger = PrivacyLedger("site-1", delta=1e-5, epsilon_budget=8.0, path=tmp_path / "ledger.json")
-    ledger.record_release("job", 0, 1.0, 1.0)  # RDP: epsilon about 4.7
-    ledger.record_release("job", 1, 1.0, 1.0)  # about 7.1
-    spent = ledger.epsilon
-    with pytest.raises(PrivacyBudgetExceeded, match="site-1.*budget 8"):
-        ledger.record_release("job", 2, 1.0, 1.0)  # would be about 9.0
-    assert ledger.epsilon == spent and ledger.rounds == 2
-    reloaded = PrivacyLedger("site-1", delta=1e-5, epsilon_budget=8.0, path=tmp_path / "ledger.json")
-    assert reloaded.epsilon == pytest.approx(spent)
-
-
-def test_ledger_refuses_a_file_kept_with_another_delta(tmp_path):
+def test_ledger_refuses_steps_past_the_budget_and_records_nothing(tmp_path):
     path = tmp_path / "ledger.json"
-    PrivacyLedger("site-1", 1e-5, 100.0, path=path).record_release("job", 0, 1.0, 1.0)
+    ledger = PrivacyLedger("site-1", delta=1e-5, epsilon_budget=8.0, path=path)
+    ledger.charge("job", 0, [(1.0, 0.1, 10)])
+    spent = ledger.epsilon
+    assert spent < 8.0
+    with pytest.raises(PrivacyBudgetExceeded, match="site-1.*budget 8.*stops contributing"):
+        ledger.check_affordable([(1.0, 0.1, 500)], "training round 1")
+    assert PrivacyLedger("site-1", 1e-5, 8.0, path=path).epsilon == pytest.approx(spent)
+
+
+def test_ledger_refuses_a_file_kept_with_another_delta_or_the_old_update_level_format(tmp_path):
+    path = tmp_path / "ledger.json"
+    PrivacyLedger("site-1", 1e-5, 100.0, path=path).charge("job", 0, [(1.0, 0.1, 10)])
     with pytest.raises(PrivacyConfigError, match="delta"):
         PrivacyLedger("site-1", 1e-6, 100.0, path=path)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "fedmed-privacy-ledger/1", "accountant": "rdp", "delta": 1e-5, "history": [[1.0, 1.0, 3]]}))
+    with pytest.raises(PrivacyConfigError, match="record-level.*ledger_file"):
+        PrivacyLedger("site-1", 1e-5, 100.0, path=old)
 
 
 def test_corrupt_ledger_file_names_the_file(tmp_path):
@@ -115,3 +114,45 @@ def test_corrupt_ledger_file_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(PrivacyConfigError, match=str(path)):
         PrivacyLedger("site-1", 1e-5, 100.0, path=path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"epsilon": 0}, "epsilon"), ({"epsilon": "8"}, "epsilon"), ({"delta": -1e-5}, "delta"), ({"delta": float("nan")}, "delta"),
+     ({"delta": 2.0}, "delta"), ({"max_grad_norm": 0}, "max_grad_norm"), ({"accountant": "gdp"}, "accountant"),
+     ({"ledger_file": ""}, "ledger_file"), ({"epsilon": True}, "epsilon")],
+)
+def test_bad_settings_name_the_key_and_the_file(kwargs, key):
+    with pytest.raises(PrivacyConfigError, match=rf"'{key}' \(the site's local/privacy.json"):
+        DPSettings(**kwargs)
+
+
+def test_delta_must_be_below_one_over_the_training_size():
+    check_delta_for_dataset(1e-5, 1000)
+    with pytest.raises(PrivacyConfigError, match=r"'delta'.*privacy.json.*1/\(training-set size 400\)"):
+        check_delta_for_dataset(0.01, 400)
+
+
+def test_coarsened_metrics_drop_training_loss_and_lists_and_round_the_rest():
+    kept, dropped = coarsen_metrics(
+        {"val_auc": 0.87654, "val_loss": 0.41234, "num_val_samples": 123, "train_loss": 0.3, "train_seconds": 2.0,
+         "samples_per_second": 100.0, "learning_rate": 0.003, "privacy_epsilon": 2.5, "val_score_histogram": [[1, 2], [3, 4]]},
+        keep_extra=("learning_rate", "privacy_epsilon"),
+    )
+    assert kept == {"val_auc": 0.88, "val_loss": 0.41, "num_val_samples": 120, "learning_rate": 0.003, "privacy_epsilon": 2.5}
+    assert dropped == ["samples_per_second", "train_loss", "train_seconds", "val_score_histogram"]
+    assert [round_count(n) for n in (3, 14, 15, 256)] == [10, 10, 20, 260]
+
+
+def test_ledger_file_payload_is_recomputable():
+    history = compact_history([(1.0, 0.1, 10), (0.8, 0.1, 5), (1.0, 0.1, 10)])
+    assert history == [{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 20}, {"noise_multiplier": 0.8, "sample_rate": 0.1, "steps": 5}]
+    eps = accountant_epsilon("rdp", history, 1e-5)
+    payload = ledger_file_payload({
+        "site-1": {"unit": "record", "accountant": "rdp", "delta": 1e-5, "epsilon": eps, "budget": 8.0, "history": history, "noise_multiplier": 1.0},
+        "site-2": {"scope": "standard"},
+    })
+    assert payload["unit"] == "record" and list(payload["sites"]) == ["site-1"]
+    assert set(payload["sites"]["site-1"]) == {"accountant", "delta", "epsilon", "budget", "history"}
+    assert recompute_ledger_file(payload)["site-1"] == pytest.approx(eps, rel=1e-12)
+    assert ledger_file_payload({"site-2": {"scope": "standard"}}) is None

@@ -1,10 +1,7 @@
 """The privacy filters on real FLARE Shareables / DXOs, chained as a site's scope chains them."""
 
-import json
-
 import numpy as np
 import pytest
-from opacus.accountants import RDPAccountant
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
@@ -12,17 +9,18 @@ from nvflare.apis.fl_context import FLContext
 
 from fedmed.flare.replies import ERROR_HEADER
 from fedmed.flare.filters import (
-    BUDGET_SPENT,
     RELEASE_REFUSED,
     CiphertextOnlyCheck,
-    DPUpdateFilter,
+    DPReleaseFilter,
+    DPTrainingPolicy,
     Float16CompressFilter,
     Float16DecompressFilter,
     ModelSignatureRecorder,
     ReleasePolicyFilter,
     TransferMeter,
+    dp_policy,
 )
-from fedmed.privacy.dp import PrivacyConfigError
+from fedmed.privacy.dp import DPSettings, PrivacyConfigError
 
 
 def _ctx(job="job-1", site="site-1", task="train", scope="dp"):
@@ -67,71 +65,86 @@ def test_release_policy_lets_the_update_leave_and_blocks_an_extra_tensor():
         from_shareable(blocked)  # no data travels with a blocked result
 
 
-def test_dp_filter_clips_noises_and_keeps_the_ledger(tmp_path):
+def _dp_update(weights, privacy=True, num_samples=47):
+    rng = np.random.default_rng(0)
+    diff = {k: (rng.normal(size=v.shape) * 0.01).astype(np.float32) for k, v in weights.items()}
+    meta = {
+        "num_samples": num_samples, MetaKey.NUM_STEPS_CURRENT_ROUND: num_samples, "site": "site-1", "round": 0,
+        "metrics": {"train_loss": 0.5, "train_seconds": 1.0, "samples_per_second": 47.0, "learning_rate": 0.003,
+                    "val_auc": 0.87654, "val_loss": 0.5432, "num_val_samples": 24, "privacy_epsilon": 1.5},
+    }
+    if privacy:
+        history = [{"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 4}]
+        meta["privacy"] = {"scope": "dp", "unit": "record", "mechanism": "dp-sgd", "accountant": "rdp", "delta": 1e-5,
+                           "epsilon": 1.5, "budget": 8.0, "history": history, "noise_multiplier": 1.0, "sample_rate": 0.25,
+                           "max_grad_norm": 1.0, "steps": 4}
+    return diff, DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+
+
+def test_dp_training_policy_hands_the_sites_settings_to_the_executor_through_the_context():
+    ctx = _ctx(job="job-policy")
+    policy = DPTrainingPolicy(epsilon=3.0, delta=1e-6, max_grad_norm=0.5, accountant="prv", ledger_file="l.json")
+    assert dp_policy(ctx) is None
+    policy.process(DXO(DataKind.WEIGHTS, data=_global(), meta={}).to_shareable(), ctx)
+    assert dp_policy(ctx) == DPSettings(epsilon=3.0, delta=1e-6, max_grad_norm=0.5, accountant="prv", ledger_file="l.json")
+
+
+def test_dp_release_sends_no_training_loss_rounds_counts_and_coarsens_validation():
     ctx = _ctx(job="job-dp")
     weights = _global()
     _receive(ctx, weights)
-    ledger_file = tmp_path / "ledger.json"
-    dp = DPUpdateFilter(clip_norm=0.5, noise_multiplier=0.8, delta=1e-5, epsilon_budget=100.0, ledger_file=str(ledger_file), seed=3, tb_writer_id="")
-    reference = RDPAccountant()
-    previous = 0.0
-    for round_num in range(3):
-        raw, shareable = _result(weights, scale=1.0, seed=round_num, round_num=round_num)
-        out = TransferMeter().process(dp.process(ReleasePolicyFilter().process(shareable, ctx), ctx), ctx)
-        dxo = from_shareable(out)
-        reference.step(noise_multiplier=0.8, sample_rate=1.0)
-        privacy = dxo.meta["privacy"]
-        assert privacy["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-12)
-        assert privacy["epsilon"] > previous and dxo.meta["metrics"]["privacy_epsilon"] == privacy["epsilon"]
-        previous = privacy["epsilon"]
-        assert privacy["noise_std"] == pytest.approx(0.4) and privacy["clipped"] is True
-        # what leaves = clipped raw + noise of std z*C
-        norm = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in raw.values()))
-        noise = np.concatenate([(dxo.data[k] - raw[k] * (0.5 / norm)).ravel() for k in raw])
-        assert np.std(noise) == pytest.approx(0.4, rel=0.05)
-        assert dxo.meta["transfer"]["bytes"] == sum(v.nbytes for v in dxo.data.values())
-    ledger = json.loads(ledger_file.read_text())
-    assert [e["round"] for e in ledger["entries"]] == [0, 1, 2]
-    assert ledger["epsilon"] == pytest.approx(previous)
+    diff, shareable = _dp_update(weights)
+    out = TransferMeter().process(DPReleaseFilter().process(ReleasePolicyFilter().process(shareable, ctx), ctx), ctx)
+    assert out.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    dxo = from_shareable(out)
+    np.testing.assert_array_equal(dxo.data["fc.weight"], diff["fc.weight"])  # DP-SGD noised it already
+    assert dxo.meta["num_samples"] == 50 and dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == 50
+    metrics = dxo.meta["metrics"]
+    assert "train_loss" not in metrics and "train_seconds" not in metrics and "samples_per_second" not in metrics
+    assert metrics["val_auc"] == 0.88 and metrics["val_loss"] == 0.54 and metrics["num_val_samples"] == 20
+    assert metrics["privacy_epsilon"] == 1.5 and metrics["upload_bytes"] > 0
+    assert dxo.meta["privacy"]["history"] == [{"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 4}]
 
 
-def test_dp_filter_stops_contributing_once_the_budget_is_spent(tmp_path):
-    ctx = _ctx(job="job-budget")
+def test_dp_release_refuses_an_update_not_trained_with_dp_sgd_and_raw_weights():
+    ctx = _ctx(job="job-dp-refuse")
     weights = _global()
     _receive(ctx, weights)
-    dp = DPUpdateFilter(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=8.0, ledger_file=str(tmp_path / "l.json"), tb_writer_id="")
-    codes = []
-    for round_num in range(4):
-        _, shareable = _result(weights, round_num=round_num)
-        out = dp.process(shareable, ctx)
-        codes.append(out.get_return_code(ReturnCode.OK))
-    assert codes == [ReturnCode.OK, ReturnCode.OK, BUDGET_SPENT, BUDGET_SPENT]
-    assert "budget 8" in out.get_header(ERROR_HEADER)
-
-
-def test_dp_filter_refuses_raw_weights(tmp_path):
-    ctx = _ctx(job="job-dp-weights", task="submit_model")
-    weights = _global()
-    dp = DPUpdateFilter(ledger_file=str(tmp_path / "l.json"), tb_writer_id="")
-    out = dp.process(DXO(DataKind.WEIGHTS, data=weights, meta={}).to_shareable(), ctx)
+    _, shareable = _dp_update(weights, privacy=False)
+    out = DPReleaseFilter().process(shareable, ctx)
     assert out.get_return_code() == RELEASE_REFUSED
-    assert "submit_model" in out.get_header(ERROR_HEADER)
+    assert "not trained with record-level DP-SGD" in out.get_header(ERROR_HEADER) and "DPTrainingPolicy" in out.get_header(ERROR_HEADER)
+    out = DPReleaseFilter().process(DXO(DataKind.WEIGHTS, data=weights, meta={}).to_shareable(), _ctx(job="job-dp-refuse", task="submit_model"))
+    assert out.get_return_code() == RELEASE_REFUSED and "submit_model" in out.get_header(ERROR_HEADER)
+
+
+def test_dp_release_coarsens_validation_results_and_drops_the_score_histogram():
+    ctx = _ctx(job="job-dp-validate", task="validate")
+    metrics = {"val_auc": 0.91234, "val_accuracy": 0.8333, "num_val_samples": 37, "val_score_histogram": [[3, 1], [0, 4]]}
+    shareable = DXO(DataKind.METRICS, data=metrics, meta={"site": "site-1", "model_name": "global"}).to_shareable()
+    assert ReleasePolicyFilter().process(shareable, ctx).get_return_code(ReturnCode.OK) == ReturnCode.OK  # standard lets it leave
+    dxo = from_shareable(DPReleaseFilter().process(shareable, ctx))
+    assert dxo.data == {"val_auc": 0.91, "val_accuracy": 0.83, "num_val_samples": 40}
+    assert dxo.meta["model_name"] == "global"
 
 
 @pytest.mark.parametrize(
     "args, match",
     [
-        ({"clip_norm": 0}, "clip_norm"),
-        ({"noise_multiplier": -1}, "noise_multiplier"),
-        ({"delta": 1.5}, "delta"),
-        ({"accountant": "moments"}, "accountant"),
-        ({"ledger_file": ""}, "ledger_file"),
-        ({"epsilon_budget": float("inf")}, "epsilon_budget"),
+        ({"epsilon": 0}, "'epsilon'"),
+        ({"epsilon": "eight"}, "'epsilon'"),
+        ({"delta": 1.5}, "'delta'"),
+        ({"delta": -1}, "'delta'"),
+        ({"max_grad_norm": float("inf")}, "'max_grad_norm'"),
+        ({"accountant": "moments"}, "'accountant'"),
+        ({"ledger_file": ""}, "'ledger_file'"),
     ],
 )
-def test_dp_filter_with_bad_configuration_raises(args, match):
-    with pytest.raises(PrivacyConfigError, match=match):
-        DPUpdateFilter(**args)
+
+
+def test_dp_policy_with_bad_configuration_raises_naming_the_file_and_key(args, match):
+    with pytest.raises(PrivacyConfigError, match=match + r".*local/privacy.json"):
+        DPTrainingPolicy(**args)
 
 
 def test_compression_halves_the_serialized_update_and_the_server_restores_float32():

@@ -7,7 +7,7 @@ import pytest
 from nvflare.apis.workspace import Workspace
 from nvflare.private.fed.app.fl_conf import create_privacy_manager
 
-from fedmed.flare.filters import DPUpdateFilter, Float16CompressFilter, Float16DecompressFilter, ReleasePolicyFilter, TransferMeter
+from fedmed.flare.filters import DPReleaseFilter, DPTrainingPolicy, Float16CompressFilter, Float16DecompressFilter, ReleasePolicyFilter, TransferMeter
 from fedmed.privacy import MODES
 from fedmed.privacy.scopes import ScopeError, get_scope, inject_scope_filters, scope_filter_chains, scope_names, template_privacy_file
 
@@ -29,12 +29,15 @@ def test_template_loads_in_flare_with_every_mode(tmp_path, role):
 
 def test_client_scopes_chain_the_release_policy_first_and_the_meter_last(tmp_path):
     manager = _manager(tmp_path, "client")
-    expected = {"standard": None, "dp": DPUpdateFilter, "compressed": Float16CompressFilter}
+    expected = {"standard": None, "dp": DPReleaseFilter, "compressed": Float16CompressFilter}
     for name, middle in expected.items():
         chain = manager.get_scope(name).task_result_filters["out"]
         assert isinstance(chain[0], ReleasePolicyFilter) and isinstance(chain[-1], TransferMeter)
         if middle:
             assert isinstance(chain[1], middle)
+    dp_in = manager.get_scope("dp").task_data_filters["in"]
+    assert [type(f).__name__ for f in dp_in] == ["ModelSignatureRecorder", "DPTrainingPolicy"]
+    assert dp_in[1].settings.epsilon == 8.0 and dp_in[1].settings.delta == 1e-5  # the default budget
     he_chain = [type(f).__name__ for f in manager.get_scope("he").task_result_filters["out"]]
     assert he_chain == ["ReleasePolicyFilter", "HEModelEncryptor", "TransferMeter"]
     assert [type(f).__name__ for f in manager.get_scope("he").task_data_filters["in"]] == ["HEModelDecryptor", "DecryptedModelReshaper", "ModelSignatureRecorder"]
@@ -50,14 +53,14 @@ def test_a_dp_scope_with_a_bad_setting_stops_the_site_from_loading(tmp_path):
 
     policy = json.loads(template_privacy_file("client").read_text())
     for scope in policy["scopes"]:
-        for f in scope.get("task_result_filters", []):
-            if f["path"].endswith("DPUpdateFilter"):
-                f["args"]["noise_multiplier"] = 0
+        for f in scope.get("task_data_filters", []):
+            if f["path"].endswith("DPTrainingPolicy"):
+                f["args"]["delta"] = 0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(policy))
     site = tmp_path / "site"
     site.mkdir()
-    with pytest.raises(Exception, match="noise_multiplier"):
+    with pytest.raises(Exception, match="'delta'.*local/privacy.json"):
         _manager(site, "client", bad)
 
 
@@ -70,6 +73,6 @@ def test_scope_helpers_name_the_file_and_scope(tmp_path):
     config = {"task_result_filters": [{"tasks": ["train"], "filters": [{"path": "x.JobFilter", "args": {}}]}]}
     merged = inject_scope_filters(config, data, result, ["train", "validate"])
     chains = {tuple(c["tasks"]): [f["path"].rsplit(".", 1)[1] for f in c["filters"]] for c in merged["task_result_filters"]}
-    assert chains[("train",)] == ["ReleasePolicyFilter", "DPUpdateFilter", "TransferMeter", "JobFilter"]
-    assert chains[("validate",)] == ["ReleasePolicyFilter", "DPUpdateFilter", "TransferMeter"]
+    assert chains[("train",)] == ["ReleasePolicyFilter", "DPReleaseFilter", "TransferMeter", "JobFilter"]
+    assert chains[("validate",)] == ["ReleasePolicyFilter", "DPReleaseFilter", "TransferMeter"]
     assert merged["task_data_filters"] == [{"tasks": ["train", "validate"], "filters": data}]

@@ -52,3 +52,13 @@ def test_other_kinds_and_missing_signature_are_refused():
         check_release("STATISTICS", {"count": 3}, {}, SIGNATURE)
     with pytest.raises(ReleaseRefused, match="ModelSignatureRecorder"):
         check_release("WEIGHT_DIFF", _diff(), {}, None)
+
+
+def test_a_score_histogram_of_counts_may_leave_but_not_scores():
+    histogram = [[5, 0, 2] + [0] * 97, [0, 1, 9] + [0] * 97]
+    check_release("METRICS", {"val_auc": 0.8, "val_score_histogram": histogram}, {}, None)
+    check_release("WEIGHT_DIFF", _diff(), {"metrics": {"val_score_histogram": histogram}}, SIGNATURE)
+    with pytest.raises(ReleaseRefused, match="non-negative integers"):
+        check_release("METRICS", {"val_score_histogram": [[0.93, 0.12], [0.4, 0.7]]}, {}, None)
+    with pytest.raises(ReleaseRefused, match="bin counts"):
+        check_release("METRICS", {"val_score_histogram": [list(range(2000))]}, {}, None)

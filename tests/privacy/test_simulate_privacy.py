@@ -44,24 +44,49 @@ def test_job_copy_gets_the_scope_filters_and_names_the_scope(tmp_path):
 
 
 @pytest.mark.slow
-def test_simulated_dp_hospitals_apply_the_policy_file_and_keep_ledgers(tmp_path):
+def test_simulated_dp_hospitals_train_with_dp_sgd_keep_ledgers_and_send_no_training_loss(tmp_path):
+    from opacus.accountants import RDPAccountant
+
     policy = json.loads(template_privacy_file("client").read_text())
     for scope in policy["scopes"]:
-        for f in scope.get("task_result_filters", []):
-            if f["path"].endswith("DPUpdateFilter"):
-                f["args"].update({"noise_multiplier": 1.5, "clip_norm": 0.5})
+        for f in scope.get("task_data_filters", []):
+            if f["path"].endswith("DPTrainingPolicy"):
+                f["args"].update({"epsilon": 3.0, "max_grad_norm": 0.8})
     path = tmp_path / "privacy.json"
     path.write_text(json.dumps(policy))
     out = simulate(num_sites=2, rounds=2, out=str(tmp_path / "dp"), privacy="dp", privacy_file=str(path))
     metrics = json.loads((out / "metrics.json").read_text())
-    eps = [r["sites"]["site-1"]["privacy_epsilon"] for r in metrics["rounds"]]
-    assert len(eps) == 2 and eps[1] > eps[0] > 0
-    ledger = json.loads((out / "workspace" / "site-1" / "privacy_ledger.json").read_text())
-    assert ledger["entries"][-1]["epsilon"] == pytest.approx(eps[1]) and ledger["entries"][-1]["noise_multiplier"] == 1.5
+    rounds = metrics["rounds"]
+    assert [r["contributors"] for r in rounds] == [["site-1", "site-2"], ["site-1", "site-2"]]
+    for r in rounds:
+        for site_metrics in r["sites"].values():
+            assert "train_loss" not in site_metrics and "samples_per_second" not in site_metrics
+            assert site_metrics["num_samples"] % 10 == 0
+    for evaluation in metrics["evaluations"]:
+        for site_metrics in evaluation["sites"].values():
+            assert site_metrics["val_auc"] == round(site_metrics["val_auc"], 2)
+    eps = [r["sites"]["site-1"]["privacy_epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1] <= 3.0
 
-    # the ledger's epsilon reaches TensorBoard, per site and round
+    # DIR/privacy_ledger.json: feeding each site's history to the named Opacus accountant gives its epsilon
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    assert ledger["unit"] == "record" and sorted(ledger["sites"]) == ["site-1", "site-2"]
+    for site, entry in ledger["sites"].items():
+        assert entry["accountant"] == "rdp" and entry["budget"] == 3.0 and entry["delta"] == 1e-5
+        accountant = RDPAccountant()
+        accountant.history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in entry["history"]]
+        assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(delta=entry["delta"]), rel=1e-9)
+        site_file = json.loads((out / "workspace" / site / "privacy_ledger.json").read_text())
+        assert site_file["history"] == entry["history"] and len(site_file["entries"]) == 2
+    assert ledger["sites"]["site-1"]["epsilon"] == pytest.approx(eps[1])
+    card = json.loads((out / "provenance.json").read_text())
+    card_sites = {s["site"]: s for s in card["summary"]["sites"]}
+    assert card_sites["site-1"]["privacy"]["history"] == ledger["sites"]["site-1"]["history"]
+
+    # TensorBoard events reach the server: the ledger's epsilon does, the training loss does not
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tb_events" / "site-1"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("privacy_epsilon")] == [(0, pytest.approx(eps[0])), (1, pytest.approx(eps[1]))]
+    assert "train_loss" not in events.Tags()["scalars"]

@@ -6,6 +6,13 @@ Tasks (names configurable):
 - ``validate``: DXO WEIGHTS in; answers DXO METRICS on local validation data.
 - ``submit_model``: answers DXO WEIGHTS of this site's latest local model.
 
+Under a privacy scope with :class:`fedmed.flare.filters.DPTrainingPolicy` (``dp``) the ``train``
+task uses record-level DP-SGD: the noise multiplier is derived from the site's budget before its
+first round in the job, every round is charged to the site's ledger (a file in its workspace),
+the site refuses to train once the budget is spent, and the update's meta carries the ledger
+(``privacy``) for the server's ``privacy_ledger.json``. Metrics streamed to TensorBoard are then
+coarsened as the release filter coarsens them.
+
 The site reads where its data is from its own ``local/fedmed_site.json``; a bad or unfilled config
 makes every task fail with a message naming the site and the file, which the server reports.
 """
@@ -23,10 +30,23 @@ from nvflare.apis.signal import Signal
 
 from fedmed.aggregation import weight_difference
 from fedmed.data import DataError
+from fedmed.flare.filters import BUDGET_SPENT, DP_MECHANISM, EPSILON_METRIC, PRIVACY_META_KEY, dp_ledger_path, dp_policy
 from fedmed.flare.replies import error_reply
+from fedmed.privacy.dp import (
+    LEDGER_UNIT,
+    DPSettings,
+    LedgerLock,
+    PrivacyBudgetExceeded,
+    PrivacyConfigError,
+    PrivacyLedger,
+    check_delta_for_dataset,
+    coarsen_metrics,
+    noise_multiplier_for_budget,
+    poisson_sampling,
+)
 from fedmed.site_config import SITE_CONFIG_FILE, SiteConfigError, load_site_config
 from fedmed.tasks import build_task
-from fedmed.training import LocalTrainer, TrainingAborted
+from fedmed.training import DPSGD, DPNetworkError, LocalTrainer, TrainingAborted, check_dp_network
 
 class FedMedExecutor(Executor):
     def __init__(
@@ -68,6 +88,8 @@ class FedMedExecutor(Executor):
         self._local_weights: dict[str, np.ndarray] | None = None
         self._local_network = None
         self._tb_writer = None
+        self._dp_plan: dict | None = None  # {"key": (job, settings, network), "noise_multiplier", ...}
+        self._dp_stopped: str | None = None  # why this site stopped contributing under dp (this job)
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -90,9 +112,11 @@ class FedMedExecutor(Executor):
         self._tb_writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if self.tb_writer_id else None
         return self._trainer
 
-    def _track(self, metrics: dict, round_num: int, prefix: str = "") -> None:
+    def _track(self, metrics: dict, round_num: int, prefix: str = "", dp: bool = False) -> None:
         if self._tb_writer is None:
             return
+        if dp:  # TensorBoard events reach the server: send only what the dp release filter lets leave
+            metrics, _ = coarsen_metrics(metrics, keep_extra=("learning_rate", EPSILON_METRIC))
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and np.isfinite(value) and key != "num_val_samples":
                 self._tb_writer.add_scalar(prefix + key, float(value), global_step=round_num)
@@ -112,7 +136,7 @@ class FedMedExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except TrainingAborted:
             return make_reply(ReturnCode.TASK_ABORTED)
-        except (SiteConfigError, DataError) as exc:
+        except (SiteConfigError, DataError, PrivacyConfigError, DPNetworkError) as exc:
             message = f"site {site}: {exc}"
             self.log_error(fl_ctx, message)
             return error_reply(message)
@@ -131,6 +155,37 @@ class FedMedExecutor(Executor):
                 raise ValueError(f"the server's task lacks meta '{key}'")
         return dxo
 
+    def _dp_noise_multiplier(self, settings: DPSettings, trainer: LocalTrainer, network: dict, ledger: PrivacyLedger,
+                             round_num: int, num_rounds: int | None, fl_ctx: FLContext) -> dict:
+        """The job's DP-SGD plan, derived once (at the site's first round in the job, or after a
+        restart) from the budget left in the ledger and the rounds still to come."""
+        key = (fl_ctx.get_job_id(), settings, repr(network))
+        if self._dp_plan is not None and self._dp_plan["key"] == key:
+            return self._dp_plan
+        site = fl_ctx.get_identity_name()
+        check_delta_for_dataset(settings.delta, trainer.num_train_samples)
+        check_dp_network(network)
+        sample_rate, steps_per_epoch = poisson_sampling(trainer.num_train_samples, trainer.batch_size)
+        round_steps = trainer.local_epochs * steps_per_epoch
+        rounds_left = max(1, int(num_rounds) - round_num) if num_rounds else 1
+        try:
+            noise = noise_multiplier_for_budget(settings.epsilon, settings.delta, sample_rate, rounds_left * round_steps,
+                                                settings.accountant, prior_history=ledger.history)
+        except PrivacyBudgetExceeded as exc:
+            raise PrivacyBudgetExceeded(
+                f"site {site}: no DP-SGD noise level fits {rounds_left} more round(s) of {round_steps} steps in the budget "
+                f"({exc}; ledger {ledger.path}); this site stops contributing under the dp scope"
+            ) from exc
+        self._dp_plan = {"key": key, "noise_multiplier": noise, "sample_rate": sample_rate, "round_steps": round_steps}
+        self.log_info(
+            fl_ctx,
+            f"site {site}: DP-SGD plan: noise multiplier {noise:.4g} for {rounds_left} round(s) x {round_steps} steps at "
+            f"sample rate {sample_rate:.4g} ({trainer.num_train_samples} records, batch {trainer.batch_size}), clip "
+            f"{settings.max_grad_norm:g}; budget epsilon {settings.epsilon:g} at delta {settings.delta:g} ({settings.accountant}), "
+            f"{ledger.epsilon:.4g} already spent",
+        )
+        return self._dp_plan
+
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
         dxo = self._incoming(shareable, site)
@@ -138,35 +193,81 @@ class FedMedExecutor(Executor):
         network = dxo.meta["network"]
         trainer = self._site_trainer(dxo.meta["task"], fl_ctx)
         global_weights = {key: np.asarray(value) for key, value in dxo.data.items()}
+        num_rounds = dxo.meta.get("num_rounds")
+        num_rounds = int(num_rounds) if num_rounds else None
+        settings = dp_policy(fl_ctx)
+        if settings is not None:
+            return self._train_dp(settings, trainer, network, global_weights, round_num, num_rounds, fl_ctx, abort_signal)
 
         val_metrics = trainer.evaluate(network, global_weights)
-        num_rounds = dxo.meta.get("num_rounds")
         result = trainer.train(
-            network, global_weights, round_num, should_abort=lambda: abort_signal.triggered,
-            num_rounds=int(num_rounds) if num_rounds else None,
+            network, global_weights, round_num, should_abort=lambda: abort_signal.triggered, num_rounds=num_rounds,
         )
+        return self._update(trainer, result, global_weights, val_metrics, network, round_num, fl_ctx)
+
+    def _train_dp(self, settings: DPSettings, trainer: LocalTrainer, network: dict, global_weights: dict, round_num: int,
+                  num_rounds: int | None, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """One round of record-level DP-SGD, charged to the site's ledger before the update leaves."""
+        site = fl_ctx.get_identity_name()
+        if self._dp_stopped:
+            self.log_error(fl_ctx, self._dp_stopped)
+            return error_reply(self._dp_stopped, BUDGET_SPENT)
+        path = dp_ledger_path(fl_ctx, settings)
+        try:
+            with LedgerLock(path):  # one charge at a time at this site, across jobs
+                ledger = PrivacyLedger(site, settings.delta, settings.epsilon, settings.accountant, path)
+                plan = self._dp_noise_multiplier(settings, trainer, network, ledger, round_num, num_rounds, fl_ctx)
+                planned = [(plan["noise_multiplier"], plan["sample_rate"], plan["round_steps"])]
+                ledger.check_affordable(planned, f"training round {round_num}")
+                val_metrics = trainer.evaluate(network, global_weights)
+                result = trainer.train(
+                    network, global_weights, round_num, should_abort=lambda: abort_signal.triggered, num_rounds=num_rounds,
+                    dp=DPSGD(plan["noise_multiplier"], settings.max_grad_norm, settings.accountant),
+                )
+                entry = ledger.charge(fl_ctx.get_job_id(), round_num, result.privacy_steps)
+        except PrivacyBudgetExceeded as exc:
+            self._dp_stopped = str(exc)
+            self.log_error(fl_ctx, self._dp_stopped)
+            return error_reply(self._dp_stopped, BUDGET_SPENT)
+        record = ledger.record()
+        privacy = {
+            "scope": fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or "dp",
+            "unit": LEDGER_UNIT,
+            "mechanism": DP_MECHANISM,
+            "noise_multiplier": plan["noise_multiplier"],
+            "sample_rate": plan["sample_rate"],
+            "max_grad_norm": settings.max_grad_norm,
+            "steps": sum(int(step["steps"]) for step in entry["steps"]),
+            **record,  # accountant, delta, epsilon, budget, history: the site's whole ledger, recomputable
+        }
+        result.metrics[EPSILON_METRIC] = record["epsilon"]
+        return self._update(trainer, result, global_weights, val_metrics, network, round_num, fl_ctx, privacy)
+
+    def _update(self, trainer: LocalTrainer, result, global_weights: dict, val_metrics: dict, network: dict,
+                round_num: int, fl_ctx: FLContext, privacy: dict | None = None) -> Shareable:
+        site = fl_ctx.get_identity_name()
         self._local_weights, self._local_network = result.weights, network
         metrics = {**val_metrics, **result.metrics}
-        self._track(metrics, round_num)
+        self._track(metrics, round_num, dp=privacy is not None)
         self.log_info(
             fl_ctx,
             f"site {site} round {round_num}: train_loss {result.metrics['train_loss']:.4f}, "
             f"global model {trainer.task.key_metric} {val_metrics[trainer.task.key_metric]:.4f} "
-            f"({result.num_samples} samples, {result.metrics['train_seconds']:.1f} s)",
+            f"({result.num_samples} samples, {result.metrics['train_seconds']:.1f} s)"
+            + (f"; DP-SGD epsilon {privacy['epsilon']:.4g} of {privacy['budget']:g}" if privacy else ""),
         )
-        out = DXO(
-            data_kind=DataKind.WEIGHT_DIFF,
-            data=weight_difference(result.weights, global_weights),
-            meta={
-                "num_samples": result.num_samples,
-                MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples,
-                "site": site,
-                "round": round_num,
-                # the privacy scope this site applied (its local/privacy.json; "" when none, e.g. in the simulator)
-                "privacy_scope": fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or "",
-                "metrics": metrics,
-            },
-        )
+        meta = {
+            "num_samples": result.num_samples,
+            MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples,
+            "site": site,
+            "round": round_num,
+            # the privacy scope this site applied (its local/privacy.json; "" when none, e.g. in the simulator)
+            "privacy_scope": fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or "",
+            "metrics": metrics,
+        }
+        if privacy is not None:
+            meta[PRIVACY_META_KEY] = privacy
+        out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=weight_difference(result.weights, global_weights), meta=meta)
         return out.to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -176,7 +277,7 @@ class FedMedExecutor(Executor):
         metrics = trainer.evaluate(dxo.meta["network"], {k: np.asarray(v) for k, v in dxo.data.items()})
         model_name = dxo.meta.get("model_name", "global")
         if "round" in dxo.meta:
-            self._track(metrics, int(dxo.meta["round"]))
+            self._track(metrics, int(dxo.meta["round"]), dp=dp_policy(fl_ctx) is not None)
         self.log_info(fl_ctx, f"site {site}: validated model '{model_name}': {metrics}")
         return DXO(data_kind=DataKind.METRICS, data=metrics, meta={"site": site, "model_name": model_name}).to_shareable()
 

@@ -6,9 +6,11 @@ Site side (task results leaving the site, in this order in every scope):
   server sent, so the release policy can check what leaves against it.
 - :class:`ReleasePolicyFilter` (``standard`` policy, first in every scope): only model tensors
   shaped exactly like the received model, aggregate metrics and small meta data leave.
-- :class:`DPUpdateFilter` (``dp``): clip the weight difference to norm C, add Gaussian noise
-  (multiplier z), account the release in the site's privacy ledger; stop contributing once the
-  epsilon budget would be exceeded.
+- :class:`DPTrainingPolicy` (``dp``, task data in): hands the site's DP-SGD settings (budget,
+  delta, clip norm, accountant, ledger file) to the executor, which trains with Opacus and
+  charges the site's record-level ledger.
+- :class:`DPReleaseFilter` (``dp``): only DP-SGD-trained weight differences leave, with rounded
+  sample counts and coarsened validation metrics; no training loss.
 - :class:`Float16CompressFilter` (``compressed``): float16 transfer of model tensors.
 - :class:`TransferMeter` (last in every scope): measures the serialized bytes of what leaves.
 
@@ -44,15 +46,7 @@ from fedmed.privacy.compression import (
     compress_float16,
     decompress_float16,
 )
-from fedmed.privacy.dp import (
-    LedgerLock,
-    PrivacyBudgetExceeded,
-    PrivacyConfigError,
-    PrivacyLedger,
-    check_dp_settings,
-    privatize_update,
-    split_integer_tensors,
-)
+from fedmed.privacy.dp import LEDGER_UNIT, DPSettings, coarsen_metrics, round_count
 from fedmed.privacy.release import ReleaseRefused, check_release, model_signature
 
 RELEASE_REFUSED = "FEDMED_RELEASE_REFUSED"  # return code of a result the site's privacy policy blocked
@@ -61,7 +55,9 @@ PRIVACY_META_KEY = "privacy"  # DXO meta: {"scope", "mechanism", "epsilon", "del
 TRANSFER_META_KEY = "transfer"  # DXO meta: {"bytes": serialized size, "array_bytes": raw tensor bytes}
 UPLOAD_BYTES_METRIC = "upload_bytes"  # also copied into meta["metrics"] so metrics.json records it
 EPSILON_METRIC = "privacy_epsilon"
-COUNTER_SUFFIX = "num_batches_tracked"  # BatchNorm step counters: follow from the public sample count
+DP_POLICY_PROP = "fedmed.dp_training_policy"  # FLContext property: the site's DPSettings (dp scope)
+DP_MECHANISM = "dp-sgd"
+DP_PUBLIC_METRICS = ("learning_rate", EPSILON_METRIC)  # public numbers a dp update may carry besides validation
 
 # model signatures the site received, per job (task-data filter -> task-result filter)
 _SIGNATURES: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -138,130 +134,101 @@ class ReleasePolicyFilter(Filter):
         return shareable
 
 
-class DPUpdateFilter(Filter):
+class DPTrainingPolicy(Filter):
     def __init__(
         self,
-        clip_norm: float = 1.0,
-        noise_multiplier: float = 1.0,
+        epsilon: float = 8.0,
         delta: float = 1e-5,
-        epsilon_budget: float = 30.0,
+        max_grad_norm: float = 1.0,
         accountant: str = "rdp",
         ledger_file: str = "privacy_ledger.json",
-        seed: int | None = None,
-        tb_writer_id: str = "tb_writer",
     ):
-        """Differential privacy for the weight difference a site sends (the ``dp`` scope).
+        """Task-data filter of the ``dp`` scope: this site trains with record-level DP-SGD.
+
+        It hands the site's own DP settings to the executor (an FLContext property set on every
+        task arriving under this scope; the server cannot set or change it). The executor derives
+        the noise multiplier from them, trains with Opacus and charges its ledger
+        (:mod:`fedmed.privacy.dp`); :class:`DPReleaseFilter` refuses any update not trained so.
 
         Args:
-            clip_norm: C, the L2 norm the whole update is clipped to (site-level sensitivity).
-            noise_multiplier: z; Gaussian noise N(0, (z*C)^2) is added to every coordinate.
-            delta: the delta at which the ledger reports epsilon.
-            epsilon_budget: the site's total epsilon budget (across jobs sharing the ledger file);
-                a release that would exceed it is refused and the site stops contributing.
-            accountant: Opacus accountant: ``rdp`` (default), ``prv`` or ``gdp``.
+            epsilon: the site's total record-level budget (across every job sharing the ledger).
+            delta: the delta epsilon is accounted at; must be below 1 / (training-set size).
+            max_grad_norm: C, every record's gradient is clipped to this L2 norm.
+            accountant: Opacus accountant, ``rdp`` (default) or ``prv``.
             ledger_file: the site's privacy ledger; a relative path is relative to the site's
-                workspace root, so privacy spent accumulates across jobs. Required.
-            seed: seeds the noise (tests only; leave None so noise cannot be predicted).
-            tb_writer_id: id of the job's TBWriter component; epsilon is logged there per round.
+                workspace root (the kit folder), so restarts and later jobs continue it.
         """
         super().__init__()
-        check_dp_settings(clip_norm, noise_multiplier, delta=delta, epsilon_budget=epsilon_budget, accountant=accountant)
-        if not isinstance(ledger_file, str) or not ledger_file.strip():
-            raise PrivacyConfigError("DP setting 'ledger_file' must name the site's privacy ledger file")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise PrivacyConfigError(f"DP setting 'seed' must be an integer or null, got {seed!r}")
-        self.clip_norm = float(clip_norm)
-        self.noise_multiplier = float(noise_multiplier)
-        self.delta = float(delta)
-        self.epsilon_budget = float(epsilon_budget)
-        self.accountant = accountant
-        self.ledger_file = ledger_file
-        self.seed = seed
-        self.tb_writer_id = tb_writer_id
-        self._rng = np.random.default_rng(seed)
-        self._warned_no_tb = False
-        self._stopped_message: str | None = None
+        self.settings = DPSettings(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm, accountant=accountant,
+                                   ledger_file=ledger_file)  # raises PrivacyConfigError naming the key
 
-    def ledger_path(self, fl_ctx: FLContext) -> Path:
-        path = Path(self.ledger_file)
-        if not path.is_absolute():
-            path = Path(fl_ctx.get_engine().get_workspace().get_root_dir()) / path
-        return path
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        fl_ctx.set_prop(DP_POLICY_PROP, self.settings, private=True, sticky=False)
+        return shareable
 
-    def _log_epsilon(self, fl_ctx: FLContext, epsilon: float, round_num: int) -> None:
-        writer = fl_ctx.get_engine().get_component(self.tb_writer_id) if self.tb_writer_id else None
-        if writer is None:
-            if not self._warned_no_tb:
-                self.log_warning(fl_ctx, f"no component '{self.tb_writer_id}' in the job: epsilon is not sent to TensorBoard (the ledger file still has it)")
-                self._warned_no_tb = True
-            return
-        writer.add_scalar(EPSILON_METRIC, float(epsilon), global_step=int(round_num))
+
+def dp_policy(fl_ctx: FLContext) -> DPSettings | None:
+    """The site's DP-SGD settings when this task runs under a scope with :class:`DPTrainingPolicy`."""
+    value = fl_ctx.get_prop(DP_POLICY_PROP)
+    return value if isinstance(value, DPSettings) else None
+
+
+def dp_ledger_path(fl_ctx: FLContext, settings: DPSettings) -> Path:
+    path = Path(settings.ledger_file)
+    if not path.is_absolute():
+        path = Path(fl_ctx.get_engine().get_workspace().get_root_dir()) / path
+    return path
+
+
+class DPReleaseFilter(Filter):
+    """Task-result filter of the ``dp`` scope: only what the DP-SGD accounting covers leaves, plus
+    coarse, public numbers.
+
+    - a weight difference leaves only if the executor trained it with record-level DP-SGD (meta
+      ``privacy`` with ``unit`` ``record``); any integer tensor is refused;
+    - its sample counts are rounded to a multiple of 10;
+    - metrics: validation of the global model only, rounded to 2 decimals (``num_val_samples`` to
+      a multiple of 10), the learning rate and the ledger's epsilon; the training loss, timings
+      and lists (score histograms) are dropped;
+    - a full local model (``submit_model``) is refused.
+    """
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
             return shareable
         site, task = _site(fl_ctx), _task(fl_ctx)
         dxo = _dxo_or_none(shareable)
+
+        def refuse(reason: str) -> Shareable:
+            message = f"site {site}: dp scope: {reason} (task '{task}'); nothing released"
+            self.log_error(fl_ctx, message)
+            return error_reply(message, RELEASE_REFUSED)
+
         if dxo is None:
-            return error_reply(f"site {site}: dp scope: the result of task '{task}' is not a DXO; nothing released", RELEASE_REFUSED)
+            return refuse("the result is not a DXO")
         if dxo.data_kind == DataKind.METRICS:
-            return shareable  # aggregate metrics leave as under standard (see docs/privacy.md)
+            kept, dropped = coarsen_metrics(dxo.data)
+            meta = {k: v for k, v in dxo.meta.items() if k != "metrics"}
+            return DXO(data_kind=DataKind.METRICS, data=kept, meta=meta).update_shareable(shareable)
         if dxo.data_kind != DataKind.WEIGHT_DIFF:
-            message = (
-                f"site {site}: dp scope releases only noised weight differences; refusing to release {dxo.data_kind} "
-                f"for task '{task}'"
-            )
-            self.log_error(fl_ctx, message)
-            return error_reply(message, RELEASE_REFUSED)
-        if self._stopped_message:
-            self.log_error(fl_ctx, self._stopped_message)
-            return error_reply(self._stopped_message, BUDGET_SPENT)
-
-        floats, integers = split_integer_tensors(dxo.data)
-        bad = [key for key in integers if not key.endswith(COUNTER_SUFFIX)]
-        if bad:
-            message = f"site {site}: dp scope cannot release integer tensor(s) {', '.join(bad[:3])}; nothing released"
-            self.log_error(fl_ctx, message)
-            return error_reply(message, RELEASE_REFUSED)
-        round_num = int(dxo.get_meta_prop("round", -1))
-        path = self.ledger_path(fl_ctx)
-        try:
-            with LedgerLock(path):
-                ledger = PrivacyLedger(site, self.delta, self.epsilon_budget, self.accountant, path)
-                entry = ledger.record_release(fl_ctx.get_job_id(), round_num, self.noise_multiplier, self.clip_norm)
-        except PrivacyBudgetExceeded as exc:
-            self._stopped_message = f"{exc} (ledger {path})"
-            self.log_error(fl_ctx, self._stopped_message)
-            return error_reply(self._stopped_message, BUDGET_SPENT)
-        released, info = privatize_update(floats, self.clip_norm, self.noise_multiplier, self._rng)
-        released.update({key: dxo.data[key] for key in integers})
-
-        privacy = {
-            "scope": _scope(fl_ctx) or "dp",
-            "mechanism": "gaussian",
-            "clip_norm": self.clip_norm,
-            "noise_multiplier": self.noise_multiplier,
-            "noise_std": info["noise_std"],
-            "epsilon": entry.epsilon,
-            "delta": self.delta,
-            "epsilon_budget": self.epsilon_budget,
-            "accountant": self.accountant,
-            "rounds_accounted": ledger.rounds,
-            "clipped": info["clipped"],
-        }
+            return refuse(f"only weight differences trained with DP-SGD may leave, not {dxo.data_kind}")
+        privacy = dxo.get_meta_prop(PRIVACY_META_KEY)
+        if not isinstance(privacy, dict) or privacy.get("unit") != LEDGER_UNIT or privacy.get("mechanism") != DP_MECHANISM:
+            return refuse("the update was not trained with record-level DP-SGD (no DP-SGD ledger entry in its meta); "
+                          "the scope needs fedmed.flare.filters.DPTrainingPolicy in task_data_filters and the job's "
+                          "executor fedmed.flare.executor.FedMedExecutor")
+        integers = [key for key, value in dxo.data.items() if not np.issubdtype(np.asarray(value).dtype, np.floating)]
+        if integers:
+            return refuse(f"integer tensor(s) {', '.join(integers[:3])} are not covered by DP-SGD")
         meta = dict(dxo.meta)
-        meta[PRIVACY_META_KEY] = privacy
-        metrics = dict(meta.get("metrics") or {})
-        metrics[EPSILON_METRIC] = entry.epsilon
-        meta["metrics"] = metrics
-        self.log_info(
-            fl_ctx,
-            f"site {site} round {round_num}: released update clipped to {self.clip_norm:g} (norm was "
-            f"{info['norm_before_clipping']:.4g}) with noise std {info['noise_std']:.4g}; epsilon now "
-            f"{entry.epsilon:.4g} at delta {self.delta:g} (budget {self.epsilon_budget:g}, ledger {path})",
-        )
-        self._log_epsilon(fl_ctx, entry.epsilon, round_num)
-        return DXO(data_kind=DataKind.WEIGHT_DIFF, data=released, meta=meta).update_shareable(shareable)
+        for key in ("num_samples", MetaKey.NUM_STEPS_CURRENT_ROUND):
+            if key in meta:
+                meta[key] = round_count(meta[key])
+        kept, dropped = coarsen_metrics(meta.get("metrics") or {}, keep_extra=DP_PUBLIC_METRICS)
+        meta["metrics"] = kept
+        self.log_info(fl_ctx, f"site {site}: dp scope: released the DP-SGD update of task '{task}' (epsilon "
+                              f"{privacy.get('epsilon'):.4g}); counts rounded, metrics coarsened, not sent: {', '.join(dropped) or 'nothing'}")
+        return DXO(data_kind=DataKind.WEIGHT_DIFF, data=dxo.data, meta=meta).update_shareable(shareable)
 
 
 class Float16CompressFilter(Filter):
@@ -439,7 +406,8 @@ class CiphertextOnlyCheck(Filter):
 __all__ = [
     "ModelSignatureRecorder",
     "ReleasePolicyFilter",
-    "DPUpdateFilter",
+    "DPTrainingPolicy",
+    "DPReleaseFilter",
     "Float16CompressFilter",
     "Float16DecompressFilter",
     "TransferMeter",

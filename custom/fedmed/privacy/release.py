@@ -4,7 +4,9 @@ A task result may carry
 - model tensors (weights or weight difference) whose names and shapes are exactly those of the
   model the server sent in this job (the *model signature*), so no tensor shaped like data
   (images, per-sample predictions, embeddings) can ride along;
-- metrics that are single finite numbers (aggregate values, never per-sample lists);
+- metrics that are single finite numbers (aggregate values, never per-sample lists), or a
+  ``*_histogram`` metric: per class, a list of non-negative bin counts over a fixed score grid
+  (aggregate counts, e.g. ``val_score_histogram``);
 - meta data made of numbers, short strings and short lists/dicts of those.
 Anything else raises :class:`ReleaseRefused` with the reason; the caller blocks the release.
 """
@@ -19,6 +21,9 @@ import numpy as np
 MAX_META_LIST = 16  # a list longer than this in meta could be per-sample values
 MAX_META_STRING = 1024
 MAX_META_DEPTH = 4
+HISTOGRAM_SUFFIX = "_histogram"  # a metric of per-class bin counts (fedmed.threshold)
+MAX_HISTOGRAM_CLASSES = 16
+MAX_HISTOGRAM_BINS = 1000
 UPDATE_KINDS = ("WEIGHTS", "WEIGHT_DIFF")
 METRICS_KIND = "METRICS"
 
@@ -79,12 +84,27 @@ def check_metrics(metrics: Mapping[str, Any], where: str = "metrics") -> None:
     for key, value in metrics.items():
         if value is None:
             continue
+        if isinstance(key, str) and key.endswith(HISTOGRAM_SUFFIX):
+            check_histogram(value, f"{where}.{key}")
+            continue
         if isinstance(value, np.ndarray) and value.ndim == 0:
             value = value.item()
         if not _is_number(value):
             raise ReleaseRefused(f"{where}.{key} is a {type(value).__name__}; metrics must be single aggregate numbers")
         if not math.isfinite(float(value)):
             raise ReleaseRefused(f"{where}.{key} is not finite ({value})")
+
+
+def check_histogram(value: Any, where: str) -> None:
+    """Per class, a list of non-negative integer bin counts (aggregate counts, not per-sample values)."""
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_HISTOGRAM_CLASSES:
+        raise ReleaseRefused(f"{where} must be a list of per-class bin counts (at most {MAX_HISTOGRAM_CLASSES} classes)")
+    for row in value:
+        if not isinstance(row, (list, tuple)) or not 1 <= len(row) <= MAX_HISTOGRAM_BINS:
+            raise ReleaseRefused(f"{where} must hold per-class lists of at most {MAX_HISTOGRAM_BINS} bin counts")
+        for count in row:
+            if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count < 0:
+                raise ReleaseRefused(f"{where} holds {count!r}; bin counts must be non-negative integers")
 
 
 def check_model_release(data: Mapping[str, Any], signature: Mapping[str, tuple[int, ...]] | None, kind: str) -> None:
@@ -118,6 +138,7 @@ def check_release(kind: str, data: Any, meta: Mapping[str, Any], signature: Mapp
         check_metrics(data, "metrics")
     else:
         raise ReleaseRefused(f"results of kind {kind} may not leave the site (allowed: {', '.join(UPDATE_KINDS + (METRICS_KIND,))})")
-    check_meta(meta or {}, "meta")
-    if isinstance(meta, Mapping) and "metrics" in meta:
+    meta = meta or {}
+    check_meta({key: value for key, value in meta.items() if key != "metrics"}, "meta")
+    if "metrics" in meta:
         check_metrics(meta["metrics"], "meta.metrics")
