@@ -26,14 +26,7 @@ def validate_update(
     """Raise :class:`UpdateError` on unknown or missing keys, shape mismatch, non-finite values
     or a sample count that is not a positive number."""
     validate_sample_count(num_samples, site)
-    if not update:
-        raise UpdateError(f"site {site}: the update holds no weights")
-    unknown = sorted(set(update) - set(reference))
-    if unknown:
-        raise UpdateError(f"site {site}: update has key(s) not in the global model: {', '.join(unknown[:5])}")
-    missing = sorted(set(reference) - set(update))
-    if missing and not allow_partial:
-        raise UpdateError(f"site {site}: update lacks key(s) of the global model: {', '.join(missing[:5])}")
+    validate_keys(update, reference, site, allow_partial)
     for key, value in update.items():
         value = np.asarray(value)
         if value.shape != np.shape(reference[key]):
@@ -42,6 +35,19 @@ def validate_update(
             )
         if not np.all(np.isfinite(value)):
             raise UpdateError(f"site {site}: key '{key}' holds NaN or infinite values")
+
+
+def validate_keys(update: Mapping, reference_keys, site: str = "?", allow_partial: bool = False) -> None:
+    """Raise :class:`UpdateError` on an empty update, keys not in ``reference_keys`` or (unless
+    ``allow_partial``) keys missing from the update. Shared by plaintext and ciphertext updates."""
+    if not update:
+        raise UpdateError(f"site {site}: the update holds no weights")
+    unknown = sorted(set(update) - set(reference_keys))
+    if unknown:
+        raise UpdateError(f"site {site}: update has key(s) not in the global model: {', '.join(unknown[:5])}")
+    missing = sorted(set(reference_keys) - set(update))
+    if missing and not allow_partial:
+        raise UpdateError(f"site {site}: update lacks key(s) of the global model: {', '.join(missing[:5])}")
 
 
 def weighted_mean(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> dict[str, np.ndarray]:

@@ -164,8 +164,9 @@ class AggregationStep(Protocol):
     min_sites: int  # fewest contributors the step can aggregate safely
     min_sites_reason: str  # why (named when the job stops)
 
-    def check_update(self, site: str, update: Mapping[str, Any], num_samples: float, global_model: Any) -> None:
-        """Raise UpdateError (naming the site) when the update must not enter the aggregate."""
+    def check_update(self, site: str, update: Mapping[str, Any], num_samples: float, global_model: Any,
+                     meta: Mapping[str, Any] | None = None) -> None:
+        """Raise UpdateError (naming the site) when the update must not enter the aggregate (``meta``: the reply's)."""
 
     def aggregate(self, global_model: Any, contributions: Sequence[Contribution], round_num: int) -> tuple[Any, dict]:
         """Return (the new global model, a JSON-able report); raise RoundRejected to keep the old one."""
@@ -223,7 +224,7 @@ class PlaintextAggregation:
         self.allow_partial = allow_partial
         self.description = f"{self.spec['name']} {self.spec['args'] or ''}".strip() + f"; server optimizer {self.server_optimizer_spec['name']}"
 
-    def check_update(self, site, update, num_samples, global_model) -> None:
+    def check_update(self, site, update, num_samples, global_model, meta=None) -> None:
         validate_update(update, global_model, num_samples, site, self.allow_partial)
 
     def _combine(self, global_model, contributions, spec):
@@ -329,7 +330,7 @@ class RoundEngine:
         num_samples = meta.get("num_samples")
         validate_sample_count(num_samples, site)
         metrics, notes = check_site_metrics(site, meta.get("metrics"))
-        self.step.check_update(site, reply.update, num_samples, global_model)  # last: HE accepts into its aggregator here
+        self.step.check_update(site, reply.update, num_samples, global_model, meta)  # last: HE accepts into its aggregator here
         return Contribution(site, reply.update, num_samples, meta), metrics, notes
 
     def run_round(self, round_num: int, global_model, replies: Mapping[str, SiteReply], errors: Mapping[str, str] | None = None) -> RoundOutcome:

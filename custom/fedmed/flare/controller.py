@@ -1,17 +1,34 @@
-"""FLARE Controller: scatter-gather FedAvg weighted by real sample counts.
+"""FLARE Controller: scatter-gather rounds run by the pure round engine (:mod:`fedmed.rounds`).
 
-A thin orchestration layer: the math lives in :mod:`fedmed.aggregation`. Every round the global
-model goes to every connected site; the round closes when all answered, or ``min_clients`` answered
-and ``wait_after_min_clients`` seconds passed, or ``round_timeout`` expired. Sites that error or drop
-out are left out of that round (and named in the log and metrics) as long as ``min_clients``
-answered; otherwise the job stops with a message naming every failed site.
+A thin orchestration layer. Every round the global model goes to every connected site; the round
+closes when all answered, or ``min_clients`` answered and ``wait_after_min_clients`` seconds passed,
+or ``round_timeout`` expired. The replies go to :class:`fedmed.rounds.RoundEngine`, which checks
+every update and its metrics, leaves out (and names) the sites that failed, stops the job below
+``min_clients``, keeps the best model on the median of the sites' key metric, and runs the
+aggregation step this controller passes it:
+
+- plaintext (the default): :class:`fedmed.rounds.PlaintextAggregation` with the job's
+  ``aggregation`` (``fedavg``, or robust ``clipped_fedavg`` / ``trimmed_mean`` / ``median``, see
+  :func:`fedmed.aggregation.check_aggregation_spec`) and ``server_optimizer``; a round whose new
+  model would hold NaN/Inf is rejected, the previous model kept and the sites named;
+- ``he`` (``he_aggregator_id`` / ``he_shareable_generator_id`` set): :class:`fedmed.flare.he.HEAggregation`,
+  FLARE's HE aggregator over CKKS ciphertext; it refuses a round with fewer than 3 contributing sites.
 
 Outputs in the server's app folder, ``fedmed/``: ``run_config.json``, ``global_model.pt`` (every
-round), ``best_global_model.pt`` (best mean validation metric), ``metrics.json``.
+round), ``best_global_model.pt``, ``metrics.json``, ``provenance.json`` (plaintext modes), and
+``resume_state.npz`` (the controller's state after the last completed round).
+
+Resume after a server crash: when the job's meta names ``fedmed_resume_of: <job id>`` (set by
+:class:`fedmed.flare.resume.ResumeInterruptedJobs` when a restarted server re-submits a job that
+was running when the server died), the controller loads that job's ``resume_state.npz`` (round,
+global model, round-engine state with metrics, provenance chain, server-optimizer state) and goes
+on from the first round that had not completed.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -23,8 +40,9 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
 from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
 
-from fedmed.aggregation import UpdateError, apply_update, validate_update, weighted_mean
+from fedmed.aggregation import DEFAULT_AGGREGATION, check_aggregation_spec
 from fedmed.atomic import atomic_path, write_json
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, numpy_to_state, state_to_numpy
@@ -36,20 +54,14 @@ from fedmed.results import (
     RUN_CONFIG_FILE,
     SERVER_OUTPUT_DIR,
 )
+from fedmed.rounds import PlaintextAggregation, RoundEngine, RoundFailed, SiteReply, join_arrays, split_arrays
 from fedmed.tasks import build_task
 
 DEFAULT_NETWORK = {"name": "small_cnn", "args": {"in_channels": 1, "num_classes": 2}}
 DEFAULT_TASK = {"name": "classification", "args": {}}
-
-
-def mean_metric(site_metrics: dict, key: str) -> float | None:
-    """Mean of ``key`` over sites, weighted by each site's validation sample count."""
-    pairs = [(m[key], m.get("num_val_samples", 1)) for m in site_metrics.values() if key in m]
-    pairs = [(v, w) for v, w in pairs if v is not None and np.isfinite(v)]
-    if not pairs:
-        return None
-    values, weights = zip(*pairs)
-    return float(np.average(values, weights=weights))
+RESUME_STATE_FILE = "resume_state.npz"
+RESUME_META_KEY = "fedmed_resume_of"  # job meta: the id of the interrupted job this one resumes
+_PROVENANCE_FIELDS = ("job", "network", "aggregation", "created_utc", "sites", "chain", "extra")
 
 
 class FedAvgController(Controller):
@@ -67,6 +79,8 @@ class FedAvgController(Controller):
         final_validation: bool = True,
         allow_partial_updates: bool = False,
         job_name: str = "fedmed",
+        aggregation: dict | None = None,
+        server_optimizer: dict | None = None,
         he_aggregator_id: str = "",
         he_shareable_generator_id: str = "",
     ):
@@ -82,9 +96,15 @@ class FedAvgController(Controller):
         final_validation: after the last round, validate the final global model at every site.
         allow_partial_updates: accept updates lacking some keys (a privacy filter removed them).
         job_name: name written into the outputs and the bundle.
+        aggregation: ``{"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median", "args": {...}}``
+            (default ``{"name": "trimmed_mean"}``: norms bounded at 2 x the round's median, then a
+            coordinate-wise 20 % trimmed mean; see fedmed.aggregation.check_aggregation_spec).
+        server_optimizer: ``{"name": "fedavg"|"fedavgm"|"fedadam"|"fedyogi", "args": {...}}``
+            (default ``{"name": "fedavg"}``: global model + aggregated update; fedmed.server_optim).
         he_aggregator_id / he_shareable_generator_id: ids of FLARE's HE aggregator and shareable
             generator components; when set, rounds run under homomorphic encryption (privacy mode
-            ``he``, see fedmed.flare.he): the server aggregates ciphertext only.
+            ``he``, see fedmed.flare.he): the server aggregates ciphertext only, at least 3 sites
+            must contribute to every round, and ``aggregation`` / ``server_optimizer`` must be unset.
         """
         super().__init__()
         if num_rounds < 1:
@@ -93,8 +113,12 @@ class FedAvgController(Controller):
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         if bool(he_aggregator_id) != bool(he_shareable_generator_id):
             raise ValueError("he_aggregator_id and he_shareable_generator_id must be given together (privacy mode he)")
+        if he_aggregator_id and (aggregation or server_optimizer):
+            raise ValueError("aggregation / server_optimizer cannot apply under he: the server sees ciphertext only; "
+                             "remove them from the controller args (fedmed.flare.he.apply_he_mode does)")
+        self.aggregation = check_aggregation_spec(aggregation or DEFAULT_AGGREGATION, "FedAvgController args.aggregation")
+        self.server_optimizer = dict(server_optimizer or {"name": "fedavg"})
         self.he_ids = (he_aggregator_id, he_shareable_generator_id)
-        self.he_rounds = None
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.round_timeout = round_timeout
@@ -107,27 +131,46 @@ class FedAvgController(Controller):
         self.final_validation = final_validation
         self.allow_partial_updates = allow_partial_updates
         self.job_name = job_name
-        self.key_metric = None
         self.out_dir: Path | None = None
-        self.global_weights: dict[str, np.ndarray] = {}
+        self.step = None  # the aggregation step
+        self.engine: RoundEngine | None = None
+        self.global_model = None  # plaintext: {name: ndarray}; he: FLARE's encrypted ModelLearnable
         self.reference_state = None
-        self.metrics: dict = {}
+        self.provenance: ProvenanceRecorder | None = None
+        self.resumed_from: str | None = None
+
+    @property
+    def he(self) -> bool:
+        return bool(self.he_ids[0])
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         task = build_task(self.task_spec)  # fails fast on a bad task spec
-        self.key_metric = task.key_metric
         model = build_network(self.network, seed=self.seed)
         self.reference_state = model.state_dict()
-        self.global_weights = state_to_numpy(model)
-        # provenance card (fedmed.provenance): hash chain over the initial and every round's global model
-        self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": "fedavg", "weighting": "num_samples", "min_clients": self.min_clients})
-        self.provenance.record_initial_model(self.global_weights)
-        self.requested_scope = (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope", "")
+        weights = state_to_numpy(model)
         workspace = fl_ctx.get_engine().get_workspace()
         self.out_dir = Path(workspace.get_app_dir(fl_ctx.get_job_id())) / SERVER_OUTPUT_DIR
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        job_meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
+        self.requested_scope = job_meta.get("scope", "")
+        if self.he:
+            from fedmed.flare.he import HEAggregation
+
+            self.step = HEAggregation(self.he_ids[0], self.he_ids[1], self.network, self.task_spec, self.num_rounds,
+                                      self.out_dir, allow_partial=self.allow_partial_updates)
+            self.global_model = self.step.start(fl_ctx, weights)
+        else:
+            self.step = PlaintextAggregation(self.aggregation, self.server_optimizer, self.allow_partial_updates)
+            self.global_model = weights
+        self.engine = RoundEngine(self.step, self.job_name, task.key_metric, self.num_rounds, self.min_clients)
+        if not self.he:
+            # provenance card (fedmed.provenance): hash chain over the initial and every round's global model
+            self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": self.aggregation["name"], "weighting": "num_samples",
+                                                                               "aggregation": self.aggregation, "server_optimizer": self.server_optimizer,
+                                                                               "min_clients": self.min_clients})
+            self.provenance.record_initial_model(self.global_model)
         write_json(
             self.out_dir / RUN_CONFIG_FILE,
             {
@@ -137,28 +180,19 @@ class FedAvgController(Controller):
                 "task": self.task_spec,
                 "num_rounds": self.num_rounds,
                 "min_clients": self.min_clients,
-                "aggregation": "FedAvg weighted by training sample counts",
+                "aggregation": self.engine.metrics["aggregation"],
+                "aggregation_spec": None if self.he else self.aggregation,
+                "server_optimizer": None if self.he else self.server_optimizer,
                 "seed": self.seed,
             },
             default=float,
         )
-        self.metrics = {
-            "job_name": self.job_name,
-            "key_metric": self.key_metric,
-            "num_rounds": self.num_rounds,
-            "sites": [],
-            "rounds": [],
-            "evaluations": [],
-            "best": None,
-            "finished": False,
-        }
-        n_params = sum(int(np.prod(v.shape)) for v in self.global_weights.values())
-        self.log_info(fl_ctx, f"[fedmed] {self.network['name']} with {n_params} parameters; outputs in {self.out_dir}")
-        if self.he_ids[0]:  # privacy mode he (issue 5): FLARE's HE components aggregate ciphertext
-            from fedmed.flare.he import HEFedAvgRounds
-
-            self.he_rounds = HEFedAvgRounds(self, *self.he_ids)
-            self.he_rounds.start(fl_ctx)
+        resume_of = job_meta.get(RESUME_META_KEY)
+        if resume_of:
+            self._resume(fl_ctx, str(resume_of), workspace)
+        n_params = sum(int(np.prod(v.shape)) for v in weights.values())
+        self.log_info(fl_ctx, f"[fedmed] {self.network['name']} with {n_params} parameters; aggregation "
+                              f"{self.engine.metrics['aggregation']}; outputs in {self.out_dir}")
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
@@ -184,127 +218,149 @@ class FedAvgController(Controller):
         )
         return collect_replies(task, clients)
 
-    def _file_site_metrics(self, site: str, num_samples, dxo: DXO, train_metrics: dict, val_metrics: dict) -> None:
-        """File a contributing site's reported metrics: training ones for the round record, validation
-        ones (of the global model it received) for the evaluation."""
-        reported = dict(dxo.get_meta_prop("metrics", {}))
-        is_validation = {k: k.startswith("val_") or k == "num_val_samples" for k in reported}
-        train_metrics[site] = {"num_samples": num_samples, **{k: v for k, v in reported.items() if not is_validation[k]}}
-        val_metrics[site] = {k: v for k, v in reported.items() if is_validation[k]}
-        if site not in self.metrics["sites"]:
-            self.metrics["sites"].append(site)
-
-    def _close_round(self, round_num: int, train_metrics: dict, errors: dict, fl_ctx: FLContext) -> bool:
-        """Log the sites left out and record the round; fail the job (return False) below min_clients."""
-        for site, message in errors.items():
-            self.log_warning(fl_ctx, f"[fedmed] round {round_num}: left out {site}: {message}")
-        self.metrics["rounds"].append(
-            {"round": round_num, "contributors": sorted(train_metrics), "sites": train_metrics, "failed": errors}
-        )
-        if len(train_metrics) < self.min_clients:
-            self._fail(
-                fl_ctx,
-                f"round {round_num}: only {len(train_metrics)} valid update(s), min_clients is {self.min_clients}. "
-                + "; ".join(f"{site}: {msg}" for site, msg in sorted(errors.items())),
-            )
-            return False
-        return True
-
-    def _validate_final(self, model_dxo: DXO, record, what: str, fl_ctx: FLContext, abort_signal: Signal) -> None:
-        """Every site validates the final model; ``record(site_metrics)`` files the evaluation."""
-        answers, errors = self._broadcast(self.validate_task_name, model_dxo, fl_ctx, abort_signal)
-        site_metrics = {site: dict(dxo.data) for site, dxo in answers.items() if dxo.data_kind == DataKind.METRICS}
-        for site, message in errors.items():
-            self.log_warning(fl_ctx, f"[fedmed] final validation: left out {site}: {message}")
-        if site_metrics:
-            evaluation = record(site_metrics)
-            self.log_info(
-                fl_ctx,
-                f"[fedmed] {what}: mean validation {self.key_metric} "
-                f"{evaluation[f'mean_{self.key_metric}']:.4f} over {len(site_metrics)} sites",
-            )
-
-    def _model_dxo(self, round_num: int | None, model_name: str) -> DXO:
+    def _model_dxo(self, round_num: int | None, model_name: str, fl_ctx: FLContext) -> DXO:
         meta = {"network": self.network, "task": self.task_spec, "model_name": model_name, "num_rounds": self.num_rounds}
         if round_num is not None:
             meta["round"] = round_num
-        return DXO(data_kind=DataKind.WEIGHTS, data=self.global_weights, meta=meta)
+        if self.he:
+            return self.step.model_dxo(self.global_model, meta, fl_ctx)
+        return DXO(data_kind=DataKind.WEIGHTS, data=self.global_model, meta=meta)
 
     def _fail(self, fl_ctx: FLContext, message: str) -> None:
-        self.metrics["error"] = message
+        self.engine.metrics["error"] = message
         self._save_metrics()
         self.log_error(fl_ctx, f"[fedmed] {message}")
         self.system_panic(message, fl_ctx)
 
-    def _record_evaluation(self, version: int, site_metrics: dict, fl_ctx: FLContext) -> dict:
-        evaluation = {
-            "model_version": version,
-            "after_round": version - 1,
-            "sites": site_metrics,
-            f"mean_{self.key_metric}": mean_metric(site_metrics, self.key_metric),
-        }
-        for key in ("val_accuracy", "val_loss"):
-            value = mean_metric(site_metrics, key)
-            if value is not None:
-                evaluation[f"mean_{key}"] = value
-        self.metrics["evaluations"].append(evaluation)
-        score = evaluation[f"mean_{self.key_metric}"]
-        best = self.metrics["best"]
-        if score is not None and (best is None or score > best[f"mean_{self.key_metric}"]):
-            self.metrics["best"] = {"model_version": version, f"mean_{self.key_metric}": score}
-            self._save_model(BEST_MODEL_FILE)
-        return evaluation
-
     def _save_metrics(self) -> None:
-        write_json(self.out_dir / METRICS_FILE, self.metrics, default=float)
+        write_json(self.out_dir / METRICS_FILE, self.engine.metrics, default=float)
 
     def _save_model(self, name: str) -> None:
+        if self.he:
+            if name == GLOBAL_MODEL_FILE:  # no plaintext on the server: the encrypted model, no best-model file
+                self.step.save_encrypted(self.global_model)
+            return
         with atomic_path(self.out_dir / name) as tmp:
-            torch.save(numpy_to_state(self.global_weights, self.reference_state), tmp)
+            torch.save(numpy_to_state(self.global_model, self.reference_state), tmp)
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
-        if self.he_rounds is not None:
-            return self.he_rounds.control_flow(abort_signal, fl_ctx)
+        try:
+            self._run(abort_signal, fl_ctx)
+        except RoundFailed as exc:
+            self._fail(fl_ctx, str(exc))
+
+    def _run(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        engine = self.engine
         self._save_model(GLOBAL_MODEL_FILE)
-        for round_num in range(self.num_rounds):
+        self._save_metrics()
+        if self.he:
+            self.step.check_federation(len(fl_ctx.get_engine().get_clients()))  # raises RoundFailed below 3 sites
+        for round_num in range(engine.next_round, self.num_rounds):
             if abort_signal.triggered:
                 return
             started = time.time()
-            answers, errors = self._broadcast(self.train_task_name, self._model_dxo(round_num, "global"), fl_ctx, abort_signal)
+            fl_ctx.set_prop(AppConstants.CURRENT_ROUND, round_num, private=True, sticky=True)
+            answers, errors = self._broadcast(self.train_task_name, self._model_dxo(round_num, "global", fl_ctx), fl_ctx, abort_signal)
             if abort_signal.triggered:
                 return
-            updates, train_metrics, val_metrics = [], {}, {}
-            for site, dxo in sorted(answers.items()):
-                try:
-                    if dxo.data_kind != DataKind.WEIGHT_DIFF:
-                        raise UpdateError(f"site {site}: sent {dxo.data_kind}, expected WEIGHT_DIFF")
-                    num_samples = dxo.get_meta_prop("num_samples")
-                    validate_update(dxo.data, self.global_weights, num_samples, site, self.allow_partial_updates)
-                except UpdateError as exc:
-                    errors[site] = str(exc)
-                    continue
-                updates.append((dxo.data, num_samples))
-                self._file_site_metrics(site, num_samples, dxo, train_metrics, val_metrics)
-            if not self._close_round(round_num, train_metrics, errors, fl_ctx):
-                return
-            evaluation = self._record_evaluation(round_num, val_metrics, fl_ctx)
-            self.global_weights = apply_update(self.global_weights, weighted_mean(updates))
+            if self.he:
+                self.step.bind(fl_ctx, round_num)
+            replies = {site: SiteReply(dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}
+            outcome = engine.run_round(round_num, self.global_model, replies, errors)
+            for site, message in outcome.record["failed"].items():
+                self.log_warning(fl_ctx, f"[fedmed] round {round_num}: left out {site}: {message}")
+            for note in outcome.notes:
+                self.log_warning(fl_ctx, f"[fedmed] round {round_num}: {note}")
+            if outcome.entering_model_is_best:
+                self._save_model(BEST_MODEL_FILE)  # the model that entered this round, before it is replaced
+            if not outcome.accepted:
+                self.log_error(fl_ctx, f"[fedmed] {outcome.record['rejected']['reason']}")
+            self.global_model = outcome.model
             self._save_model(GLOBAL_MODEL_FILE)
-            self.provenance.record_federated_round(round_num, self.global_weights, {s: answers[s].meta for s in train_metrics}, val_metrics, self.requested_scope)
-            self.provenance.write(self.out_dir / CARD_FILENAME, released_model_file=GLOBAL_MODEL_FILE)
+            if self.provenance is not None and outcome.accepted:
+                self.provenance.record_federated_round(round_num, self.global_model, {c.site: c.meta for c in outcome.contributions},
+                                                       outcome.val_metrics, self.requested_scope)
+            if self.provenance is not None:
+                self.provenance.write(self.out_dir / CARD_FILENAME, released_model_file=GLOBAL_MODEL_FILE)
             self._save_metrics()
-            score = evaluation[f"mean_{self.key_metric}"]
+            self._save_resume_state(fl_ctx)
+            score = outcome.evaluation[f"median_{engine.key_metric}"]
+            bounded = sorted({**outcome.record.get("aggregation", {}).get("clipped", {}), **outcome.record.get("aggregation", {}).get("capped", {})})
             self.log_info(
                 fl_ctx,
-                f"[fedmed] round {round_num + 1}/{self.num_rounds}: {len(updates)}/{len(set(answers) | set(errors))} "
-                f"sites answered ({', '.join(sorted(train_metrics))}); mean validation {self.key_metric} "
+                f"[fedmed] round {round_num + 1}/{self.num_rounds}: {len(outcome.contributions)}/{len(replies) + len(errors)} "
+                f"sites answered ({', '.join(outcome.record['contributors'])}); median validation {engine.key_metric} "
                 f"of the global model entering the round: {score if score is None else round(score, 4)}; "
-                f"{time.time() - started:.1f} s",
+                + (f"bounded: {', '.join(bounded)}; " if bounded else "")
+                + ("" if outcome.accepted else "ROUND REJECTED, previous model kept; ")
+                + f"{time.time() - started:.1f} s",
             )
 
-        if self.final_validation:
-            self._validate_final(self._model_dxo(self.num_rounds, "global"), lambda m: self._record_evaluation(self.num_rounds, m, fl_ctx),
-                                 "final global model", fl_ctx, abort_signal)
-        self.metrics["finished"] = True
+        if self.final_validation and not abort_signal.triggered:
+            answers, errors = self._broadcast(self.validate_task_name, self._model_dxo(self.num_rounds, "global", fl_ctx), fl_ctx, abort_signal)
+            site_metrics = {site: dict(dxo.data) for site, dxo in answers.items() if dxo.data_kind == DataKind.METRICS}
+            evaluation, improved, failed = engine.record_final_validation(site_metrics, errors)
+            for site, message in failed.items():
+                self.log_warning(fl_ctx, f"[fedmed] final validation: left out {site}: {message}")
+            if improved:
+                self._save_model(BEST_MODEL_FILE)
+            if evaluation is not None:
+                self.log_info(fl_ctx, f"[fedmed] final global model{' (decrypted at the sites)' if self.he else ''}: median validation "
+                                      f"{engine.key_metric} {evaluation[f'median_{engine.key_metric}']} over {len(evaluation['sites'])} sites")
+        if abort_signal.triggered:
+            return
+        engine.finish()
         self._save_metrics()
-        self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model version {self.metrics['best']}")
+        self._save_resume_state(fl_ctx)
+        self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model {engine.metrics['best']}")
+
+    # ---- resume -------------------------------------------------------------------------------
+
+    def _save_resume_state(self, fl_ctx: FLContext) -> None:
+        """One file, written atomically after every completed round: the engine state, the global
+        model, the provenance recorder. Under he the (encrypted) model is not saved: no resume."""
+        if self.he:
+            return
+        state = {
+            "job_id": fl_ctx.get_job_id(),
+            "fingerprint": self._fingerprint(),
+            "engine": self.engine.state_dict(),
+            "global_model": self.global_model,
+            "provenance": {name: getattr(self.provenance, name) for name in _PROVENANCE_FIELDS},
+        }
+        doc, arrays = split_arrays(state)
+        header = np.frombuffer(json.dumps(doc, default=float).encode(), dtype=np.uint8)
+        with atomic_path(self.out_dir / RESUME_STATE_FILE) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, __state__=header, **arrays)
+
+    def _fingerprint(self) -> dict:
+        return {"job_name": self.job_name, "num_rounds": self.num_rounds, "network": self.network, "task": self.task_spec,
+                "aggregation": self.aggregation, "server_optimizer": self.server_optimizer}
+
+    def _resume(self, fl_ctx: FLContext, previous_job: str, workspace) -> None:
+        previous_out = Path(workspace.get_app_dir(previous_job)) / SERVER_OUTPUT_DIR
+        source = previous_out / RESUME_STATE_FILE
+        if self.he:
+            self.log_warning(fl_ctx, f"[fedmed] resuming job {previous_job}: the he mode keeps no resumable state; starting from round 1")
+            return
+        if not source.is_file():
+            self.log_warning(fl_ctx, f"[fedmed] resuming job {previous_job}: {source} is missing (it finished no round); starting from round 1")
+            return
+        with np.load(source) as npz:
+            doc = json.loads(bytes(npz["__state__"]).decode())
+            state = join_arrays(doc, {name: npz[name] for name in npz.files if name != "__state__"})
+        if state["fingerprint"] != json.loads(json.dumps(self._fingerprint())):
+            raise ValueError(f"resuming job {previous_job}: its saved state ({source}) was made by another configuration "
+                             f"({state['fingerprint']}); submit the original job again instead")
+        self.engine.load_state_dict(state["engine"])
+        self.global_model = {k: np.asarray(v) for k, v in state["global_model"].items()}
+        for name in _PROVENANCE_FIELDS:
+            setattr(self.provenance, name, state["provenance"][name])
+        if (previous_out / BEST_MODEL_FILE).is_file():
+            shutil.copy2(previous_out / BEST_MODEL_FILE, self.out_dir / BEST_MODEL_FILE)
+        resumed = self.engine.metrics.setdefault("resumed", [])
+        resumed.append({"from_job": previous_job, "at_round": self.engine.next_round, "job_id": fl_ctx.get_job_id()})
+        self.resumed_from = previous_job
+        self.log_info(fl_ctx, f"[fedmed] resumed job {previous_job} from its state after round {self.engine.next_round} "
+                              f"of {self.num_rounds}; rounds {self.engine.next_round + 1}..{self.num_rounds} follow")

@@ -1,8 +1,9 @@
 """The ``he`` privacy mode on the server: FedAvg under homomorphic encryption (TenSEAL CKKS).
 
 Sites encrypt their weight difference, pre-multiplied by their sample count, with FLARE's
-``HEModelEncryptor`` (their ``he`` scope). :class:`HEFedAvgRounds` runs the rounds of
-:class:`fedmed.flare.controller.FedAvgController` when the job names FLARE's HE components:
+``HEModelEncryptor`` (their ``he`` scope). :class:`HEAggregation` is the aggregation step the
+controller (:class:`fedmed.flare.controller.FedAvgController`) hands to the round engine
+(:mod:`fedmed.rounds`) when the job names FLARE's HE components:
 
 - ``HEInTimeAccumulateWeightedAggregator`` (id ``he_aggregator_id``) sums the sites' ciphertexts
   and divides by the total sample count: the server holds only ciphertext per site, never a
@@ -25,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +35,14 @@ from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 
-from fedmed.aggregation import UpdateError
+from fedmed.aggregation import UpdateError, validate_keys
 from fedmed.atomic import atomic_path
+from fedmed.rounds import RoundFailed
 
 ENCRYPTED_MODEL_FILE = "global_model_encrypted.npz"
 SHAPES_META_KEY = "tensor_shapes"
@@ -68,20 +68,40 @@ def _is_ciphertext(value) -> bool:
     return isinstance(value, ts.CKKSVector)
 
 
-class HEFedAvgRounds:
-    """Runs a FedAvgController's rounds through FLARE's HE aggregator and shareable generator."""
+HE_MIN_SITES = 3
+HE_MIN_SITES_REASON = (
+    "he needs at least 3 contributing sites per round: every hospital holds the same CKKS secret key, so with "
+    "2 sites each hospital can decrypt the aggregate and subtract its own update to read the other hospital's "
+    "exact update. Run he with 3 or more hospitals (and min_clients >= 3), or use another privacy mode"
+)
 
-    def __init__(self, controller, aggregator_id: str, generator_id: str):
-        self.c = controller
+
+class HEAggregation:
+    """The aggregation step (:class:`fedmed.rounds.AggregationStep`) for the ``he`` mode: FLARE's HE
+    aggregator sums the sites' ciphertexts, its shareable generator adds the encrypted mean to the
+    encrypted global model. The round engine (checks, bookkeeping, selection) is the same as in the
+    plaintext modes; this step refuses rounds with fewer than ``HE_MIN_SITES`` contributors."""
+
+    min_sites = HE_MIN_SITES
+    min_sites_reason = HE_MIN_SITES_REASON
+    description = "he: CKKS ciphertext FedAvg (FLARE HEInTimeAccumulateWeightedAggregator)"
+
+    def __init__(self, aggregator_id: str, generator_id: str, network: dict, task_spec: dict, num_rounds: int,
+                 out_dir: Path, allow_partial: bool = False):
         self.aggregator_id = aggregator_id
         self.generator_id = generator_id
+        self.network, self.task_spec, self.num_rounds = network, task_spec, num_rounds
+        self.out_dir = Path(out_dir)
+        self.allow_partial = allow_partial
         self.aggregator: Aggregator | None = None
         self.generator: ShareableGenerator | None = None
-        self.global_model = None
         self.shapes: dict[str, list[int]] = {}
         self.dtypes: dict[str, str] = {}
+        self.fl_ctx: FLContext | None = None
+        self.round_num = 0
 
-    def start(self, fl_ctx: FLContext) -> None:
+    def start(self, fl_ctx: FLContext, weights: dict):
+        """Resolve FLARE's HE components; return the initial global model as a ModelLearnable."""
         engine = fl_ctx.get_engine()
         for attr, cid, kind in (("aggregator", self.aggregator_id, Aggregator), ("generator", self.generator_id, ShareableGenerator)):
             component = engine.get_component(cid)
@@ -92,27 +112,33 @@ class HEFedAvgRounds:
                     f"got {type(component).__name__}; check the server config's components"
                 )
             setattr(self, attr, component)
-        weights = {key: np.asarray(value) for key, value in self.c.global_weights.items()}
+        weights = {key: np.asarray(value) for key, value in weights.items()}
         non_float = [key for key, value in weights.items() if not np.issubdtype(value.dtype, np.floating)]
         if non_float:
             raise TypeError(f"he aggregation supports floating-point tensors only; the model has integer tensor(s) {non_float[:3]}")
         self.shapes = {key: list(value.shape) for key, value in weights.items()}
         self.dtypes = {key: value.dtype.name for key, value in weights.items()}
-        self.global_model = make_model_learnable(weights, {})
-        fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, self.global_model, private=True, sticky=True)
+        model = make_model_learnable(weights, {})
+        fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, model, private=True, sticky=True)
+        return model
 
-    def _model_dxo(self, round_num: int | None, model_name: str, fl_ctx: FLContext) -> DXO:
-        shareable = self.generator.learnable_to_shareable(self.global_model, fl_ctx)
-        dxo = from_shareable(shareable)
-        dxo.meta.update({"network": self.c.network, "task": self.c.task_spec, "model_name": model_name,
-                         "num_rounds": self.c.num_rounds, SHAPES_META_KEY: self.shapes})
-        if round_num is not None:
-            dxo.meta["round"] = round_num
+    def check_federation(self, num_connected: int) -> None:
+        """Refuse to start (before any model leaves the server) with fewer than 3 connected sites."""
+        if num_connected < HE_MIN_SITES:
+            raise RoundFailed(f"only {num_connected} site(s) connected; refused: {HE_MIN_SITES_REASON}")
+
+    def bind(self, fl_ctx: FLContext, round_num: int) -> None:
+        """The FLARE context and round the next ``check_update`` / ``aggregate`` calls belong to."""
+        self.fl_ctx, self.round_num = fl_ctx, round_num
+
+    def model_dxo(self, model, meta: dict, fl_ctx: FLContext) -> DXO:
+        dxo = from_shareable(self.generator.learnable_to_shareable(model, fl_ctx))
+        dxo.meta.update({**meta, SHAPES_META_KEY: self.shapes})
         return dxo
 
-    def _save_encrypted(self) -> None:
+    def save_encrypted(self, model) -> None:
         arrays, encrypted = {}, {}
-        for key, value in self.global_model[ModelLearnableKey.WEIGHTS].items():
+        for key, value in model[ModelLearnableKey.WEIGHTS].items():
             if isinstance(value, (bytes, bytearray)):
                 arrays[key], encrypted[key] = np.frombuffer(bytes(value), dtype=np.uint8), True
             elif _is_ciphertext(value):
@@ -120,85 +146,36 @@ class HEFedAvgRounds:
             else:
                 arrays[key], encrypted[key] = np.asarray(value), False
         header = json.dumps({"shapes": self.shapes, "dtypes": self.dtypes, "encrypted": encrypted})
-        with atomic_path(self.c.out_dir / ENCRYPTED_MODEL_FILE) as tmp:
+        with atomic_path(self.out_dir / ENCRYPTED_MODEL_FILE) as tmp:
             np.savez(tmp, __header__=np.frombuffer(header.encode(), dtype=np.uint8), **arrays)
 
-    def _record_evaluation(self, version: int, site_metrics: dict) -> dict:
-        from fedmed.flare.controller import mean_metric
+    def check_update(self, site: str, update, num_samples, global_model, meta=None) -> None:
+        validate_keys(update, self.shapes, site, self.allow_partial)
+        plain = sorted(k for k, v in update.items() if not _is_ciphertext(v))
+        if plain:
+            raise UpdateError(f"site {site}: sent plaintext tensor(s) {', '.join(plain[:3])} under he; not aggregated")
+        wrong = sorted(k for k, v in update.items() if v.size() != int(np.prod(self.shapes[k])))
+        if wrong:
+            raise UpdateError(f"site {site}: ciphertext of '{wrong[0]}' holds {update[wrong[0]].size()} values, "
+                              f"the global model's tensor has {int(np.prod(self.shapes[wrong[0]]))}")
+        dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data=dict(update), meta=dict(meta or {}))  # the site's meta: the encryptor's keys
+        shareable = dxo.to_shareable()
+        shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+        shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, self.round_num)
+        if not self.aggregator.accept(shareable, self.fl_ctx):
+            raise UpdateError(f"site {site}: the HE aggregator refused the update (see the server log)")
 
-        key = self.c.key_metric
-        evaluation = {"model_version": version, "after_round": version - 1, "sites": site_metrics,
-                      f"mean_{key}": mean_metric(site_metrics, key)}
-        self.c.metrics["evaluations"].append(evaluation)
-        score, best = evaluation[f"mean_{key}"], self.c.metrics["best"]
-        if score is not None and (best is None or score > best[f"mean_{key}"]):
-            # no best_global_model.pt: the server holds the model encrypted only
-            self.c.metrics["best"] = {"model_version": version, f"mean_{key}": score}
-        return evaluation
+    def aggregate(self, global_model, contributions, round_num: int):
+        aggregated = self.aggregator.aggregate(self.fl_ctx)
+        model = self.generator.shareable_to_learnable(aggregated, self.fl_ctx)
+        self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, model, private=True, sticky=True)
+        return model, {"aggregator": "he", "encrypted_updates": len(contributions)}
 
-    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
-        c = self.c
-        c.metrics["aggregation"] = "he: CKKS ciphertext FedAvg (FLARE HEInTimeAccumulateWeightedAggregator)"
-        self._save_encrypted()
-        for round_num in range(c.num_rounds):
-            if abort_signal.triggered:
-                return
-            started = time.time()
-            fl_ctx.set_prop(AppConstants.CURRENT_ROUND, round_num, private=True, sticky=True)
-            answers, errors = c._broadcast(c.train_task_name, self._model_dxo(round_num, "global", fl_ctx), fl_ctx, abort_signal)
-            if abort_signal.triggered:
-                return
-            train_metrics, val_metrics = {}, {}
-            for site, dxo in sorted(answers.items()):
-                try:
-                    if dxo.data_kind != DataKind.WEIGHT_DIFF:
-                        raise UpdateError(f"site {site}: sent {dxo.data_kind}, expected WEIGHT_DIFF")
-                    num_samples = dxo.get_meta_prop("num_samples")
-                    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, float)) or num_samples <= 0:
-                        raise UpdateError(f"site {site}: sample count must be a positive number, got {num_samples!r}")
-                    unknown = sorted(set(dxo.data) - set(self.shapes))
-                    if unknown:
-                        raise UpdateError(f"site {site}: update has key(s) not in the global model: {', '.join(unknown[:5])}")
-                    missing = sorted(set(self.shapes) - set(dxo.data))
-                    if missing and not c.allow_partial_updates:
-                        raise UpdateError(f"site {site}: update lacks key(s) of the global model: {', '.join(missing[:5])}")
-                    plain = sorted(k for k, v in dxo.data.items() if not _is_ciphertext(v))
-                    if plain:
-                        raise UpdateError(f"site {site}: sent plaintext tensor(s) {', '.join(plain[:3])} under he; not aggregated")
-                    wrong = sorted(k for k, v in dxo.data.items() if v.size() != int(np.prod(self.shapes[k])))
-                    if wrong:
-                        raise UpdateError(f"site {site}: ciphertext of '{wrong[0]}' holds {dxo.data[wrong[0]].size()} values, "
-                                          f"the global model's tensor has {int(np.prod(self.shapes[wrong[0]]))}")
-                    shareable = dxo.to_shareable()
-                    shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
-                    shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, round_num)
-                    if not self.aggregator.accept(shareable, fl_ctx):
-                        raise UpdateError(f"site {site}: the HE aggregator refused the update (see the server log)")
-                except UpdateError as exc:
-                    errors[site] = str(exc)
-                    continue
-                c._file_site_metrics(site, num_samples, dxo, train_metrics, val_metrics)
-            if not c._close_round(round_num, train_metrics, errors, fl_ctx):
-                return
-            evaluation = self._record_evaluation(round_num, val_metrics)
-            aggregated = self.aggregator.aggregate(fl_ctx)
-            self.global_model = self.generator.shareable_to_learnable(aggregated, fl_ctx)
-            fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, self.global_model, private=True, sticky=True)
-            self._save_encrypted()
-            c._save_metrics()
-            score = evaluation[f"mean_{c.key_metric}"]
-            c.log_info(
-                fl_ctx,
-                f"[fedmed] round {round_num + 1}/{c.num_rounds}: {len(train_metrics)} sites' encrypted updates aggregated "
-                f"({', '.join(sorted(train_metrics))}); mean validation {c.key_metric} of the global model entering the "
-                f"round: {score if score is None else round(score, 4)}; {time.time() - started:.1f} s",
-            )
-        if c.final_validation:
-            c._validate_final(self._model_dxo(c.num_rounds, "global", fl_ctx), lambda m: self._record_evaluation(c.num_rounds, m),
-                              "final global model (decrypted at the sites)", fl_ctx, abort_signal)
-        c.metrics["finished"] = True
-        c._save_metrics()
-        c.log_info(fl_ctx, f"[fedmed] finished {c.num_rounds} rounds under he; encrypted global model in {c.out_dir / ENCRYPTED_MODEL_FILE}")
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
 
 
 class DecryptedModelReshaper(Filter):
@@ -255,15 +232,20 @@ def decrypt_global_model(path: str | os.PathLike, context_file: str | os.PathLik
 
 def apply_he_mode(job_dir: str | os.PathLike) -> Path:
     """Turn a job folder (in place) into its ``he`` variant: meta scope ``he``, FLARE's HE aggregator
-    and shareable generator as server components, the FedAvgController pointed at them, and only
-    that workflow (cross-site evaluation needs a plaintext global model, which the server never has)."""
+    and shareable generator as server components, the FedAvgController pointed at them (its plaintext
+    ``aggregation`` / ``server_optimizer`` removed), and only that workflow (cross-site evaluation
+    needs a plaintext global model, which the server never has). The controller refuses to run
+    ``he`` with fewer than 3 sites (see :data:`HE_MIN_SITES_REASON`)."""
     job_dir = Path(job_dir)
     server_path = job_dir / "app" / "config" / "config_fed_server.json"
     config = json.loads(server_path.read_text())
     workflows = [w for w in config.get("workflows", []) if w.get("path") == "fedmed.flare.controller.FedAvgController"]
     if len(workflows) != 1:
         raise ValueError(f"{server_path}: expected one fedmed.flare.controller.FedAvgController workflow for the he variant")
-    workflows[0].setdefault("args", {}).update({"he_aggregator_id": HE_AGGREGATOR_ID, "he_shareable_generator_id": HE_GENERATOR_ID})
+    args = workflows[0].setdefault("args", {})
+    for plaintext_only in ("aggregation", "server_optimizer"):  # the server sees ciphertext only: FLARE's HE aggregator decides
+        args.pop(plaintext_only, None)
+    args.update({"he_aggregator_id": HE_AGGREGATOR_ID, "he_shareable_generator_id": HE_GENERATOR_ID})
     config["workflows"] = workflows
     components = [c for c in config.get("components", []) if c.get("id") not in (HE_AGGREGATOR_ID, HE_GENERATOR_ID)]
     config["components"] = components + copy.deepcopy(HE_COMPONENTS)
