@@ -116,3 +116,16 @@ def test_ctrl_c_stops_every_process_and_marks_the_folder_incomplete(tmp_path):
     table = _processes()
     left = [pid for pid in started if pid in table] + [pid for pid, (_, sid) in table.items() if sid in simulator_sessions]
     assert left == [], f"processes left behind: {left}"
+
+
+def test_progress_lines_carry_an_eta_and_setup_milestones():
+    from fedmed.simulate import _Progress, _setup_milestone
+
+    progress = _Progress(num_rounds=3, started=0.0)
+    assert progress.line("round 1/3: 2/2 sites answered; 10.0 s", 40.0).endswith("[40 s elapsed, about 20 s left for training]")
+    assert progress.line("round 2/3: 2/2 sites answered; 10.0 s", 50.0).endswith("[50 s elapsed, about 10 s left for training]")
+    assert progress.line("cross-site: asking 2 sites", 55.0) == "cross-site: asking 2 sites"
+    assert _setup_milestone("... - INFO - Initialize ClientRunner for client: site-2") == "site-2 joined the federation"
+    assert _setup_milestone("site site-1: 676 training and 170 validation samples from x") == \
+        "site-1 loaded 676 training / 170 validation samples"
+    assert _setup_milestone("- INFO - set transaction info") is None

@@ -96,6 +96,21 @@ class _Progress:
         return f"{text} [{now - self.started:.0f} s elapsed, about {left:.0f} s left for training]"
 
 
+_SETUP_MILESTONES = (
+    (re.compile(r"Initialize ClientRunner for client: (\S+)"), "{0} joined the federation"),
+    (re.compile(r"site (\S+): (\d+) training and (\d+) validation samples"), "{0} loaded {1} training / {2} validation samples"),
+)
+
+
+def _setup_milestone(line: str) -> str | None:
+    """What a simulator log line says about the federation getting ready (sites joining, data loaded)."""
+    for pattern, text in _SETUP_MILESTONES:
+        match = pattern.search(line)
+        if match:
+            return text.format(*match.groups())
+    return None
+
+
 def _heartbeat(progress: _Progress, now: float, last: float) -> float:
     """While nothing has been printed for a while (FLARE's setup, a long round), say so."""
     if now - last < 10:
@@ -157,6 +172,9 @@ def run_simulator(job_dir: Path, workspace: Path, sites: list[str], threads: int
                 log.write(line)
                 if "[fedmed]" in line:
                     print("  " + progress.line(line.split("[fedmed]", 1)[1].strip(), time.time()), flush=True)
+                    last_output[0] = time.time()
+                elif progress.rounds_done == 0 and (milestone := _setup_milestone(line)):
+                    print(f"  setup: {milestone} ({time.time() - progress.started:.0f} s)", flush=True)
                     last_output[0] = time.time()
                 elif " ERROR " in line or "Traceback" in line:
                     print("  ! " + line.rstrip()[-300:], flush=True)
