@@ -346,7 +346,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--baselines", action="store_true",
                         help="also train each site's local-only model and a pooled model with the same partition and budget")
-    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "he"],
+    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he"],
                         help="privacy mode every simulated hospital applies (its scope's filters from --privacy-file); "
                              "he needs HE kits: use rehearse --privacy he")
     parser.add_argument("--privacy-file", default=None,

@@ -11,6 +11,8 @@ from fedmed.flare.replies import ERROR_HEADER
 from fedmed.flare.filters import (
     RELEASE_REFUSED,
     CiphertextOnlyCheck,
+    CompressFilter,
+    DecompressFilter,
     DPReleaseFilter,
     DPTrainingPolicy,
     Float16CompressFilter,
@@ -20,6 +22,7 @@ from fedmed.flare.filters import (
     TransferMeter,
     dp_policy,
 )
+from fedmed.privacy.compression import CompressionError
 from fedmed.privacy.dp import DPSettings, PrivacyConfigError
 
 
@@ -161,6 +164,22 @@ def test_compression_halves_the_serialized_update_and_the_server_restores_float3
     assert all(v.dtype == np.float32 for v in restored.data.values())
     assert "fedmed_compression" not in restored.meta
     np.testing.assert_allclose(restored.data["fc.weight"], raw["fc.weight"], atol=1e-4)
+
+
+def test_int8_compression_sends_a_quarter_and_the_server_restores_float32():
+    ctx = _ctx(job="job-int8", scope="compressed_int8")
+    weights = _global()
+    _receive(ctx, weights)
+    raw, shareable = _result(weights)
+    full = from_shareable(TransferMeter().process(shareable, ctx)).meta["transfer"]["bytes"]
+    _, shareable = _result(weights)
+    out = TransferMeter().process(CompressFilter(codec="int8").process(ReleasePolicyFilter().process(shareable, ctx), ctx), ctx)
+    assert from_shareable(out).meta["transfer"]["bytes"] * 4 == full
+    restored = from_shareable(DecompressFilter().process(out, _ctx(site="server")))
+    assert all(v.dtype == np.float32 for v in restored.data.values()) and restored.meta["decompressed_from"] == "int8"
+    np.testing.assert_allclose(restored.data["fc.weight"], raw["fc.weight"], atol=float(np.ptp(raw["fc.weight"])) / 500)
+    with pytest.raises(CompressionError, match="codec"):
+        CompressFilter(codec="int4")
 
 
 def test_server_refuses_float16_without_a_compression_record():

@@ -46,6 +46,7 @@ def test_client_scopes_chain_the_release_policy_first_and_the_meter_last(tmp_pat
 def test_server_decompresses_compressed_updates(tmp_path):
     manager = _manager(tmp_path, "server")
     assert [type(f) for f in manager.get_scope("compressed").task_result_filters["in"]] == [Float16DecompressFilter]
+    assert [type(f).__name__ for f in manager.get_scope("compressed_int8").task_result_filters["in"]] == ["DecompressFilter"]
 
 
 def test_a_dp_scope_with_a_bad_setting_stops_the_site_from_loading(tmp_path):
@@ -66,7 +67,7 @@ def test_a_dp_scope_with_a_bad_setting_stops_the_site_from_loading(tmp_path):
 
 def test_scope_helpers_name_the_file_and_scope(tmp_path):
     path = template_privacy_file("client")
-    assert scope_names(path) == ["standard", "dp", "compressed", "he"]
+    assert scope_names(path) == ["standard", "dp", "compressed", "compressed_int8", "he"]
     with pytest.raises(ScopeError, match="'research'.*not allowed"):
         get_scope(path, "research")
     data, result = scope_filter_chains(path, "dp")

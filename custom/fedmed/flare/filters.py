@@ -11,11 +11,13 @@ Site side (task results leaving the site, in this order in every scope):
   charges the site's record-level ledger.
 - :class:`DPReleaseFilter` (``dp``): only DP-SGD-trained weight differences leave, with rounded
   sample counts and coarsened validation metrics; no training loss.
-- :class:`Float16CompressFilter` (``compressed``): float16 transfer of model tensors.
+- :class:`Float16CompressFilter` (``compressed``) / :class:`CompressFilter` with ``codec`` ``int8``
+  (``compressed_int8``): float16 or 8-bit transfer of model tensors.
 - :class:`TransferMeter` (last in every scope): measures the serialized bytes of what leaves.
 
-Server side: :class:`Float16DecompressFilter` (``compressed``: restore float32 before the
-controller aggregates) and :class:`CiphertextOnlyCheck` (``he``: refuse any plaintext update).
+Server side: :class:`DecompressFilter` / :class:`Float16DecompressFilter` (``compressed``,
+``compressed_int8``: restore float32 before the controller aggregates) and
+:class:`CiphertextOnlyCheck` (``he``: refuse any plaintext update).
 
 A filter that blocks a result replaces it by an error reply whose ``fedmed_error`` header says
 why (the controller records it in ``metrics.json``); a filter with a bad configuration raises in
@@ -40,11 +42,15 @@ from fedmed.atomic import write_json
 from fedmed.flare.replies import error_reply
 from fedmed.privacy.compression import (
     CODEC,
+    CODECS,
     COMPRESSION_META_KEY,
+    INT8_CODEC,
     CompressionError,
     array_bytes,
     compress_float16,
     decompress_float16,
+    dequantize_int8,
+    quantize_int8,
 )
 from fedmed.privacy.dp import LEDGER_UNIT, DPSettings, coarsen_metrics, round_count
 from fedmed.privacy.release import ReleaseRefused, check_release, model_signature
@@ -231,8 +237,19 @@ class DPReleaseFilter(Filter):
         return DXO(data_kind=DataKind.WEIGHT_DIFF, data=dxo.data, meta=meta).update_shareable(shareable)
 
 
-class Float16CompressFilter(Filter):
-    """Task-result filter (``compressed``): model tensors travel as float16, integer tensors as they are."""
+class CompressFilter(Filter):
+    def __init__(self, codec: str = CODEC):
+        """Task-result filter (``compressed`` / ``compressed_int8``): model tensors travel compressed,
+        integer tensors as they are.
+
+        Args:
+            codec: ``float16`` (half the bytes of float32) or ``int8`` (8-bit affine quantization per
+                tensor, about a quarter; offset and scale travel in the meta).
+        """
+        super().__init__()
+        if codec not in CODECS:
+            raise CompressionError(f"compression codec must be one of {', '.join(CODECS)}, got {codec!r} (local/privacy.json)")
+        self.codec = codec
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
@@ -246,23 +263,36 @@ class Float16CompressFilter(Filter):
         if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
             return error_reply(f"site {site}: compressed scope cannot send {dxo.data_kind} (task '{task}')", RELEASE_REFUSED)
         if COMPRESSION_META_KEY in dxo.meta:
-            raise CompressionError(f"site {site}: the result of task '{task}' is already compressed; Float16CompressFilter is listed twice")
+            raise CompressionError(f"site {site}: the result of task '{task}' is already compressed; a compression filter is listed twice")
         try:
-            compressed, dtypes = compress_float16(dxo.data)
+            if self.codec == INT8_CODEC:
+                compressed, tensors = quantize_int8(dxo.data)
+                record = {"codec": INT8_CODEC, "tensors": tensors}
+            else:
+                compressed, dtypes = compress_float16(dxo.data)
+                record = {"codec": CODEC, "dtypes": dtypes}
         except CompressionError as exc:
             message = f"site {site}: task '{task}': {exc}"
             self.log_error(fl_ctx, message)
             return error_reply(message, RELEASE_REFUSED)
         meta = dict(dxo.meta)
-        meta[COMPRESSION_META_KEY] = {"codec": CODEC, "dtypes": dtypes}
+        meta[COMPRESSION_META_KEY] = record
         self.log_info(
-            fl_ctx, f"site {site}: task '{task}': {len(dtypes)} tensors as float16, {array_bytes(dxo.data)} -> {array_bytes(compressed)} bytes"
+            fl_ctx, f"site {site}: task '{task}': tensors as {self.codec}, {array_bytes(dxo.data)} -> {array_bytes(compressed)} bytes"
         )
         return DXO(data_kind=dxo.data_kind, data=compressed, meta=meta).update_shareable(shareable)
 
 
-class Float16DecompressFilter(Filter):
-    """Server-side task-result filter (``compressed``): restore float16 tensors to their original dtype."""
+class Float16CompressFilter(CompressFilter):
+    """Task-result filter (``compressed``): model tensors travel as float16, integer tensors as they are."""
+
+    def __init__(self):
+        super().__init__(codec=CODEC)
+
+
+class DecompressFilter(Filter):
+    """Server-side task-result filter (``compressed``, ``compressed_int8``): restore compressed
+    tensors (float16 or 8-bit) to their original dtype before the controller aggregates."""
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
@@ -274,15 +304,22 @@ class Float16DecompressFilter(Filter):
         site = peer.get_identity_name(default="?") if peer else "?"
         record = dxo.meta.get(COMPRESSION_META_KEY)
         if record is None:
-            if any(isinstance(v, np.ndarray) and v.dtype == np.float16 for v in dxo.data.values()):
-                raise CompressionError(f"site {site} sent float16 tensors without a compression record; cannot restore them")
-            return shareable  # this site sent full precision
-        if not isinstance(record, dict) or record.get("codec") != CODEC or not isinstance(record.get("dtypes"), dict):
+            if any(isinstance(v, np.ndarray) and v.dtype in (np.float16, np.uint8) for v in dxo.data.values()):
+                raise ValueError(f"site {site} sent float16 / uint8 tensors without a compression record")
+            return shareable
+        if isinstance(record, dict) and record.get("codec") == CODEC and isinstance(record.get("dtypes"), dict):
+            restored = decompress_float16(dxo.data, record["dtypes"])
+        elif isinstance(record, dict) and record.get("codec") == INT8_CODEC and isinstance(record.get("tensors"), dict):
+            restored = dequantize_int8(dxo.data, record["tensors"])
+        else:
             raise CompressionError(f"site {site} sent an unknown compression record {record!r}")
-        restored = decompress_float16(dxo.data, record["dtypes"])
         meta = {k: v for k, v in dxo.meta.items() if k != COMPRESSION_META_KEY}
-        meta["decompressed_from"] = CODEC
+        meta["decompressed_from"] = record["codec"]
         return DXO(data_kind=dxo.data_kind, data=restored, meta=meta).update_shareable(shareable)
+
+
+class Float16DecompressFilter(DecompressFilter):
+    """Server-side task-result filter (``compressed``): the same as :class:`DecompressFilter`."""
 
 
 def payload_bytes(data) -> int:
@@ -408,7 +445,9 @@ __all__ = [
     "ReleasePolicyFilter",
     "DPTrainingPolicy",
     "DPReleaseFilter",
+    "CompressFilter",
     "Float16CompressFilter",
+    "DecompressFilter",
     "Float16DecompressFilter",
     "TransferMeter",
     "CiphertextOnlyCheck",

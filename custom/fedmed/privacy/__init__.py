@@ -1,8 +1,8 @@
 """Privacy operating modes a hospital chooses (pure: never imports ``nvflare``).
 
-- :mod:`fedmed.privacy.dp`: clip + Gaussian noise for a site's update, and the per-site
-  :class:`~fedmed.privacy.dp.PrivacyLedger` (Opacus accountants).
-- :mod:`fedmed.privacy.compression`: float16 transfer and byte counting.
+- :mod:`fedmed.privacy.dp`: record-level DP-SGD settings, the noise multiplier from a budget, and the per-site
+  :class:`~fedmed.privacy.dp.PrivacyLedger` (Opacus RDP / PRV accountants).
+- :mod:`fedmed.privacy.compression`: float16 and 8-bit transfer, byte counting.
 - :mod:`fedmed.privacy.release`: what may leave a site under the ``standard`` policy.
 - :mod:`fedmed.privacy.scopes`: the modes as FLARE site scopes in ``local/privacy.json``.
 

@@ -10,8 +10,8 @@ import copy
 import json
 from pathlib import Path
 
-MODES = ("standard", "dp", "he", "compressed")
-SIMULATABLE_MODES = ("standard", "dp", "compressed")  # he needs HE-built kits: rehearse --privacy he
+MODES = ("standard", "dp", "he", "compressed", "compressed_int8")
+SIMULATABLE_MODES = ("standard", "dp", "compressed", "compressed_int8")  # he needs HE-built kits: rehearse --privacy he
 PRIVACY_FILE = "privacy.json"
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "workspace_templates"
 
