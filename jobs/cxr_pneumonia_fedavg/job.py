@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""cxr_pneumonia_fedavg: Chest X-ray pneumonia classification, FedAvg (small CNN on 28x28; MONAI networks by --set network=...).
+"""cxr_pneumonia_fedavg: Chest X-ray pneumonia classification, FedAvg (small CNN on 28x28; MONAI networks: simulate --set network=...).
 
 The FLARE 2.9 recipe of this job (fedmed.flare.recipes.ClassificationFedAvgRecipe). The job folder beside this
 file (meta.json, app/config/) is exported from it; tests/test_recipes.py checks they are equal.

@@ -7,7 +7,7 @@ the TensorBoard streaming components. Everything FLARE documents then works::
 
     recipe = ClassificationFedAvgRecipe(name="cxr", controller_args={...}, executor_args={...})
     recipe.export("out")                                   # FLARE's: out/cxr/ (meta.json, app/config/...)
-    recipe.execute(SimEnv(num_clients=3, workspace_root="runs/x"))   # or PocEnv(...), ProdEnv(startup_kit_location=KIT)
+    recipe.execute(SimEnv(num_clients=3, workspace_root="runs/x"))   # or ProdEnv(startup_kit_location=KIT), PocEnv(...)
 
 Each ``jobs/<name>/job.py`` builds its recipe; ``python jobs/<name>/job.py --export DIR`` writes the
 classic job folder into ``DIR`` (:func:`export_job_folder`), which is what is committed under ``jobs/``.
@@ -221,8 +221,9 @@ def run_job_script(build_recipe, argv: list[str], description: str = "") -> int:
     ``--export DIR``: write the job folder into DIR (``--export jobs/<name>`` regenerates the committed
     folder); ``--export --export-dir ROOT``: FLARE's convention, ROOT/<name>/. Otherwise run the
     recipe: in ``SimEnv`` (default; the simulated sites' data and ``local/fedmed_site.json`` prepared as
-    ``simulate`` does, workspace under ``runs/``, never /tmp/nvflare), or ``--env poc`` / ``--env prod
-    --startup-kit KIT`` (an admin's startup kit) on a running FLARE system.
+    ``simulate`` does, workspace under ``runs/``, never /tmp/nvflare), or ``--env prod --startup-kit KIT``
+    (an admin's startup kit) on a running FLARE system. ``PocEnv`` is left out on purpose: FLARE's POC
+    server listens on every interface (docs/deployment.md's rehearsal is the local deployment here).
 
     ``build_recipe(controller_overrides: dict) -> Recipe``; ``argv`` is read before FLARE's recipe
     module is imported (it strips ``--export`` from ``sys.argv`` on import).
@@ -234,7 +235,8 @@ def run_job_script(build_recipe, argv: list[str], description: str = "") -> int:
     parser.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
                         help="write the job folder into DIR (meta.json, app/) and exit; without DIR use --export-dir")
     parser.add_argument("--export-dir", default=None, help="FLARE's convention: with --export, write ROOT/<job name>/")
-    parser.add_argument("--env", choices=["sim", "poc", "prod"], default="sim", help="where to run (default sim: SimEnv)")
+    parser.add_argument("--env", choices=["sim", "prod"], default="sim",
+                        help="where to run: sim (FLARE's SimEnv, default) or prod (ProdEnv: submit with --startup-kit)")
     parser.add_argument("--startup-kit", default=None, help="--env prod: the admin startup kit to submit with")
     parser.add_argument("--sites", type=int, default=2, help="SimEnv: simulated hospitals (default 2)")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the recipe's)")
@@ -264,12 +266,6 @@ def run_job_script(build_recipe, argv: list[str], description: str = "") -> int:
         if not args.startup_kit:
             parser.error("--env prod needs --startup-kit (an admin's startup kit folder)")
         run = build_recipe(overrides).execute(ProdEnv(startup_kit_location=args.startup_kit))
-        print(f"submitted job {run.get_job_id()}; result: {run.get_result()}")
-        return 0
-    if args.env == "poc":
-        from nvflare.recipe import PocEnv
-
-        run = build_recipe(overrides).execute(PocEnv(num_clients=args.sites))
         print(f"submitted job {run.get_job_id()}; result: {run.get_result()}")
         return 0
     return run_in_sim_env(build_recipe, args.sites, overrides, args.workspace or
