@@ -75,7 +75,10 @@ def test_job_py_command_line_export_keeps_readme_and_job_py(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (job / "README.md").read_text() == "keep me"
-    assert _folder_contents(job) == _folder_contents(REPO / "jobs/cxr_pneumonia_fedavg")
+    from fedmed.flare.recipes import export_job_folder
+
+    in_process = export_job_folder(_load_job_module(REPO / "jobs/cxr_pneumonia_fedavg/job.py").build_recipe(), tmp_path / "in_process")
+    assert _folder_contents(job) == _folder_contents(in_process.path)
     # FLARE's own convention writes ROOT/<name>/
     root = tmp_path / "root"
     result = subprocess.run([sys.executable, str(REPO / "jobs/cxr_pneumonia_fedavg/job.py"), "--export", "--export-dir", str(root)],
