@@ -86,7 +86,8 @@ def _descendants(pid):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
-def test_ctrl_c_stops_every_process_and_marks_the_folder_incomplete(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_every_process_and_marks_the_folder_incomplete(tmp_path, sig):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-u", "-m", "fedmed", "simulate", "--sites", "2", "--rounds", "20", "--out", str(out)],
@@ -104,7 +105,7 @@ def test_ctrl_c_stops_every_process_and_marks_the_folder_incomplete(tmp_path):
         started = _descendants(proc.pid)
         assert len(started) >= 3, f"expected the simulator and its site processes, found {started}"
         simulator_sessions = {_processes()[pid][1] for pid in started if pid in _processes()}
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process group
+        os.killpg(proc.pid, sig)  # SIGINT: what Ctrl-C sends to the foreground process group
         _, stderr = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:

@@ -183,12 +183,13 @@ def run_simulator(job_dir: Path, workspace: Path, sites: list[str], threads: int
             stop.set()
             if proc.poll() is None or _group_alive(proc.pid):
                 in_main = threading.current_thread() is threading.main_thread()
-                previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None  # a second Ctrl-C must not cut the cleanup short
+                # a second Ctrl-C (or a SIGTERM) must not cut the cleanup short
+                previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} if in_main else {}
                 try:
                     _end_process_group(proc)
                 finally:
-                    if in_main:
-                        signal.signal(signal.SIGINT, previous)
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -364,6 +365,7 @@ def main(args: argparse.Namespace) -> int:
     except JobFolderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    previous_handlers = _stop_on_termination()
     try:
         simulate(args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed, args.threads, args.force,
                  args.baselines, args.privacy, args.privacy_file, settings=settings)
@@ -374,4 +376,16 @@ def main(args: argparse.Namespace) -> int:
     except (SimulationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _stop_on_termination() -> dict:
+    """SIGTERM / SIGHUP (a closed terminal, a job scheduler) stop a run the way Ctrl-C does: the
+    simulator's process group is ended and the output folder stays marked incomplete."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
