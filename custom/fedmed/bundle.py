@@ -1,7 +1,26 @@
-"""Write a trained model as a MONAI bundle: configs/metadata.json, configs/inference.json, models/model.pt.
+"""Write a trained model as a runnable MONAI bundle.
 
-Pure module. The bundle loads with MONAI's bundle tooling (``monai.bundle.load(name, bundle_dir=...,
-workflow_type="inference")``) in a process that has only monai, torch and this package.
+    BUNDLE/configs/metadata.json         MONAI bundle metadata (network input/output, class names,
+                                         versions, decision threshold, provenance pointer)
+    BUNDLE/configs/inference.json        runnable inference: MONAI preprocessing, inferer,
+                                         postprocessing, a writer; ``run`` executes it
+    BUNDLE/configs/metadata_schema.json  the bundle metadata schema, for verify_metadata offline
+    BUNDLE/models/model.pt               state dict
+    BUNDLE/docs/README.md                what the model is, its input/output, threshold, how to run
+
+Run on a folder of images (classification: ``OUT/predictions.csv`` with an ``image`` column and one
+probability column per class; segmentation: one NIfTI mask per volume, ``OUT/<name>_seg.nii.gz``)::
+
+    python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \
+        --bundle_root BUNDLE --dataset_dir DIR --output_dir OUT
+
+Classification preprocessing is what ``fedmed.data.load_datalist`` does to a site's images (MONAI
+``LoadImage``, channel first, intensity scaled to [0, 1], resized to the network's input, RGB averaged
+to one channel); segmentation uses the task's own preprocessing (``inference_config``) and writes masks
+resampled back to each input volume's grid (``Invertd``). The loop (:func:`run_inference`) is plain
+PyTorch, so the bundle needs monai, torch, fire and this package only (no pytorch-ignite).
+
+Pure module. The bundle also loads with ``monai.bundle.load(name, bundle_dir=..., workflow_type="inference")``.
 """
 
 from __future__ import annotations
@@ -46,12 +65,14 @@ def write_bundle(
         (staging / "models").mkdir()
         torch.save({key: value.detach().cpu() for key, value in state_dict.items()}, staging / "models" / "model.pt")
         metadata = {
+            "schema": MONAI_SCHEMA_URL,
             "version": "0.1.0",
             "changelog": {"0.1.0": "trained by federated learning with NVIDIA FLARE"},
             "monai_version": monai.__version__,
             "pytorch_version": torch.__version__.split("+")[0],
             "numpy_version": __import__("numpy").__version__,
-            "optional_packages_version": {"fedmed": fedmed.__version__},
+            "required_packages_version": {"fedmed": fedmed.__version__},  # the network class and the inference loop
+            "optional_packages_version": {"fedmed": fedmed.__version__},  # both keys: MONAI renames the old one
             "name": name,
             "task": description or name,
             "description": description or name,
@@ -65,7 +86,7 @@ def write_bundle(
             metadata["decision_threshold"] = decision_threshold
         network_def = {"_target_": network_target(network_spec), **network_spec.get("args", {})}
         inference = {
-            "imports": ["$import torch", "$import fedmed.networks"],
+            "imports": ["$import torch", "$import fedmed.networks", "$import fedmed.bundle", "$from fedmed import bundle as fedmed_bundle"],
             "bundle_root": ".",
             "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
             "network_def": network_def,
@@ -73,9 +94,11 @@ def write_bundle(
             "inferer": {"_target_": "SimpleInferer"},
             "postprocessing": postprocessing or {"_target_": "Identity"},
         }
+        inference.update(runnable_workflow(network_data_format))
         inference.update(inference_config or {})
         (staging / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         (staging / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
+        (staging / "configs" / "metadata_schema.json").write_text(json.dumps(METADATA_SCHEMA, indent=2) + "\n")
         (staging / "docs").mkdir()
         (staging / "docs" / "README.md").write_text(bundle_readme(metadata))
         if bundle_dir.exists():
@@ -85,6 +108,188 @@ def write_bundle(
         if staging.exists():
             shutil.rmtree(staging)
     return bundle_dir
+
+
+# ---- the runnable inference workflow ---------------------------------------------------------------
+
+# MONAI's published bundle metadata schema (what `python -m monai.bundle verify_metadata` downloads when
+# the network is reachable); configs/metadata_schema.json holds the same required fields for offline use.
+MONAI_SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
+_TENSOR_KEYS = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range")
+METADATA_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "MONAI bundle metadata (required fields of the MONAI Bundle Specification), for offline verify_metadata",
+    "type": "object",
+    "required": ["schema", "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
+                 "optional_packages_version", "task", "description", "authors", "copyright", "network_data_format"],
+    "properties": {
+        **{key: {"type": "string"} for key in ("schema", "version", "monai_version", "pytorch_version", "numpy_version",
+                                                  "task", "description", "authors", "copyright")},
+        **{key: {"type": "object"} for key in ("changelog", "required_packages_version", "optional_packages_version")},
+        "network_data_format": {
+            "type": "object",
+            "required": ["inputs", "outputs"],
+            "properties": {
+                side: {"type": "object", "additionalProperties": {
+                    "type": "object",
+                    "required": list(_TENSOR_KEYS),
+                    "properties": {
+                        "type": {"type": "string"}, "format": {"type": "string"}, "num_channels": {"type": "integer"},
+                        "spatial_shape": {"type": "array", "items": {"type": ["string", "integer"]}},
+                        "dtype": {"type": "string"}, "value_range": {"type": "array", "items": {"type": "number"}},
+                        "is_patch_data": {"type": "boolean"}, "channel_def": {"type": "object"},
+                    },
+                }} for side in ("inputs", "outputs")
+            },
+        },
+    },
+}
+IMAGE_SUFFIXES = {
+    "classification": [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz"],
+    "segmentation": [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"],
+}
+
+
+def runnable_workflow(network_data_format: dict) -> dict:
+    """``inference.json`` entries that make ``monai.bundle run`` work on a folder of images.
+
+    Classification (``outputs.pred.format == "classes"``): the preprocessing ``fedmed.data.load_datalist``
+    applies to a hospital's images, softmax, ``predictions.csv``. Segmentation: NIfTI masks on each
+    input's grid; its preprocessing and inferer come from the task (``inference_config``)."""
+    image = network_data_format["inputs"]["image"]
+    pred = network_data_format["outputs"]["pred"]
+    class_names = [pred.get("channel_def", {}).get(str(i), f"class_{i}") for i in range(int(pred["num_channels"]))]
+    kind = "classification" if pred.get("format") == "classes" else "segmentation"
+    common = {
+        "dataset_dir": "$@bundle_root + '/images'",
+        "output_dir": "$@bundle_root + '/eval'",
+        "ckpt_path": "$@bundle_root + '/models/model.pt'",
+        "class_names": class_names,
+        "image_suffixes": IMAGE_SUFFIXES[kind],
+        "datalist": "$fedmed_bundle.list_images(@dataset_dir, @image_suffixes)",
+        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
+        "invert": None,
+        "run": ["$fedmed_bundle.run_inference(@network, @ckpt_path, @dataloader, @inferer, @postprocessing, @writer, "
+                "@device, @invert)"],
+    }
+    if kind == "classification":
+        size = [int(v) for v in image["spatial_shape"]]
+        return {
+            **common,
+            "preprocessing": {"_target_": "Compose", "transforms": [
+                {"_target_": "LoadImaged", "keys": "image", "image_only": True},
+                {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
+                {"_target_": "Resized", "keys": "image", "spatial_size": size},
+                {"_target_": "Lambdad", "keys": "image",
+                 "func": f"$lambda x: fedmed_bundle.to_channels(x, {int(image.get('num_channels', 1))})"},
+                {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
+            ]},
+            "writer": {"_target_": "fedmed.bundle.PredictionCSVWriter", "output_dir": "@output_dir",
+                       "class_names": "@class_names"},
+        }
+    return {
+        **common,
+        "invert": {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+                   "nearest_interp": True},
+        "writer": {"_target_": "fedmed.bundle.MaskWriter", "output_dir": "@output_dir"},
+    }
+
+
+def list_images(folder: str, suffixes: list[str]) -> list[dict]:
+    """``[{"image": path}]`` for every file in ``folder`` (not recursive) whose name ends with a suffix."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--dataset_dir {root} is not a folder; pass the folder holding the images")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
+    if not files:
+        raise FileNotFoundError(f"--dataset_dir {root} holds no images ({', '.join(suffixes)})")
+    return [{"image": str(p)} for p in files]
+
+
+def to_channels(image, channels: int):
+    """The channel handling of ``fedmed.data.load_datalist``: RGB averaged to one channel, else the first channel(s)."""
+    if channels == 1:
+        return image.mean(dim=0, keepdim=True) if image.shape[0] == 3 else image[:1]
+    return image[:channels]
+
+
+def _image_name(item: dict) -> str:
+    image = item.get("image")
+    meta = getattr(image, "meta", None) or {}
+    name = meta.get("filename_or_obj") or item.get("image_meta_dict", {}).get("filename_or_obj")
+    return str(name[0] if isinstance(name, (list, tuple)) else name)
+
+
+class PredictionCSVWriter:
+    """``OUTPUT_DIR/predictions.csv``: ``image`` then one probability column per class name (written atomically)."""
+
+    def __init__(self, output_dir: str, class_names: list[str], filename: str = "predictions.csv"):
+        self.path = Path(output_dir) / filename
+        self.class_names = list(class_names)
+        self.rows: list[list] = []
+
+    def __call__(self, pred, item: dict) -> None:
+        values = [float(v) for v in torch.as_tensor(pred).detach().cpu().reshape(-1)]
+        if len(values) != len(self.class_names):
+            raise ValueError(f"prediction has {len(values)} values for {len(self.class_names)} classes")
+        self.rows.append([_image_name(item), *values])
+
+    def close(self) -> Path:
+        import csv
+        import io
+
+        from fedmed.atomic import atomic_path
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["image", *self.class_names])
+        writer.writerows([[row[0], *(f"{v:.6f}" for v in row[1:])] for row in self.rows])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            Path(tmp).write_text(buffer.getvalue())
+        return self.path
+
+
+class MaskWriter:
+    """One NIfTI label map per input volume: ``OUTPUT_DIR/<input name>_seg.nii.gz`` (MONAI ``SaveImage``)."""
+
+    def __init__(self, output_dir: str, postfix: str = "seg"):
+        from monai.transforms import SaveImage
+
+        self.saver = SaveImage(output_dir=output_dir, output_postfix=postfix, output_ext=".nii.gz",
+                               separate_folder=False, resample=False, output_dtype=__import__("numpy").uint8,
+                               print_log=False)
+        self.written = 0
+
+    def __call__(self, pred, item: dict) -> None:
+        self.saver(pred)
+        self.written += 1
+
+    def close(self) -> int:
+        return self.written
+
+
+def run_inference(network, ckpt_path: str, dataloader, inferer, postprocessing, writer, device, invert=None):
+    """Load the weights, run ``inferer`` over every image, apply ``postprocessing`` (and ``invert`` for
+    masks), hand each prediction to ``writer``; AMP on CUDA."""
+    from monai.data import decollate_batch
+
+    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    network.load_state_dict(state)
+    network.eval()
+    amp = torch.device(device).type == "cuda"
+    with torch.no_grad():
+        for batch in dataloader:
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.float16, enabled=amp):
+                logits = inferer(batch["image"].to(device), network)
+            for item, pred in zip(decollate_batch(batch), decollate_batch(logits)):
+                pred = postprocessing(pred.float())
+                if invert is not None:
+                    pred = invert({**item, "pred": pred})["pred"]
+                writer(pred, item)
+    return writer.close()
 
 
 def bundle_readme(metadata: dict) -> str:
