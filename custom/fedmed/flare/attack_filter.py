@@ -1,0 +1,75 @@
+"""FLARE adapter for simulated attacks (``simulate --attack SITE:KIND=VALUE``; math in :mod:`fedmed.attacks`).
+
+:class:`SimulatedAttackFilter` is a task-result filter that ``simulate`` adds to the *simulated job
+copy* only (:func:`add_attack_filter`); the project's job folders and the production executor
+never carry it. It acts only when the FLARE identity of the site running it is the attacked site,
+and only on training replies (``WEIGHT_DIFF``); it runs after every other result filter, so the
+server receives exactly what the hostile site chose to send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from fedmed.attacks import ATTACK_KINDS, Attack, apply_attack
+
+FILTER_PATH = "fedmed.flare.attack_filter.SimulatedAttackFilter"
+
+
+class SimulatedAttackFilter(Filter):
+    def __init__(self, attacks: list[dict] | None = None):
+        """Args:
+        attacks: ``[{"site": "site-2", "kind": "scale"|"samples"|"nan"|"metric", "value": float}, ...]``.
+        """
+        super().__init__()
+        self.attacks: dict[str, list[Attack]] = {}
+        for entry in attacks or []:
+            if entry.get("kind") not in ATTACK_KINDS or not entry.get("site"):
+                raise ValueError(f"SimulatedAttackFilter: bad attack {entry!r}; kinds: {', '.join(ATTACK_KINDS)}")
+            attack = Attack(str(entry["site"]), entry["kind"], float(entry.get("value", 1.0)))
+            self.attacks.setdefault(attack.site, []).append(attack)
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        attacks = self.attacks.get(fl_ctx.get_identity_name())
+        if not attacks or shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return shareable
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHT_DIFF:
+            return shareable
+        update, meta = dxo.data, dict(dxo.meta)
+        labels = []
+        for attack in attacks:
+            update, meta = apply_attack(attack, update, meta)
+            labels.append(attack.label)
+        meta["simulated_attack"] = ", ".join(labels)
+        dxo.data = update
+        dxo.meta.clear()
+        dxo.meta.update(meta)
+        self.log_warning(fl_ctx, f"simulated attack at {fl_ctx.get_identity_name()}: {meta['simulated_attack']}")
+        return dxo.update_shareable(shareable)
+
+
+def add_attack_filter(job_dir: str | os.PathLike, attacks: list[Attack], task_name: str = "train") -> Path:
+    """Append :class:`SimulatedAttackFilter` as the LAST client result filter of ``task_name`` in the job copy
+    (FLARE allows one filter chain per task: an existing chain for the task gets it at its end)."""
+    path = Path(job_dir) / "app" / "config" / "config_fed_client.json"
+    config = json.loads(path.read_text())
+    attack_filter = {"path": FILTER_PATH, "args": {"attacks": [a.to_dict() for a in attacks]}}
+    chains = list(config.get("task_result_filters", []) or [])
+    for chain in chains:
+        if task_name in chain.get("tasks", []):
+            chain["filters"] = list(chain.get("filters", [])) + [attack_filter]
+            break
+    else:
+        chains.append({"tasks": [task_name], "filters": [attack_filter]})
+    config["task_result_filters"] = chains
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
