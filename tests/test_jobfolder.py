@@ -88,3 +88,13 @@ def test_baselines_read_the_job_through_jobfolder(tmp_path):
     (broken / "app/config/config_fed_server.json").write_text(json.dumps({"workflows": []}))
     with pytest.raises(baselines.BaselineError, match="no workflow with path fedmed.flare.controller.FedAvgController"):
         baselines.job_settings(broken)
+
+
+def test_check_components_refuses_a_bad_setting_naming_it(job_copy):
+    job_copy.check_components()  # the committed settings build
+    job_copy.apply_settings({"num_rounds": 0})
+    with pytest.raises(JobFolderError, match="controller FedAvgController refuses its args: ValueError: num_rounds must be >= 1"):
+        job_copy.check_components()
+    job_copy.apply_settings({"num_rounds": 2, "network": {"name": "no_such_net"}})
+    with pytest.raises(JobFolderError, match="network or task spec does not build"):
+        job_copy.check_components()

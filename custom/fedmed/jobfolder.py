@@ -235,6 +235,30 @@ class JobFolder:
         self.save_client(client)
         return {key: valid[key] for key in settings}
 
+    def check_components(self) -> None:
+        """Instantiate the executor and controller with this folder's args, and build the network and
+        task they name, so a bad setting fails now, naming the setting, not minutes into a run."""
+        checks = [("executor", self.executor()), ("controller", self.controller())]
+        for role, entry in checks:
+            module_name, _, class_name = entry["path"].rpartition(".")
+            cls = getattr(importlib.import_module(module_name), class_name)
+            try:
+                cls(**entry["args"])
+            except Exception as exc:
+                raise JobFolderError(f"{self.name}: the {role} {class_name} refuses its args: {type(exc).__name__}: {exc}") from exc
+        args = self.controller_args()
+        try:
+            if "network" in args:
+                from fedmed.networks import build_network
+
+                build_network(args["network"])
+            if "task" in args:
+                from fedmed.tasks import build_task
+
+                build_task(args["task"])
+        except Exception as exc:
+            raise JobFolderError(f"{self.name}: the network or task spec does not build: {type(exc).__name__}: {exc}") from exc
+
     def add_filters(self, side: str, kind: str, filters: list[dict], tasks: list[str], first: bool = True) -> None:
         """Add ``filters`` (``{"path", "args"}``) for ``tasks`` to the ``side`` ("client"/"server") config.
 

@@ -68,6 +68,11 @@ def prepare_job(job_dir: Path, dest: Path, num_sites: int, rounds: int | None, s
     for key, targets in applied.items():
         where = ", ".join(f"{component} argument {argument}" for component, argument in targets)
         print(f"  --set {key}={json.dumps(settings[key])} ({where})", flush=True)
+    if applied:
+        try:
+            job.check_components()
+        except JobFolderError as exc:
+            raise SimulationError(f"--set: {exc}") from exc
     return job.fit_to_simulation(num_sites, rounds)
 
 
