@@ -107,3 +107,40 @@ def test_too_few_sites_stops_the_job_naming_the_site_and_file(tmp_path):
     assert metrics["finished"] is False
     assert "min_clients is 2" in metrics["error"]
     assert "site-2" in metrics["error"] and "fedmed_site.json" in metrics["error"] and "placeholder" in metrics["error"]
+
+
+def test_external_hospital_is_held_out_and_evaluated(sim_run):
+    """The external set is written for evaluation only: no site config or job file names it, the
+    server's outputs (best model, threshold) never saw it, and metrics.json reports it."""
+    external = sim_run / "external" / "external-val.npz"
+    assert external.is_file()
+    site_config = (sim_run / "workspace" / "local" / SITE_CONFIG_FILE).read_text()
+    assert "external" not in site_config
+    for path in (sim_run / "job").rglob("*.json"):
+        assert "external" not in path.read_text(), path
+    # every site config points into OUT/sites/, each holding train and val only
+    import numpy as np
+
+    for site, config in json.loads(site_config)["sites"].items():
+        with np.load(config["data"]["path"]) as site_npz:
+            assert sorted(site_npz.files) == ["train_images", "train_labels", "val_images", "val_labels"], site
+    metrics = json.loads((sim_run / "metrics.json").read_text())
+    figures = metrics["external"]["results"]["external-val"]["global_model"]
+    assert 0.0 <= figures["auc"] <= 1.0 and 0.0 <= figures["accuracy"] <= 1.0
+    assert figures["threshold"] == metrics["decision_threshold"]["threshold"]
+    assert figures["num_images"] == metrics["external"]["sets"]["external-val"]["num_images"] > 0
+    report = (sim_run / "report" / "report.md").read_text()
+    assert "External hospitals" in report and f"{figures['auc']:.4f}" in report
+
+
+def test_bundle_threshold_is_the_one_chosen_on_site_validation(sim_run):
+    from fedmed.threshold import choose_threshold, final_site_metrics
+
+    metrics = json.loads((sim_run / "metrics.json").read_text())
+    final = final_site_metrics(metrics["evaluations"])
+    assert set(final) == {"site-1", "site-2", "site-3"} and all("val_score_histogram" in m for m in final.values())
+    expected = choose_threshold(final)
+    meta = json.loads((sim_run / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["decision_threshold"]["threshold"] == expected["threshold"]
+    assert meta["decision_threshold"]["class"] == "pneumonia"
+    assert meta["decision_threshold"]["sites"] == ["site-1", "site-2", "site-3"]
