@@ -21,12 +21,18 @@ def test_overhead_is_round_wall_minus_slowest_site_median_over_rounds():
     assert result["median_fraction"] == pytest.approx(0.5)  # 17/20=0.85, 0.5/5=0.1, 3/6=0.5
     assert result["total_fraction"] == pytest.approx(20.5 / 31.0)
     assert result["median_round_wall_seconds"] == pytest.approx(6.0)
+    later = result["after_first_round"]  # without round 0's start-up: overheads 0.5 and 3.0
+    assert later["rounds"] == 2
+    assert later["median_seconds"] == pytest.approx(1.75)
+    assert later["median_fraction"] == pytest.approx((0.1 + 0.5) / 2)
+    assert later["median_round_wall_seconds"] == pytest.approx(5.5)
 
 
 def test_overhead_skips_rounds_missing_either_time_and_handles_none():
     result = peer.flare_overhead({0: 10.0, 1: 8.0}, {1: {"site-1": 2.0}, 2: {"site-1": 1.0}, 3: {}})
     assert [r["round"] for r in result["rounds"]] == [1]
     assert result["rounds_skipped"] == [0, 2, 3]
+    assert result["after_first_round"] is None
     empty = peer.flare_overhead({}, {})
     assert empty["median_seconds"] is None and empty["rounds"] == []
 
