@@ -60,6 +60,9 @@ def test_log_span_from_first_timestamp_to_last_or_to_a_marker():
     assert peer.log_span_seconds(log) == pytest.approx(60.0)
     assert peer.log_span_seconds(log, until="[fedmed] finished 2 rounds") == pytest.approx(29.5)
     assert peer.log_span_seconds("nothing") is None
+    assert peer.log_span_seconds(log, until="[fedmed] finished 3 rounds") is None  # marker absent: no figure
+    banner = "2026-12-01 10:00:00,000 - INFO - a\n2026-12-01 10:00:12,000 - FedAvg - INFO - \n====\n  Finished FedAvg.  \n"
+    assert peer.log_span_seconds(banner + "2026-12-01 10:00:20,000 - INFO - end\n", until="Finished FedAvg.") == pytest.approx(12.0)
 
 
 def test_stock_round_walls_from_flare_banners_and_site_train_lines():

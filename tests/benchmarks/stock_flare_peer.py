@@ -121,17 +121,19 @@ def _timestamp(line: str) -> float | None:
 
 
 def log_span_seconds(log_text: str, until: str | None = None) -> float | None:
-    """Seconds from the first timestamped line of a FLARE log to the last one (or to the first line holding ``until``)."""
+    """Seconds from the first timestamped line of a FLARE log to the last one, or to the first line holding
+    ``until`` (None when no line holds it)."""
     first = last = None
-    for line in log_text.splitlines():
+    found = until is None
+    for line in log_text.splitlines():  # a banner line without a timestamp belongs to the latest one above it
         stamp = _timestamp(line)
-        if stamp is None:
-            continue
-        first = stamp if first is None else first
-        last = stamp
-        if until is not None and until in line:
+        if stamp is not None:
+            first = stamp if first is None else first
+            last = stamp
+        if until is not None and until in line and last is not None:
+            found = True
             break
-    if first is None or last is None:
+    if first is None or last is None or not found:
         return None
     return last - first
 
@@ -273,8 +275,9 @@ def our_side(run: dict) -> dict:
     wall["training_seconds"] = log_span_seconds(log_text, until=f"[fedmed] finished {metrics['num_rounds']} rounds")
     external = {}
     for name, models in metrics["external"]["results"].items():
-        m = models["global_model"]
-        external[name] = {k: m.get(k) for k in ("auc", "accuracy", "accuracy_argmax", "threshold", "num_images")}
+        m = models.get("global_model")
+        if m:
+            external[name] = {k: m.get(k) for k in ("auc", "accuracy", "accuracy_argmax", "threshold", "num_images")}
     return {"model": "global_model (final) of OUT, metrics.json external.results[set].global_model",
             "rounds": int(metrics["num_rounds"]), "external": external, "wall": wall,
             "round_wall_seconds": {str(k): v for k, v in sorted(walls.items())}, "flare_overhead": overhead}
@@ -432,7 +435,7 @@ def table(result: dict) -> str:
                  f"stock {_seconds(stock['wall_seconds'])} (whole simulator process)")
     lines.append(f"first log line to the end of the last round: ours {_seconds(ours['wall']['training_seconds'])}, "
                  f"stock {_seconds(stock['training_seconds'])}")
-    lines.append(f"FLARE overhead per round (round wall - slowest site's training), median over rounds:")
+    lines.append("FLARE overhead per round (round wall - slowest site's training), median over rounds:")
     for label, over in (("ours", o_over), ("stock", s_over)):
         if over.get("median_seconds") is None:
             lines.append(f"  {label:<6} not measurable ({over.get('note', 'no rounds with both times')})")
