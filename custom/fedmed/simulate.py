@@ -219,11 +219,14 @@ def simulate(
     privacy: str | None = None,
     privacy_file: str | None = None,
     settings: dict | None = None,
+    attacks: list[str] | None = None,
 ) -> Path:
     """Run a simulated federation and return the output folder.
 
     ``settings``: ``--set`` overrides ``{key: value}`` for the job copy's executor / controller args
     (:meth:`fedmed.jobfolder.JobFolder.apply_settings`); an unknown key raises before anything runs.
+    ``attacks``: ``--attack SITE:KIND=VALUE`` simulated attacks (:mod:`fedmed.attacks`), applied at
+    that simulated site by a result filter added to the job copy only.
     While the run is in progress, and after it failed or was interrupted, ``out`` holds an
     ``INCOMPLETE`` marker; such a folder may be reused without ``force``.
     """
@@ -232,6 +235,9 @@ def simulate(
     if rounds is not None and rounds < 1:
         raise SimulationError(f"--rounds must be >= 1, got {rounds}")
     job_dir = resolve_job(job)
+    from fedmed.attacks import parse_attack  # issue 12: simulate --attack (bad syntax is refused before any work)
+
+    parsed_attacks = [parse_attack(text) for text in attacks or []]
     if settings:  # refuse an unknown key before any work
         try:
             valid = JobFolder(job_dir).settable_keys()
@@ -273,6 +279,14 @@ def simulate(
         applied = apply_privacy_mode(run_job, privacy, privacy_file)
         print(f"  privacy mode '{privacy}' from {applied['client_privacy_file']}: site filters "
               f"{', '.join(applied['client_filters'])}; server filters {', '.join(applied['server_filters']) or 'none'}", flush=True)
+    if parsed_attacks:  # the attack filter goes into the job copy only; production jobs never carry it
+        from fedmed.flare.attack_filter import add_attack_filter
+
+        unknown_sites = sorted({a.site for a in parsed_attacks} - set(site_configs))
+        if unknown_sites:
+            raise SimulationError(f"--attack: no simulated site {', '.join(unknown_sites)}; the sites are {', '.join(site_configs)}")
+        add_attack_filter(run_job, parsed_attacks)
+        print("  simulated attack(s): " + "; ".join(f"{a.site} {a.label}" for a in parsed_attacks), flush=True)
     (workspace / "local").mkdir(parents=True)
     (workspace / "local" / SITE_CONFIG_FILE).write_text(json.dumps({"sites": site_configs}, indent=2) + "\n")
     (workspace / "local" / "resources.json").write_text(json.dumps({"class_allow_list": class_allow_list()}, indent=2) + "\n")
@@ -364,6 +378,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "arguments (an unknown key is refused with the list)")
 
 
+    parser.add_argument("--attack", action="append", default=[], metavar="SITE:KIND=VALUE",
+                        help="simulate a hostile hospital, repeatable: KIND scale (multiply its update; negative flips it), "
+                             "samples (claimed sample count), nan (NaN in its update), metric (claimed validation "
+                             "AUC/accuracy/Dice); e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = parse_assignments(getattr(args, "settings", None))
@@ -373,7 +393,7 @@ def main(args: argparse.Namespace) -> int:
     previous_handlers = _stop_on_termination()
     try:
         simulate(args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed, args.threads, args.force,
-                 args.baselines, args.privacy, args.privacy_file, settings=settings)
+                 args.baselines, args.privacy, args.privacy_file, settings=settings, attacks=getattr(args, "attack", None))
     except KeyboardInterrupt:
         print(f"\ninterrupted: every process this command started was stopped; the output folder is marked "
               f"{INCOMPLETE_MARKER} (rerun with the same --out to replace it)", file=sys.stderr)
