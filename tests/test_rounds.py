@@ -169,3 +169,26 @@ def test_state_of_another_job_is_refused():
     state = _engine(num_rounds=5).state_dict()
     with pytest.raises(ValueError, match="5 rounds"):
         engine.load_state_dict(state)
+
+
+def test_a_server_optimizer_runs_after_aggregation_and_its_state_resumes():
+    spec = {"name": "fedadam", "args": {"lr": 0.05}}
+    uninterrupted = RoundEngine(PlaintextAggregation({"name": "fedavg"}, spec), "job", "val_auc", 3, 2)
+    plain = RoundEngine(PlaintextAggregation({"name": "fedavg"}), "job", "val_auc", 3, 2)
+    model = uninterrupted.run_round(0, _global(), _replies()).model
+    assert not np.allclose(model["w"], plain.run_round(0, _global(), _replies()).model["w"])  # fedadam is not fedavg
+    doc, arrays = split_arrays(uninterrupted.state_dict())
+    resumed = RoundEngine(PlaintextAggregation({"name": "fedavg"}, spec), "job", "val_auc", 3, 2)
+    resumed.load_state_dict(join_arrays(json.loads(json.dumps(doc)), arrays))
+    a = uninterrupted.run_round(1, model, _replies()).model
+    b = resumed.run_round(1, model, _replies()).model
+    np.testing.assert_allclose(a["w"], b["w"])  # the moments came back
+
+
+def test_a_rejected_round_leaves_no_trace_in_the_server_optimizer():
+    engine = RoundEngine(PlaintextAggregation({"name": "fedavg"}, {"name": "fedavgm"}), "job", "val_auc", 3, 2)
+    huge = SiteReply("WEIGHT_DIFF", {k: (v * 1e30 if k != "steps" else v) for k, v in _reply(2).update.items()},
+                     {**_reply(2).meta, "num_samples": 1e300})
+    before = engine.step.state_dict()
+    outcome = engine.run_round(0, _global(), _replies(**{"site-3": huge}))
+    assert not outcome.accepted and engine.step.state_dict()["server_optimizer"]["steps"] == before["server_optimizer"]["steps"]

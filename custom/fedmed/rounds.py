@@ -42,6 +42,7 @@ from fedmed.aggregation import (
     validate_sample_count,
     validate_update,
 )
+from fedmed.server_optim import build_server_optimizer
 
 WEIGHT_DIFF = "WEIGHT_DIFF"  # the data kind a site's training reply carries (FLARE's DataKind.WEIGHT_DIFF)
 STATE_FORMAT = "fedmed-round-engine/1"
@@ -174,32 +175,6 @@ class AggregationStep(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: Mapping) -> None: ...
-
-
-class _PlainApply:
-    """Server optimizer ``fedavg`` (global + mean update), used when fedmed.server_optim is absent."""
-
-    def step(self, global_weights, mean_update):
-        return apply_update(global_weights, mean_update)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state) -> None:
-        pass
-
-
-def build_server_optimizer(spec: Mapping | None):
-    """``fedmed.server_optim.build_server_optimizer(spec)``; ``{"name": "fedavg"}`` (the default) is
-    global + aggregated update."""
-    spec = dict(spec or {"name": "fedavg"})
-    try:
-        from fedmed.server_optim import build_server_optimizer as build
-    except ImportError:
-        if spec.get("name", "fedavg") == "fedavg" and not spec.get("args"):
-            return _PlainApply()
-        raise ValueError(f"server_optimizer {spec!r} needs fedmed.server_optim, which is not installed") from None
-    return build(spec)
 
 
 class PlaintextAggregation:

@@ -55,6 +55,7 @@ from fedmed.results import (
     SERVER_OUTPUT_DIR,
 )
 from fedmed.rounds import PlaintextAggregation, RoundEngine, RoundFailed, SiteReply, join_arrays, split_arrays
+from fedmed.server_optim import build_server_optimizer
 from fedmed.tasks import build_task
 
 DEFAULT_NETWORK = {"name": "small_cnn", "args": {"in_channels": 1, "num_classes": 2}}
@@ -118,6 +119,7 @@ class FedAvgController(Controller):
                              "remove them from the controller args (fedmed.flare.he.apply_he_mode does)")
         self.aggregation = check_aggregation_spec(aggregation or DEFAULT_AGGREGATION, "FedAvgController args.aggregation")
         self.server_optimizer = dict(server_optimizer or {"name": "fedavg"})
+        build_server_optimizer(self.server_optimizer)  # a bad spec stops the job here, naming the key
         self.he_ids = (he_aggregator_id, he_shareable_generator_id)
         self.num_rounds = num_rounds
         self.min_clients = min_clients
