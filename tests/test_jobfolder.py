@@ -69,8 +69,11 @@ def test_fit_to_simulation_caps_min_clients_and_sets_rounds(job_copy):
 
 def test_filters_components_and_scope(job_copy):
     job_copy.add_filters("client", "task_result_filters", [{"path": "a.B", "args": {}}], ["train"])
-    job_copy.add_filters("client", "task_result_filters", [{"path": "c.D", "args": {}}], ["train"], first=True)
-    assert [e["filters"][0]["path"] for e in job_copy.load_client()["task_result_filters"]] == ["c.D", "a.B"]
+    job_copy.add_filters("client", "task_result_filters", [{"path": "c.D", "args": {}}], ["train", "validate"], first=True)
+    job_copy.add_filters("client", "task_result_filters", [{"path": "e.F", "args": {}}], ["train"], first=False)
+    chains = job_copy.load_client()["task_result_filters"]  # FLARE: one chain per task
+    assert chains == [{"tasks": ["train"], "filters": [{"path": "c.D", "args": {}}, {"path": "a.B", "args": {}}, {"path": "e.F", "args": {}}]},
+                      {"tasks": ["validate"], "filters": [{"path": "c.D", "args": {}}]}]
     job_copy.add_components("server", [{"id": "extra", "path": "x.Y", "args": {}}])
     with pytest.raises(JobFolderError, match="'extra' already"):
         job_copy.add_components("server", [{"id": "extra", "path": "x.Y", "args": {}}])

@@ -262,17 +262,31 @@ class JobFolder:
     def add_filters(self, side: str, kind: str, filters: list[dict], tasks: list[str], first: bool = True) -> None:
         """Add ``filters`` (``{"path", "args"}``) for ``tasks`` to the ``side`` ("client"/"server") config.
 
-        ``kind`` is ``task_data_filters`` or ``task_result_filters``; ``first`` puts them ahead of the
-        job's own filters (the order FLARE applies site scopes in).
+        ``kind`` is ``task_data_filters`` or ``task_result_filters``. FLARE keeps one filter chain per
+        task, so a chain that already covers one of ``tasks`` gets the filters inside it: ahead of its
+        own (``first``, the order FLARE applies site scopes in) or after them; tasks no chain covers get
+        a new chain.
         """
         if side not in ("client", "server") or kind not in ("task_data_filters", "task_result_filters"):
             raise JobFolderError(f"add_filters: side must be client|server and kind task_data_filters|task_result_filters, got {side}, {kind}")
         if not filters:
             return
+        if not tasks:
+            raise JobFolderError(f"{self.name}: add_filters needs the task names the filters apply to")
         config = self.load_client() if side == "client" else self.load_server()
-        entry = {"tasks": list(tasks), "filters": [dict(f) for f in filters]}
-        existing = config.setdefault(kind, [])
-        config[kind] = [entry, *existing] if first else [*existing, entry]
+        added = [dict(f) for f in filters]
+        chains, covered = [], set()
+        for chain in config.get(kind, []) or []:
+            hit = [t for t in chain.get("tasks", []) if t in tasks]
+            if hit:
+                own = list(chain.get("filters", []))
+                chain = {**chain, "filters": added + own if first else own + added}
+                covered.update(hit)
+            chains.append(chain)
+        rest = [t for t in tasks if t not in covered]
+        if rest:
+            chains.append({"tasks": rest, "filters": added})
+        config[kind] = chains
         (self.save_client if side == "client" else self.save_server)(config)
 
     def add_components(self, side: str, components: list[dict]) -> None:
