@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedmed import data as site_data
-from fedmed.aggregation import weighted_mean, weight_difference
+from fedmed.aggregation import aggregate_updates, weight_difference
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.server_optim import build_server_optimizer
 from fedmed.tasks.classification import ClassificationTask
@@ -30,6 +30,15 @@ AUG = {"prob": 0.5, "rotate_degrees": 10, "scale": 0.1, "translate": 0.08, "gamm
        "intensity_scale": 0.1, "intensity_shift": 0.05, "noise_std": 0.02}
 CANDIDATES = {
     "w16": {"width": 16},
+    "cxr": {"network": {"name": "cxr_cnn", "args": {}}},
+    "cxr+aug": {"network": {"name": "cxr_cnn", "args": {}}, "aug": AUG},
+    "cxr+aug+clipped": {"network": {"name": "cxr_cnn", "args": {}}, "aug": AUG,
+                        "aggregation": {"name": "clipped_fedavg", "args": {"norm_multiplier": 2.0}}},
+    "w16+aug": {"width": 16, "aug": AUG},
+    "w16+aug+fedavgm": {"width": 16, "aug": AUG, "server": {"name": "fedavgm", "args": {"lr": 1.0, "momentum": 0.5}}},
+    "w24+aug": {"width": 24, "aug": AUG},
+    "w16+aug+trimmed": {"width": 16, "aug": AUG, "aggregation": {"name": "trimmed_mean", "args": {"trim_fraction": 0.2, "norm_multiplier": 2.0}}},
+    "w16+aug+clipped": {"width": 16, "aug": AUG, "aggregation": {"name": "clipped_fedavg", "args": {"norm_multiplier": 2.0}}},
     "w32": {"width": 32},
     "w32+aug": {"width": 32, "aug": AUG},
     "w32+aug+fedavgm": {"width": 32, "aug": AUG, "server": {"name": "fedavgm", "args": {"lr": 1.0, "momentum": 0.5}}},
@@ -42,7 +51,7 @@ CANDIDATES = {
 def run(pool, recipe: dict, rounds: int, sites: int, seed: int = 0) -> dict:
     task = ClassificationTask(class_names=["normal", "pneumonia"], augmentation=recipe.get("aug"))
     fed = site_data.partition_sites(pool, sites, alpha=0.5, seed=seed)
-    network = {"name": "small_cnn", "args": {"in_channels": 1, "num_classes": 2, "width": recipe["width"]}}
+    network = recipe.get("network") or {"name": "small_cnn", "args": {"in_channels": 1, "num_classes": 2, "width": recipe["width"]}}
     trainers = [LocalTrainer(task, task.to_dataset(s.train, train=True), task.to_dataset(s.val),
                              local_epochs=recipe.get("epochs", 1), lr=recipe.get("lr", 0.003), batch_size=32, seed=0)
                 for s in fed.sites]
@@ -53,8 +62,8 @@ def run(pool, recipe: dict, rounds: int, sites: int, seed: int = 0) -> dict:
         updates = []
         for t in trainers:
             result = t.train(network, weights, r, num_rounds=rounds)
-            updates.append((weight_difference(result.weights, weights), result.num_samples))
-        weights = server.step(weights, weighted_mean(updates))
+            updates.append((f"site-{len(updates)}", weight_difference(result.weights, weights), result.num_samples))
+        weights = server.step(weights, aggregate_updates(updates, recipe.get("aggregation", {"name": "fedavg"}))[0])
     seconds = time.perf_counter() - started
     site_metrics = {f"site-{i}": t.evaluate(network, weights) for i, t in enumerate(trainers)}
     threshold = choose_threshold(site_metrics)["threshold"]
