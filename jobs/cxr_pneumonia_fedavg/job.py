@@ -23,6 +23,7 @@ CONTROLLER_ARGS = {   'num_rounds': 20,
     'wait_after_min_clients': 30,
     'seed': 0,
     'job_name': 'cxr_pneumonia_fedavg',
+    'aggregation': {'name': 'trimmed_mean', 'args': {'trim_fraction': 0.2, 'norm_multiplier': 2.0}},
     'task': {   'name': 'classification',
                 'args': {'num_classes': 2, 'image_size': 28, 'class_names': ['normal', 'pneumonia']}},
     'network': {'name': 'small_cnn', 'args': {'in_channels': 1, 'num_classes': 2, 'width': 16}}}
