@@ -16,6 +16,7 @@ COMMANDS = {
     "results": ("fedmed.results_cli", "turn a downloaded deployment job result into bundle, metrics and report"),
     "report": ("fedmed.report", "build the report from a finished simulate or deployment output"),
     "verify-provenance": ("fedmed.provenance", "verify a model provenance card's hash chain"),
+    "audit-leakage": ("fedmed.privacy.audit", "gradient-inversion and membership-inference attacks on each privacy mode"),
 }
 
 
