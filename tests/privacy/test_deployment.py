@@ -1,4 +1,4 @@
-"""Issue-5 acceptance on a real loopback deployment (2 hospitals, 1-2 rounds, tiny synthetic data).
+"""Issue-5 acceptance on a real loopback deployment (2 hospitals; 3 for he, 1-2 rounds, tiny synthetic data).
 
 - a site allowing only ``dp`` refuses a job asking for ``standard``;
 - under ``dp`` sites train with record-level DP-SGD: no training loss leaves, counts and validation
@@ -160,7 +160,7 @@ def _fedavg_reference(job: Path, fed: LoopbackFederation) -> dict[str, np.ndarra
 
 
 def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
-    fed = LoopbackFederation(tmp_path / "fed", he=True)
+    fed = LoopbackFederation(tmp_path / "fed", sites=("site-1", "site-2", "site-3"), he=True)  # he refuses fewer than 3 sites
     fed.provision()
     try:
         fed.start()
@@ -195,7 +195,7 @@ def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
 
     # he: every site's update reached the server as ciphertext only, with no secret key
     audit = json.loads((he_out / "he_audit.json").read_text())["records"]
-    assert sorted(r["site"] for r in audit if r["task"] == "train") == ["site-1", "site-2"]
+    assert sorted(r["site"] for r in audit if r["task"] == "train") == ["site-1", "site-2", "site-3"]
     for record in audit:
         assert record["tensors"] == record["ciphertext_tensors"] > 0 and record["server_can_decrypt"] is False
     assert not (he_out / "global_model.pt").exists()  # no plaintext global model on the server
