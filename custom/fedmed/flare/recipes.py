@@ -238,6 +238,8 @@ def run_job_script(build_recipe, argv: list[str], description: str = "") -> int:
     parser.add_argument("--env", choices=["sim", "prod"], default="sim",
                         help="where to run: sim (FLARE's SimEnv, default) or prod (ProdEnv: submit with --startup-kit)")
     parser.add_argument("--startup-kit", default=None, help="--env prod: the admin startup kit to submit with")
+    parser.add_argument("--username", default=None,
+                        help="--env prod: the admin user (default: the startup kit's folder name, as provisioning names it)")
     parser.add_argument("--sites", type=int, default=2, help="SimEnv: simulated hospitals (default 2)")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=None, help="SimEnv threads (default: one per site)")
@@ -265,8 +267,10 @@ def run_job_script(build_recipe, argv: list[str], description: str = "") -> int:
 
         if not args.startup_kit:
             parser.error("--env prod needs --startup-kit (an admin's startup kit folder)")
-        run = build_recipe(overrides).execute(ProdEnv(startup_kit_location=args.startup_kit))
-        print(f"submitted job {run.get_job_id()}; result: {run.get_result()}")
+        username = args.username or Path(args.startup_kit).resolve().name
+        run = build_recipe(overrides).execute(ProdEnv(startup_kit_location=args.startup_kit, username=username))
+        print(f"submitted job {run.get_job_id()} as {username}; waiting for it to finish", flush=True)
+        print(f"result: {run.get_result()}")
         return 0
     return run_in_sim_env(build_recipe, args.sites, overrides, args.workspace or
                           f"runs/{build_recipe({}).name}-recipe-{time.strftime('%Y%m%d-%H%M%S')}",
