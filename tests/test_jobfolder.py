@@ -101,3 +101,15 @@ def test_check_components_refuses_a_bad_setting_naming_it(job_copy):
     job_copy.apply_settings({"num_rounds": 2, "network": {"name": "no_such_net"}})
     with pytest.raises(JobFolderError, match="network or task spec does not build"):
         job_copy.check_components()
+
+
+def test_a_dotted_key_changes_one_entry_of_a_dict_setting(job_copy):
+    before = job_copy.controller_args()["network"]
+    job_copy.apply_settings({"network.args.width": 32, "task.args.image_size": 28})
+    after = job_copy.controller_args()["network"]
+    assert after["args"]["width"] == 32 and after["name"] == before["name"]
+    assert {k: v for k, v in after["args"].items() if k != "width"} == {k: v for k, v in before["args"].items() if k != "width"}
+    with pytest.raises(JobFolderError, match=r"--set lr.x: lr is not a JSON object"):
+        job_copy.apply_settings({"lr.x": 1})
+    with pytest.raises(JobFolderError, match=r"unknown key\(s\) nope.args.width"):
+        job_copy.apply_settings({"nope.args.width": 1})

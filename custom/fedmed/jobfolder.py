@@ -216,24 +216,36 @@ class JobFolder:
     def apply_settings(self, settings: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
         """Write ``settings`` into the executor / controller args; an unknown key raises listing the valid ones.
 
-        Returns ``{key: [(component, argument), ...]}`` for what was set.
+        A dotted key changes one entry inside a dict-valued setting, MONAI-``#``-style:
+        ``network.args.width=32`` keeps the rest of ``network``. Returns ``{key: [(component, argument), ...]}``.
         """
         if not settings:
             return {}
         valid = self.settable_keys()
-        unknown = sorted(set(settings) - set(valid))
+        unknown = sorted(key for key in settings if key.split(".", 1)[0] not in valid)
         if unknown:
             raise JobFolderError(
-                f"--set: unknown key(s) {', '.join(unknown)} for job {self.name}; valid keys: {', '.join(sorted(valid))}"
+                f"--set: unknown key(s) {', '.join(unknown)} for job {self.name}; valid keys: {', '.join(sorted(valid))} "
+                "(a dotted key such as network.args.width changes one entry of a dict-valued key)"
             )
         server, client = self.load_server(), self.load_client()
         targets = {"controller": self.controller_args(server), "executor": self.executor_args(client)}
         for key, value in settings.items():
-            for component, argument in valid[key]:
-                targets[component][argument] = value
+            head, *path = key.split(".")
+            for component, argument in valid[head]:
+                if not path:
+                    targets[component][argument] = value
+                    continue
+                node = targets[component].get(argument)
+                for i, part in enumerate(path[:-1]):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    raise JobFolderError(f"--set {key}: {'.'.join([head, *path[:-1]])} is not a JSON object in the "
+                                         f"{component}'s args of job {self.name}; set the whole {head} instead")
+                node[path[-1]] = value
         self.save_server(server)
         self.save_client(client)
-        return {key: valid[key] for key in settings}
+        return {key: valid[key.split(".", 1)[0]] for key in settings}
 
     def check_components(self) -> None:
         """Instantiate the executor and controller with this folder's args, and build the network and

@@ -243,7 +243,7 @@ def simulate(
             valid = JobFolder(job_dir).settable_keys()
         except JobFolderError as exc:
             raise SimulationError(str(exc)) from exc
-        unknown = sorted(set(settings) - set(valid))
+        unknown = sorted(key for key in settings if key.split(".", 1)[0] not in valid)
         if unknown:
             raise SimulationError(f"--set: unknown key(s) {', '.join(unknown)} for job {job_dir.name}; "
                                   f"valid keys: {', '.join(sorted(valid))}")
@@ -375,7 +375,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a training or aggregation setting of the job copy, repeatable: e.g. --set lr=0.01 "
                              "--set local_epochs=2 --set batch_size=64 --set network='{\"name\": \"densenet121\", ...}'; "
                              "VALUE is parsed as JSON when it can be; the keys are the job's executor and controller "
-                             "arguments (an unknown key is refused with the list)")
+                             "arguments (an unknown key is refused with the list); a dotted key changes one entry of a "
+                             "dict-valued one: --set network.args.width=32")
 
 
     parser.add_argument("--attack", action="append", default=[], metavar="SITE:KIND=VALUE",
