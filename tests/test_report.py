@@ -1,6 +1,7 @@
 """Report: EXAM-style arithmetic on a hand-built matrix, files written, HTML self-contained and link-safe."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -24,7 +25,16 @@ def _cell(auc):
     return {"val_auc": auc, "val_accuracy": auc - 0.1, "val_loss": 1 - auc, "num_val_samples": 20}
 
 
-def _write_run(folder, with_baselines=True, with_card=True):
+# hand-built AUCs on the external hospital no site held: federated, local-only per site, pooled
+EXTERNAL = {"global_model": 0.88, "best_global_model": 0.87, "pooled": 0.90,
+            "local-only:site-1": 0.70, "local-only:site-2": 0.90, "local-only:site-3": 0.86}
+
+
+def _external_figures(auc):
+    return {"auc": auc, "accuracy": auc - 0.05, "threshold": 0.5, "num_images": 40, "images_per_class": [20, 20]}
+
+
+def _write_run(folder, with_baselines=True, with_card=True, with_external=True):
     folder.mkdir(parents=True, exist_ok=True)
     cross = {
         "format": "fedmed-cross-site/1",
@@ -66,6 +76,15 @@ def _write_run(folder, with_baselines=True, with_card=True):
             for v in range(4)
         ],
     }
+    if with_external:
+        shown = {m: v for m, v in EXTERNAL.items() if with_baselines or not (m == "pooled" or m.startswith("local-only:"))}
+        metrics["decision_threshold"] = {"class": "pneumonia", "threshold": 0.5, "method": "youden_j_on_site_validation"}
+        metrics["external"] = {
+            "what": "models evaluated on hospitals no site trained on, validated on or selected with",
+            "decision_threshold": 0.5,
+            "sets": {"external-val": {"file": "external/external-val.npz", "num_images": 40}},
+            "results": {"external-val": {m: _external_figures(v) for m, v in shown.items()}},
+        }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     if with_card:
         rec = provenance.ProvenanceRecorder(job="cxr_pneumonia_fedavg", network={"name": "small_cnn", "args": {}})
@@ -213,7 +232,9 @@ def test_cli_builds_report_from_downloaded_job_result_layout(tmp_path, capsys):
 def test_cli_names_folder_without_inputs_and_bad_json(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli_main(["report", str(tmp_path / "empty")]) == 2
-    assert "holds none of metrics.json" in capsys.readouterr().err
+    assert "empty is not a job result" in capsys.readouterr().err  # the CLI resolves the folder first
+    with pytest.raises(report.ReportError, match="holds none of metrics.json"):
+        report.build_report(tmp_path / "empty", log=lambda *_: None)
     run = tmp_path / "bad"
     run.mkdir()
     (run / "cross_site.json").write_text("{")
@@ -238,3 +259,103 @@ def test_report_names_missing_local_models_when_a_site_refused_to_share(tmp_path
     assert "EXAM-style figures not available: site 'site-2' has no local model" in md
     assert "submit_model / site-2: site site-2: dp scope releases only noised weight differences" in md
     assert (run / "report" / "cross_site_auc.png").is_file() and not (run / "report" / "exam.png").exists()
+
+
+def _section(md, title):
+    """The text of one ``## title`` section of report.md."""
+    start = md.index(f"## {title}")
+    end = md.find("\n## ", start + 3)
+    return md[start:end if end >= 0 else None]
+
+
+def test_verdict_opens_the_report_and_names_each_hospital(tmp_path):
+    run = _write_run(tmp_path / "run")
+    summary = report.build_report(run, log=lambda *_: None)
+    md = (run / "report" / "report.md").read_text()
+    assert md.index("## Verdict") < md.index("## External hospitals") < md.index("## Gains in detail")
+    text = _section(md, "Verdict")
+    # external data: the released model against the hospitals alone and the pooled model
+    assert "AUC (0.5 = chance, 1 = perfect)" in text and text.count("0.5 = chance") == 1
+    assert "external-val, 40 images" in text and "AUC 0.880 and accuracy 0.830" in text
+    assert "AUC 0.700 (site-1) to 0.900 (site-2)" in text and "beats 2 of 3" in text
+    assert "pooled in one place" in text and "AUC 0.900" in text
+    # every hospital by name, with its outcome: own data (fed vs local-only) and the external hospital
+    assert "site-1 is **better off in the federation**: 0.900 vs 0.800 alone on its own images; 0.880 vs 0.700" in text
+    assert "site-2 **gains on its own images but loses on the external hospitals**" in text
+    assert "site-3 is **better off in the federation**" in text  # same on its own data, +0.02 on the external one
+    assert "**In short**: 2 of 3 hospitals are better off in the federation (site-1 and site-3)" in text
+    # plain words: no field names, no hashes
+    assert "val_auc" not in text and "generalizability" not in text.lower()
+    assert not re.search(r"[0-9a-f]{16}", text)
+    outcomes = {h["site"]: h["outcome"] for h in summary["verdict"]["hospitals"]}
+    assert outcomes == {"site-1": "better", "site-2": "mixed", "site-3": "better"}
+    html_text = (run / "report" / "report.html").read_text()
+    assert "<li>site-1 is <strong>better off in the federation</strong>" in html_text
+
+
+def test_verdict_outcome_rules():
+    v = report.compute._compare
+    assert v([0.05, 0.02]) == "better" and v([-0.05, -0.02]) == "worse" and v([0.05, -0.02]) == "mixed"
+    assert v([0.005, -0.005]) == "same" and v([0.0, 0.03]) == "better" and v([None, None]) == "unknown"
+
+
+def test_without_baselines_no_pooled_column_and_local_is_not_called_local_only(tmp_path):
+    run = _write_run(tmp_path / "run", with_baselines=False, with_card=False)
+    summary = report.build_report(run, log=lambda *_: None)
+    md = (run / "report" / "report.md").read_text()
+    text = _section(md, "Verdict")
+    for site in SITES:
+        assert f"{site}: the federated model has AUC" in text
+    assert "cannot be said from this run" in text and "--baselines" in text
+    assert "There is no model trained by one hospital alone, nor one on pooled data" in text
+    assert {h["outcome"] for h in summary["verdict"]["hospitals"]} == {"unknown"}
+    # no pooled model: no pooled column, no pooled in the section title, the legend or the rows
+    assert "## Federated vs federated + 1 round at each site\n" in md and "vs pooled" not in md
+    comparison = _section(md, "Federated vs federated + 1 round at each site")
+    assert "| site | federated | federated + 1 round at site (not local-only) |" in comparison
+    assert "pooled (all data in one place)" not in md
+    assert all("pooled" not in row for row in summary["comparison"])
+    data = report.load_run(run)
+    fig = report.plot_comparison(data, "val_auc", tmp_path / "c.png")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["federated", "federated + 1 round at site (not local-only)"]
+    # the cross-site local models are labelled for what they are, never as local-only
+    assert "| site-1: federated + 1 round at site |" in md
+    assert "local only" not in md and "(last local)" not in md
+
+
+def test_pooled_column_present_with_baselines(tmp_path):
+    run = _write_run(tmp_path / "run", with_card=False)
+    report.build_report(run, log=lambda *_: None)
+    md = (run / "report" / "report.md").read_text()
+    comparison = _section(md, "Federated vs local-only vs pooled")
+    assert "| site | federated | local only | pooled (all data in one place) |" in comparison
+    assert "| mean over sites (each counts once) | 0.8500 | 0.8000 |" in comparison
+
+
+def test_heatmap_scale_is_fixed_for_auc_and_dice(tmp_path):
+    assert report.heatmap_scale("val_auc") == (0.5, 1.0) == report.heatmap_scale("val_dice", [0.998, 0.999, 1.0])
+    assert report.heatmap_scale("val_accuracy", [0.2, 0.6]) == (0.2, 0.6)
+    run = _write_run(tmp_path / "run", with_card=False)
+    data = report.load_run(run)
+    for model in data.matrix.values():  # values as close as the quick start's used to be: 0.998-1.000
+        for i, cell in enumerate(model.values()):
+            cell["val_auc"] = 0.998 + 0.001 * i
+    fig = report.plot_heatmap(data, "val_auc", tmp_path / "h.png")
+    (image,) = fig.axes[0].images
+    assert image.get_clim() == report.heatmap_scale("val_auc") == (0.5, 1.0)
+
+
+def test_long_runs_give_a_narrow_learning_curve_table_and_labelled_means(tmp_path):
+    run = _write_run(tmp_path / "run", with_card=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["evaluations"] = [{"model_version": v, "sites": {s: _cell(0.5 + 0.02 * v) for s in SITES}} for v in range(21)]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    report.build_report(run, log=lambda *_: None)
+    curves = _section((run / "report" / "report.md").read_text(), "Learning curves")
+    header = next(line for line in curves.splitlines() if line.startswith("| site"))
+    assert header == "| site | before training | final | after round | best | after round |"
+    assert "| site-1 | 0.5000 | 0.9000 | 20 | 0.9000 | 20 |" in curves
+    fig = report.plot_learning_curves(report.load_run(run), "val_auc", tmp_path / "l.png")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels.count("mean over sites (each site counts once)") == 1 and "mean" not in labels
