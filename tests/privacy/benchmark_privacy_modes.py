@@ -2,7 +2,8 @@
 
     python tests/privacy/benchmark_privacy_modes.py --data ../shared/data/pneumoniamnist.npz --rounds 10 --out runs/privacy_bench
 
-standard / compressed / dp (two noise levels) run in the FLARE simulator (``simulate --privacy``);
+standard / compressed / compressed_int8 / dp (record-level DP-SGD at the budgets ``--epsilons``,
+delta 1e-5) run in the FLARE simulator (``simulate --privacy``);
 he runs in a real loopback deployment with HE-built kits (the simulator cannot do HE), on the same
 seeded partition. Writes OUT/results.json and prints a markdown table.
 """
@@ -36,15 +37,18 @@ def summarize(metrics: dict) -> dict:
         "bytes_per_site_per_round": (sum(per_round) / len(per_round) / len(rounds[0]["sites"])) if per_round else None,
         "epsilon_final_max_over_sites": max(eps) if eps else None,
         "rounds": len(rounds),
+        "external_auc": {set_name: {model: figures.get("auc") for model, figures in by_model.items()}
+                         for set_name, by_model in ((metrics.get("external") or {}).get("results") or {}).items()},
     }
 
 
-def dp_policy(path: Path, noise_multiplier: float, clip_norm: float) -> Path:
+def dp_policy(path: Path, epsilon: float) -> Path:
+    """The template's sites' privacy.json with the dp scope's budget set to ``epsilon``."""
     policy = json.loads(template_privacy_file("client").read_text())
     for scope in policy["scopes"]:
-        for f in scope.get("task_result_filters", []):
-            if f["path"].endswith("DPUpdateFilter"):
-                f["args"].update({"noise_multiplier": noise_multiplier, "clip_norm": clip_norm, "epsilon_budget": 1e9})
+        for f in scope.get("task_data_filters", []):
+            if f["path"].endswith("DPTrainingPolicy"):
+                f["args"].update({"epsilon": epsilon})
     path.write_text(json.dumps(policy, indent=2))
     return path
 
@@ -86,9 +90,8 @@ def main() -> int:
     parser.add_argument("--out", default="runs/privacy_bench")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--noise", type=float, nargs=2, default=[0.1, 1.0])
-    parser.add_argument("--modes", nargs="+", default=["standard", "compressed", "dp", "he"])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[3.0, 8.0], help="dp budgets (record level, delta 1e-5)")
+    parser.add_argument("--modes", nargs="+", default=["standard", "compressed", "compressed_int8", "dp", "he"])
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,7 @@ def main() -> int:
     runs = []
     for mode in args.modes:
         if mode == "dp":
-            runs += [(f"dp z={z:g} C={args.clip_norm:g}", "dp", dp_policy(out / f"privacy_dp_z{z:g}.json", z, args.clip_norm)) for z in args.noise]
+            runs += [(f"dp eps={e:g}", "dp", dp_policy(out / f"privacy_dp_eps{e:g}.json", e)) for e in args.epsilons]
         elif mode != "he":
             runs.append((mode, mode, None))
     for name, mode, policy in runs:
@@ -110,6 +113,8 @@ def main() -> int:
         run_dir = simulate(num_sites=args.sites, rounds=args.rounds, data=args.data, out=str(out / name.replace(" ", "_").replace("=", "")),
                            seed=args.seed, alpha=args.alpha, force=True, privacy=mode, privacy_file=str(policy) if policy else None)
         summary = summarize(json.loads((run_dir / "metrics.json").read_text()))
+        if (run_dir / "privacy_ledger.json").is_file():
+            summary["privacy_ledger"] = json.loads((run_dir / "privacy_ledger.json").read_text())
         summary.update({"where": "FLARE simulator", "wall_seconds": round(time.time() - started, 1)})
         results["runs"][name] = summary
         print(json.dumps(summary), flush=True)
@@ -123,13 +128,14 @@ def main() -> int:
         print(json.dumps(summary), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    print("\n| mode | final mean val AUC | best mean val AUC | upload bytes per site per round | epsilon (delta 1e-5) at the end | wall s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| mode | final mean val AUC | best mean val AUC | external AUC (final model) | upload bytes per site per round | epsilon (delta 1e-5) at the end | wall s |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results["runs"].items():
         auc = f"{r['final_mean_val_auc']:.3f}" if r["final_mean_val_auc"] is not None else "-"
         best = f"{r['best_mean_val_auc']:.3f}" if r["best_mean_val_auc"] is not None else "-"
         eps = f"{r['epsilon_final_max_over_sites']:.4g}" if r["epsilon_final_max_over_sites"] is not None else "-"
-        print(f"| {name} | {auc} | {best} | {r['bytes_per_site_per_round']:,.0f} | {eps} | {r['wall_seconds']:.0f} |")
+        external = ", ".join(f"{k} {v.get('global_model'):.3f}" for k, v in r.get("external_auc", {}).items() if v.get("global_model") is not None) or "-"
+        print(f"| {name} | {auc} | {best} | {external} | {r['bytes_per_site_per_round']:,.0f} | {eps} | {r['wall_seconds']:.0f} |")
     return 0
 
 

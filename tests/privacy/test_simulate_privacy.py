@@ -82,6 +82,9 @@ def test_simulated_dp_hospitals_train_with_dp_sgd_keep_ledgers_and_send_no_train
     card = json.loads((out / "provenance.json").read_text())
     card_sites = {s["site"]: s for s in card["summary"]["sites"]}
     assert card_sites["site-1"]["privacy"]["history"] == ledger["sites"]["site-1"]["history"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["privacy_ledger"]["site-1"]["epsilon"] == pytest.approx(eps[1])
+    assert "epsilon (record level)" in (out / "report" / "report.md").read_text()
 
     # TensorBoard events reach the server: the ledger's epsilon does, the training loss does not
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
