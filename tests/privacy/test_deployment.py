@@ -159,6 +159,10 @@ def _fedavg_reference(job: Path, fed: LoopbackFederation) -> dict[str, np.ndarra
     return apply_update(initial, weighted_mean(updates))
 
 
+def bytes_per_round(metrics):
+    return [sum(s["upload_bytes"] for s in r["sites"].values()) for r in metrics["rounds"]]
+
+
 def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
     fed = LoopbackFederation(tmp_path / "fed", sites=("site-1", "site-2", "site-3"), he=True)  # he refuses fewer than 3 sites
     fed.provision()
@@ -182,13 +186,36 @@ def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
         _, meta, result = fed.run_job(job, timeout=300)
         assert meta["status"] == "FINISHED:COMPLETED", meta
         he_out = _server_out(result)
+
+        _, meta, result = fed.run_job(tiny_job(tmp_path / "job_int8", scope="compressed_int8"), timeout=240)
+        assert meta["status"] == "FINISHED:COMPLETED", meta
+        int8 = json.loads((_server_out(result) / "metrics.json").read_text())
+
+        # dp + he: DP-SGD at every site, then CKKS: the server sees neither a plaintext nor a noised update
+        dp_he = he_job(tiny_job(tmp_path / "job_dp_he_base", num_rounds=1), tmp_path / "job_dp_he")
+        dp_he_meta = json.loads((dp_he / "meta.json").read_text())
+        dp_he_meta["scope"] = "dp_he"
+        (dp_he / "meta.json").write_text(json.dumps(dp_he_meta))
+        _, meta, result = fed.run_job(dp_he, timeout=300)
+        assert meta["status"] == "FINISHED:COMPLETED", meta
+        dp_he_audit = json.loads((_server_out(result) / "he_audit.json").read_text())["records"]
+        dp_he_metrics = json.loads((_server_out(result) / "metrics.json").read_text())
     finally:
         fed.stop()
 
-    # compressed halves the bytes per round (float16 instead of float32), the server aggregates float32
-    def bytes_per_round(metrics):
-        return [sum(s["upload_bytes"] for s in r["sites"].values()) for r in metrics["rounds"]]
+    # compressed_int8 sends exactly a quarter of the tensor bytes
+    assert [4 * b for b in bytes_per_round(int8)] == bytes_per_round(standard)
+    # dp_he: ciphertext only from every site, DP-SGD charged to each site's ledger, no training loss
+    assert sorted(r["site"] for r in dp_he_audit if r["task"] == "train") == ["site-1", "site-2", "site-3"]
+    assert all(r["tensors"] == r["ciphertext_tensors"] > 0 and r["server_can_decrypt"] is False for r in dp_he_audit)
+    for site in fed.sites:
+        ledger = json.loads((fed.kits[site] / "privacy_ledger.json").read_text())
+        assert ledger["unit"] == "record" and len(ledger["entries"]) == 1 and 0 < ledger["epsilon"] <= 8.0
+        assert ledger["epsilon"] == pytest.approx(_rdp(ledger["history"]), rel=1e-9)
+        reported = dp_he_metrics["rounds"][0]["sites"][site]
+        assert "train_loss" not in reported and reported["privacy_epsilon"] == pytest.approx(ledger["epsilon"])
 
+    # compressed halves the bytes per round (float16 instead of float32), the server aggregates float32
     assert bytes_per_round(standard)[0] > 0
     assert [2 * b for b in bytes_per_round(compressed)] == bytes_per_round(standard)
     assert all(t.dtype == torch.float32 for t in compressed_model.values())

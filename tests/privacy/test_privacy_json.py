@@ -38,6 +38,9 @@ def test_client_scopes_chain_the_release_policy_first_and_the_meter_last(tmp_pat
     dp_in = manager.get_scope("dp").task_data_filters["in"]
     assert [type(f).__name__ for f in dp_in] == ["ModelSignatureRecorder", "DPTrainingPolicy"]
     assert dp_in[1].settings.epsilon == 8.0 and dp_in[1].settings.delta == 1e-5  # the default budget
+    dp_he_out = [type(f).__name__ for f in manager.get_scope("dp_he").task_result_filters["out"]]
+    assert dp_he_out == ["ReleasePolicyFilter", "DPReleaseFilter", "HEModelEncryptor", "TransferMeter"]  # noise, then encrypt
+    assert "DPTrainingPolicy" in [type(f).__name__ for f in manager.get_scope("dp_he").task_data_filters["in"]]
     he_chain = [type(f).__name__ for f in manager.get_scope("he").task_result_filters["out"]]
     assert he_chain == ["ReleasePolicyFilter", "HEModelEncryptor", "TransferMeter"]
     assert [type(f).__name__ for f in manager.get_scope("he").task_data_filters["in"]] == ["HEModelDecryptor", "DecryptedModelReshaper", "ModelSignatureRecorder"]
@@ -67,7 +70,7 @@ def test_a_dp_scope_with_a_bad_setting_stops_the_site_from_loading(tmp_path):
 
 def test_scope_helpers_name_the_file_and_scope(tmp_path):
     path = template_privacy_file("client")
-    assert scope_names(path) == ["standard", "dp", "compressed", "compressed_int8", "he"]
+    assert scope_names(path) == ["standard", "dp", "compressed", "compressed_int8", "he", "dp_he"]
     with pytest.raises(ScopeError, match="'research'.*not allowed"):
         get_scope(path, "research")
     data, result = scope_filter_chains(path, "dp")

@@ -10,8 +10,8 @@ import copy
 import json
 from pathlib import Path
 
-MODES = ("standard", "dp", "he", "compressed", "compressed_int8")
-SIMULATABLE_MODES = ("standard", "dp", "compressed", "compressed_int8")  # he needs HE-built kits: rehearse --privacy he
+MODES = ("standard", "dp", "he", "compressed", "compressed_int8", "dp_he")
+SIMULATABLE_MODES = ("standard", "dp", "compressed", "compressed_int8")  # he, dp_he need HE-built kits: rehearse
 PRIVACY_FILE = "privacy.json"
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "workspace_templates"
 
