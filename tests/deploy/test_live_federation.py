@@ -185,6 +185,14 @@ def test_a_hospital_whose_data_config_is_still_the_placeholder_fails_the_job_nam
     assert "site 'hospital-03'" in reason and str(config_file) in reason and "placeholder" in reason
     assert "hospital-03" in metrics["error"] and str(config_file) in metrics["error"]
     assert str(config_file) in (live.root / "logs" / "hospital-03.log").read_text()
+    # `python -m fedmed results` on this download gives the true reason, from any folder of it (issue 14)
+    for folder in (download, download / "workspace" / "app_server" / "fedmed"):
+        run = subprocess.run([sys.executable, "-m", "fedmed", "results", str(folder), "--out", str(tmp_path / "out")],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert f"job {job_id}" in run.stderr and meta["status"] in run.stderr
+        assert "site 'hospital-03'" in run.stderr and "placeholder" in run.stderr
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_a_hospitals_org_admin_may_stop_its_own_site_but_not_another(live):
@@ -198,6 +206,27 @@ def test_a_hospitals_org_admin_may_stop_its_own_site_but_not_another(live):
     proc = live.federation.processes["hospital-03"]
     proc.popen.wait(timeout=30)  # the hospital-03 client process ended on its org admin's command
     assert live.federation.processes["hospital-01"].alive() and live.federation.processes["hospital-02"].alive()
+
+
+def test_the_documented_stop_commands_say_who_may_stop_and_end_a_site_and_the_server(live):
+    def stop(user, *target):
+        return subprocess.run([sys.executable, "-m", "fedmed", "stop", str(live.prod / user), *target],
+                              capture_output=True, text=True, cwd=REPO, timeout=180)
+
+    refused = stop(LEAD, "server")  # the lead's kit is refused by policy: said as a refusal, not CONNECTION_FAILED
+    assert refused.returncode == 1 and "REFUSED" in refused.stderr and f"'{LEAD}' is not authorized" in refused.stderr
+    not_own = stop("it@hospital-01.example.org", "client", "hospital-02")
+    assert not_own.returncode == 1 and "NOT STOPPED: hospital-02 still connected" in not_own.stderr
+    assert live.federation.processes[SERVER].alive() and live.federation.processes["hospital-02"].alive()
+    own = stop("it@hospital-02.example.org", "client", "hospital-02")  # README: a hospital stops its own site
+    assert own.returncode == 0 and "stopped hospital-02 as it@hospital-02.example.org" in own.stdout, own.stderr
+    live.federation.processes["hospital-02"].popen.wait(timeout=60)
+    everything = stop(PROJECT_ADMIN, "all")  # README: the project admin stops the deployment
+    assert everything.returncode == 0 and f"as {PROJECT_ADMIN}" in everything.stdout, everything.stderr
+    live.federation.processes[SERVER].popen.wait(timeout=60)
+    live.federation.processes["hospital-01"].popen.wait(timeout=60)
+    gone = stop(PROJECT_ADMIN, "all")
+    assert gone.returncode == 2 and "cannot reach the server" in gone.stderr
 
 
 def test_nothing_listened_beyond_loopback_or_wrote_to_tmp_nvflare_and_shutdown_ends_every_process(live):

@@ -70,6 +70,25 @@ def test_rehearse_runs_the_job_on_loopback_writes_the_bundle_and_exits_0(tmp_pat
     prod = next((work / "provision" / "fedmed_rehearsal").glob("prod_*"))
     assert (prod / "hospital-01" / "startup" / "signature.json").is_file()
     assert _processes_mentioning(str(work)) == []  # every server/client/job process ended
+    # `python -m fedmed results` on the rehearsal's downloaded job writes what simulate writes (issue 14)
+    again = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "fedmed", "results", str(out / "job_result"), "--out", str(again)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name in ("metrics.json", "cross_site.json", "provenance.json", "bundle/configs/inference.json",
+                 "bundle/docs/README.md", "report/report.html", "report/report.json"):
+        assert (again / name).is_file(), name
+    assert json.loads((again / "metrics.json").read_text())["sites"] == metrics["sites"]
+    from monai.bundle import load
+
+    net = load(name="bundle", bundle_dir=str(again), workflow_type="inference", device="cpu")
+    import torch
+
+    assert net(torch.zeros(1, 1, 28, 28)).shape == (1, 2)
+    for command in ("verify-provenance", "report"):  # the same folder, for the other two commands
+        check = subprocess.run([sys.executable, "-m", "fedmed", command, str(out / "job_result")],
+                               capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert check.returncode == 0, command + check.stdout + check.stderr
 
 
 def test_rehearse_fails_with_exit_1_and_a_reason_for_a_missing_job(tmp_path):
@@ -85,7 +104,7 @@ def test_rehearse_fails_with_exit_1_and_a_reason_for_a_missing_job(tmp_path):
 @pytest.mark.slow
 def test_rehearse_privacy_he_aggregates_ciphertext_and_a_hospital_decrypts_the_model(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    result = subprocess.run([sys.executable, "-m", "fedmed", "rehearse", "--privacy", "he", "--hospitals", "2",
+    result = subprocess.run([sys.executable, "-m", "fedmed", "rehearse", "--privacy", "he", "--hospitals", "3",  # he refuses < 3
                              "--rounds", "1", "--out", str(out), "--workdir", str(work)],
                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -93,7 +112,7 @@ def test_rehearse_privacy_he_aggregates_ciphertext_and_a_hospital_decrypts_the_m
     assert "hospital-01 decrypted the encrypted global model with its own key" in result.stdout
     # the server aggregated ciphertext only: every tensor from every hospital, and it could decrypt none
     audit = json.loads((out / "he_audit.json").read_text())["records"]
-    assert sorted(r["site"] for r in audit) == ["hospital-01", "hospital-02"]
+    assert sorted(r["site"] for r in audit) == ["hospital-01", "hospital-02", "hospital-03"]
     assert all(r["tensors"] == r["ciphertext_tensors"] > 0 and r["server_can_decrypt"] is False for r in audit)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and metrics["aggregation"].startswith("he:")
