@@ -122,9 +122,12 @@ def test_ctrl_c_stops_every_process_and_marks_the_folder_incomplete(tmp_path, si
 def test_progress_lines_carry_an_eta_and_setup_milestones():
     from fedmed.simulate import _Progress, _setup_milestone
 
-    progress = _Progress(num_rounds=3, started=0.0)
-    assert progress.line("round 1/3: 2/2 sites answered; 10.0 s", 40.0).endswith("[40 s elapsed, about 20 s left for training]")
-    assert progress.line("round 2/3: 2/2 sites answered; 10.0 s", 50.0).endswith("[50 s elapsed, about 10 s left for training]")
+    progress = _Progress(num_rounds=4, started=0.0)
+    # round 1 took 30 s (FLARE starting the sites, data loading): the first estimate uses it
+    assert progress.line("round 1/4: 2/2 sites answered; 30.0 s", 40.0).endswith("[40 s elapsed, about 90 s left for training]")
+    # later rounds take 5 s: from round 2 on the estimate uses the rounds after the first
+    assert progress.line("round 2/4: 2/2 sites answered; 5.0 s", 45.0).endswith("[45 s elapsed, about 10 s left for training]")
+    assert progress.line("round 3/4: 2/2 sites answered; 5.0 s", 50.0).endswith("[50 s elapsed, about 5 s left for training]")
     assert progress.line("cross-site: asking 2 sites", 55.0) == "cross-site: asking 2 sites"
     assert _setup_milestone("... - INFO - Initialize ClientRunner for client: site-2") == "site-2 joined the federation"
     assert _setup_milestone("site site-1: 676 training and 170 validation samples from x") == \

@@ -77,7 +77,10 @@ def prepare_job(job_dir: Path, dest: Path, num_sites: int, rounds: int | None, s
 
 
 class _Progress:
-    """Echo the server's ``[fedmed]`` lines with an ETA: setup until the first round, then per round."""
+    """Echo the server's ``[fedmed]`` lines with an ETA: setup until the first round, then per round.
+
+    Round 1 also pays for FLARE starting the sites and the sites loading their data, so from round 2
+    on the estimate uses the rounds after the first."""
 
     ROUND = re.compile(r"round (\d+)/(\d+)")
 
@@ -85,6 +88,7 @@ class _Progress:
         self.num_rounds = num_rounds
         self.started = started
         self.first_round_started: float | None = None
+        self.first_round_done: float | None = None
         self.rounds_done = 0
 
     def line(self, text: str, now: float) -> str:
@@ -95,8 +99,12 @@ class _Progress:
         if self.first_round_started is None:
             seconds = re.search(r"; ([0-9.]+) s$", text)
             self.first_round_started = now - (float(seconds.group(1)) if seconds else 0.0)
+        if done == 1 or self.first_round_done is None:
+            self.first_round_done = now
+            per_round = now - self.first_round_started
+        else:
+            per_round = (now - self.first_round_done) / (done - 1)
         self.rounds_done = done
-        per_round = (now - self.first_round_started) / max(done, 1)
         left = max(total - done, 0) * per_round
         return f"{text} [{now - self.started:.0f} s elapsed, about {left:.0f} s left for training]"
 
