@@ -124,3 +124,23 @@ def test_a_recipe_runs_in_sim_env_with_two_sites_one_round(tmp_path):
     assert set(site_config["sites"]) == {"site-1", "site-2"}
     assert (workspace / "cxr_pneumonia_fedavg" / "server" / "simulate_job" / "app_server" / "fedmed").is_dir(), \
         "SimEnv must run in the given workspace (FLARE's default is /tmp/nvflare)"
+
+
+def test_flare_recipe_helpers_add_filters_and_the_job_names_a_privacy_scope(tmp_path):
+    from fedmed.flare.recipes import ClassificationFedAvgRecipe, configured
+
+    module = _load_job_module(REPO / "jobs/cxr_pneumonia_fedavg/job.py")
+    recipe = ClassificationFedAvgRecipe(name="cxr_compressed", controller_args=module.CONTROLLER_ARGS,
+                                        executor_args=module.EXECUTOR_ARGS, meta={"scope": "compressed"})
+    recipe.add_client_output_filter(configured("fedmed.flare.filters.Float16CompressFilter", {}), tasks=["train", "submit_model"])
+    recipe.add_server_input_filter(configured("fedmed.flare.filters.Float16DecompressFilter", {}), tasks=["train", "submit_model"])
+    from fedmed.flare.recipes import export_job_folder
+
+    job = export_job_folder(recipe, tmp_path / "job")
+    assert job.scope() == "compressed"
+    (chain,) = job.load_client()["task_result_filters"]
+    assert sorted(chain["tasks"]) == ["submit_model", "train"]
+    assert chain["filters"] == [{"path": "fedmed.flare.filters.Float16CompressFilter", "args": {}}]
+    assert [w["id"] for w in job.load_server()["workflows"]] == ["fedavg"]  # no cross_site_args: no cross-site workflow
+    (server_chain,) = job.load_server()["task_result_filters"]
+    assert server_chain["filters"][0]["path"] == "fedmed.flare.filters.Float16DecompressFilter"
