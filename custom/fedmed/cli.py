@@ -47,7 +47,11 @@ def main(argv=None) -> int:
         except RuntimeError as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             return 2
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: the command's own cleanup has run (its finally blocks); no traceback
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        return 130
 
 
 # commands whose `path` may be an output folder or a downloaded job result (any folder in it)
