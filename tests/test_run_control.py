@@ -133,3 +133,14 @@ def test_progress_lines_carry_an_eta_and_setup_milestones():
     assert _setup_milestone("site site-1: 676 training and 170 validation samples from x") == \
         "site-1 loaded 676 training / 170 validation samples"
     assert _setup_milestone("- INFO - set transaction info") is None
+
+
+def test_ctrl_c_in_any_command_exits_130_without_a_traceback(monkeypatch, capsys):
+    import fedmed.simulate
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedmed.simulate, "main", interrupted)
+    assert cli.main(["simulate"]) == 130
+    assert capsys.readouterr().err.strip() == "simulate: interrupted"
