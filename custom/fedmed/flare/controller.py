@@ -169,7 +169,8 @@ class FedAvgController(Controller):
         self.engine = RoundEngine(self.step, self.job_name, task.key_metric, self.num_rounds, self.min_clients)
         if not self.he:
             # provenance card (fedmed.provenance): hash chain over the initial and every round's global model
-            self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": self.aggregation["name"], "weighting": "num_samples",
+            weighting = "num_samples" if self.aggregation["name"] in ("fedavg", "clipped_fedavg") else "none (coordinate-wise, unweighted)"
+            self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": self.aggregation["name"], "weighting": weighting,
                                                                                "aggregation": self.aggregation, "server_optimizer": self.server_optimizer,
                                                                                "min_clients": self.min_clients})
             self.provenance.record_initial_model(self.global_model)
