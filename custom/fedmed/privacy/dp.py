@@ -24,6 +24,7 @@ import fcntl
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -152,7 +153,9 @@ def accountant_epsilon(name: str, history: Iterable, delta: float) -> float:
     history = _history_tuples(history)
     if not history:
         return 0.0
-    return float(make_accountant(name, history).get_epsilon(delta=delta))
+    with warnings.catch_warnings():  # RDP warns when the best order is its largest: harmless for large noise
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(make_accountant(name, history).get_epsilon(delta=delta))
 
 
 def noise_multiplier_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
@@ -174,8 +177,10 @@ def noise_multiplier_for_budget(epsilon: float, delta: float, sample_rate: float
         from opacus.accountants.utils import get_noise_multiplier
 
         try:
-            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                              steps=int(steps), accountant=accountant, epsilon_tolerance=tolerance))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                                  steps=int(steps), accountant=accountant, epsilon_tolerance=tolerance))
         except ValueError as exc:  # "The privacy budget is too low."
             raise PrivacyBudgetExceeded(f"no noise multiplier up to 1e6 meets epsilon {epsilon:g} for {steps} steps ({exc})") from exc
 
