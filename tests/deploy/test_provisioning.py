@@ -97,6 +97,8 @@ def test_every_kit_holds_the_templates_the_package_and_a_valid_signature(kits20)
     assert len(admins) == 22
     for admin in admins:
         assert kit_files.verify_startup_signature(kits20 / admin) == [], admin
+    # the server does not wait FLARE's 900 s for the outcome of a dead hospital's job (rehearse --fault kill-hospital)
+    assert "--set secure_train=true client_outcome_wait_timeout=30" in (kits20 / "localhost" / "startup" / "sub_start.sh").read_text()
     # the server keeps jobs and snapshots in its own workspace, never in /tmp/nvflare
     server_resources = (kits20 / "localhost" / "local" / "resources.json").read_text()
     assert "fedmed.deploy.storage.WorkspaceStorage" in server_resources

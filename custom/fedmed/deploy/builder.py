@@ -111,6 +111,19 @@ def add_start_check(kit_dir: Path) -> None:
     script.write_text(text.replace(START_CHECK_ANCHOR, START_CHECK + START_CHECK_ANCHOR, 1))
 
 
+def add_server_settings(kit_dir: Path) -> None:
+    """Pass :data:`fedmed.deploy.kit.SERVER_SETTINGS` on the server's command line in ``startup/sub_start.sh``."""
+    script = Path(kit_dir) / kit_files.STARTUP / "sub_start.sh"
+    text = script.read_text()
+    anchor = "--set secure_train=true"
+    if "server_train" not in text or anchor not in text:
+        raise RuntimeError(f"FedMedKitBuilder: {script} does not start server_train with '{anchor}' (FLARE's start "
+                           f"script changed); update fedmed.deploy.builder.add_server_settings")
+    settings = " ".join(f"{key}={value}" for key, value in kit_files.SERVER_SETTINGS.items())
+    if settings not in text:
+        script.write_text(text.replace(anchor, f"{anchor} {settings}", 1))
+
+
 class FedMedKitBuilder(Builder):
     def __init__(self, templates_dir: str = "workspace_templates", deploy_package: bool = True, sign: bool = True):
         """Write site templates and the fedmed package into every kit and sign the kits.
@@ -157,6 +170,8 @@ class FedMedKitBuilder(Builder):
                     write_preflight_script(ws_dir)  # startup/preflight.sh: preflight with the kit's package; signed below
             if side == "client" and self.deploy_package:
                 add_start_check(ws_dir)
+            if side == "server":
+                add_server_settings(ws_dir)
             if self.sign:
                 kit_files.sign_startup(ws_dir, root_key)
                 if self.deploy_package and side != "admin":

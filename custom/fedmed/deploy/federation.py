@@ -32,6 +32,7 @@ class LocalFederation:
         self.env = env
         self.project_admin = project_admin
         self.processes: dict[str, KitProcess] = {}
+        self.retired: list[KitProcess] = []  # replaced by a restart (rehearse --fault): still ended by PID at stop()
         self._sessions = []
 
     def kit(self, name: str) -> Path:
@@ -40,10 +41,14 @@ class LocalFederation:
             raise FileNotFoundError(f"no startup kit for '{name}' in {self.prod_dir}")
         return path
 
-    def start(self, name: str, kit_dir: str | Path | None = None, wait: bool = True, timeout: float = 90.0) -> KitProcess:
-        """Start the kit of ``name`` (or another kit folder) and, with ``wait``, wait until it is ready."""
+    def start(self, name: str, kit_dir: str | Path | None = None, wait: bool = True, timeout: float = 90.0,
+              log_name: str | None = None) -> KitProcess:
+        """Start the kit of ``name`` (or another kit folder) and, with ``wait``, wait until it is ready.
+
+        The output goes to ``log_dir/<log_name or name>.log``; a restarted kit needs a new log name, or
+        the ready line of its first start would be taken for the new one."""
         kit = Path(kit_dir) if kit_dir else self.kit(name)
-        proc = start_kit(kit, self.log_dir / f"{name}.log", self.env)
+        proc = start_kit(kit, self.log_dir / f"{log_name or name}.log", self.env)
         self.processes[name] = proc
         if wait:
             wait_ready(proc, timeout)
@@ -92,7 +97,7 @@ class LocalFederation:
                         session.close()
                 self._sessions.clear()
                 logging.disable(previous)
-        return stop_processes(list(self.processes.values()))
+        return stop_processes(list(self.processes.values()) + self.retired)
 
     def __enter__(self):
         return self

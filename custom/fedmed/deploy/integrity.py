@@ -83,7 +83,6 @@ def refusal(kit_dir: str | Path, problems: list[str]) -> str:
 
 
 def _report(kit: Path, message: str) -> None:
-    print(message, flush=True)
     print(message, file=sys.stderr, flush=True)
     try:  # FLARE's logging is not configured yet when the guard runs; log.txt is where IT looks
         with open(kit / LOG_FILE, "a") as log:

@@ -34,6 +34,11 @@ PACKAGE_DIR = "custom"  # local/custom/: FLARE adds it to sys.path of every site
 PACKAGE_NAME = "fedmed"
 PACKAGE_SIGNATURE_FILE = "fedmed_package.signature.json"  # in local/
 SKIPPED_PARTS = {"__pycache__"}
+# FLARE settings for the server process, passed as `--set KEY=VALUE` by the server kit's sub_start.sh (the
+# builder adds them) and by fedmed.deploy.processes. client_outcome_wait_timeout: after a job's server
+# process ended, how long FLARE 2.9 waits for every hospital's job outcome before it finalizes the job's
+# status; its default, 900 s, kept a finished job RUNNING for 15 minutes after a hospital died.
+SERVER_SETTINGS = {"client_outcome_wait_timeout": 30}
 
 
 class KitError(RuntimeError):

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from nvflare.lighter.utils import load_crt
 
-from fedmed.deploy.kit import STARTUP, read_kit
+from fedmed.deploy.kit import SERVER_SETTINGS, STARTUP, read_kit
 
 MODULES = {
     "server": "nvflare.private.fed.app.server.server_train",
@@ -82,6 +82,8 @@ def start_kit(kit_dir: str | Path, log_path: str | Path, env: dict | None = None
                "--set", "secure_train=true", "config_folder=config", f"org={kit_org(kit)}"]
     if info.kind == "client":
         command.append(f"uid={info.name}")
+    else:  # as the server kit's sub_start.sh passes them
+        command += [f"{key}={value}" for key, value in SERVER_SETTINGS.items()]
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:

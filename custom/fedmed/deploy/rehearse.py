@@ -26,13 +26,16 @@ import time
 from pathlib import Path
 
 from fedmed.atomic import write_json
+from fedmed.deploy.faults import FaultError, FaultInjector, parse_fault
 from fedmed.deploy.federation import LocalFederation
 from fedmed.deploy.processes import DeploymentError, free_port
+from fedmed.flare.resume import RESUMED_AS_META_KEY
 from fedmed.deploy.provision import ProvisionError, customize_project, load_project, provision, server_of
 
 DEFAULT_JOB = "jobs/cxr_pneumonia_fedavg"
 PRIVACY_MODES = ("standard", "dp", "compressed", "he")
 FINISHED_OK = "FINISHED:COMPLETED"
+RESUME_GRACE_S = 30  # after a server restart: how long an ended job may take to name the job that resumes it
 
 
 class RehearsalError(RuntimeError):
@@ -78,12 +81,13 @@ def fill_site_configs(prod_dir: Path, hospitals: list[str], data_dir: Path, data
     return [line.replace(f"site-{i}:", f"{h}:", 1) for i, (h, line) in enumerate(zip(hospitals, summary), start=1)]
 
 
-def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | None, privacy: str | None) -> Path:
+def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | None, privacy: str | None,
+                     settings: dict | None = None) -> Path:
     from fedmed.simulate import prepare_job, resolve_job
 
     job_dir = resolve_job(job)
     dest = dest_root / job_dir.name
-    prepare_job(job_dir, dest, num_sites, rounds)
+    prepare_job(job_dir, dest, num_sites, rounds, settings)
     if privacy:
         meta_path = dest / "meta.json"
         meta = json.loads(meta_path.read_text())
@@ -96,37 +100,76 @@ def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | No
     return dest
 
 
-def run_job(session, job_dir: Path, timeout: float, server_workspace: Path | None = None, log=print) -> tuple[str, dict]:
-    """Submit ``job_dir``, print progress until it ends; return (job id, final job meta)."""
+def run_job(session, job_dir: Path, timeout: float, server_workspace: Path | None = None, log=print,
+            injector: FaultInjector | None = None, reopen_session=None) -> tuple[str, dict]:
+    """Submit ``job_dir``, print progress until it ends; return (job id, final job meta).
+
+    With an ``injector`` (``--fault``), each poll lets it fire the faults whose round is running; after a
+    server restart ``reopen_session()`` gives a new admin session and monitoring goes on with the same job."""
     job_id = session.submit_job(str(job_dir))
     log(f"  submitted job {job_id} ({job_dir.name})")
     started = time.time()
+    if injector is not None:
+        injector.started = started
     seen = {"status": None, "rounds": 0}
+    deadline = started + timeout
+    last_error = None
+    ended_at = None  # when the watched job was first seen ended
+    if injector is not None:
+        injector.job_ids = [job_id]
+    while time.time() < deadline:
+        try:
+            meta = session.get_job_meta(job_id)
+            last_error = None
+        except Exception as exc:  # the server is gone (a fault) or restarting: keep polling until the deadline
+            meta, last_error = None, exc
+        if meta:
+            status = meta.get("status")
+            if status != seen["status"]:
+                log(f"  [{time.time() - started:5.0f} s] job status {status}")
+                seen["status"] = status
+            if server_workspace:
+                _log_rounds(server_workspace / job_id / "app_server" / "fedmed" / "metrics.json", seen, started, log)
+            resumed_as = meta.get(RESUMED_AS_META_KEY)  # a restarted server re-submitted it (fedmed.flare.resume)
+            if resumed_as and resumed_as != job_id:
+                log(f"  [{time.time() - started:5.0f} s] job {job_id} was interrupted by the server restart; "
+                    f"it resumes from its last completed round as job {resumed_as}")
+                job_id, seen["status"], ended_at = resumed_as, None, None
+                if injector is not None:
+                    injector.job_ids.append(job_id)
+                continue
+            if str(status).startswith("FINISHED"):
+                # after a server restart the interrupted job is marked ended before it names the job that
+                # resumes it: give it RESUME_GRACE_S to do so
+                restarted = injector is not None and any(f.record.get("restarted") for f in injector.faults)
+                ended_at = ended_at or time.time()
+                if not restarted or status == FINISHED_OK or time.time() - ended_at > RESUME_GRACE_S:
+                    return job_id, meta
+        if injector is not None:
+            injector.poll()
+            if injector.server_restarted:
+                injector.server_restarted = False
+                try:
+                    session = reopen_session()
+                except Exception as exc:
+                    last_error = exc
+        time.sleep(1.0)
+    raise RehearsalError(f"job {job_id} did not end within {timeout:.0f} s (last status {seen['status']}"
+                         + (f"; last error {type(last_error).__name__}: {last_error}" if last_error else "") + ")")
 
-    def progress(_session, _job_id, meta, *args):
-        status = meta.get("status")
-        if status != seen["status"]:
-            log(f"  [{time.time() - started:5.0f} s] job status {status}")
-            seen["status"] = status
-        if server_workspace:
-            metrics_path = server_workspace / job_id / "app_server" / "fedmed" / "metrics.json"
-            try:
-                metrics = json.loads(metrics_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                return True
-            rounds = metrics.get("rounds", [])
-            for record in rounds[seen["rounds"]:]:
-                failed = record.get("failed") or {}
-                log(f"  [{time.time() - started:5.0f} s] round {record.get('round')}: contributors "
-                    f"{', '.join(record.get('contributors', [])) or 'none'}"
-                    + (f"; failed {', '.join(f'{k} ({v})' for k, v in failed.items())}" if failed else ""))
-            seen["rounds"] = len(rounds)
-        return True
 
-    rc, meta = session.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=1.0, cb=progress)
-    if meta is None:
-        raise RehearsalError(f"job {job_id} did not end within {timeout:.0f} s ({rc})")
-    return job_id, meta
+def _log_rounds(metrics_path: Path, seen: dict, started: float, log) -> None:
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    rounds = metrics.get("rounds", [])
+    for record in rounds[seen["rounds"]:]:
+        failed = record.get("failed") or {}
+        log(f"  [{time.time() - started:5.0f} s] round {record.get('round')}: contributors "
+            f"{', '.join(record.get('contributors', [])) or 'none'}"
+            + (f"; failed {', '.join(f'{k} ({v})' for k, v in failed.items())}" if failed else ""))
+    seen["rounds"] = max(seen["rounds"], len(rounds))
 
 
 def rehearse(
@@ -141,10 +184,19 @@ def rehearse(
     workdir: str | None = None,
     keep: bool = False,
     seed: int = 0,
+    faults: list[str] | None = None,
+    settings: dict | None = None,
 ) -> Path:
     from fedmed.simulate import resolve_job
 
     resolve_job(job)  # a bad job folder fails before anything is created
+    try:
+        planned_faults = [parse_fault(text, rounds) for text in faults or []]
+    except FaultError as exc:
+        raise RehearsalError(str(exc)) from exc
+    if sum(f.kind == "kill-hospital" for f in planned_faults) >= hospitals:
+        raise RehearsalError(f"--fault kill-hospital {sum(f.kind == 'kill-hospital' for f in planned_faults)} time(s) "
+                             f"with --hospitals {hospitals} leaves no hospital to train; start more hospitals")
     out_dir = Path(out or f"runs/rehearse-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RehearsalError(f"output folder {out_dir} is not empty; choose another --out")
@@ -158,11 +210,16 @@ def rehearse(
         work = Path(tempfile.mkdtemp(prefix="fedmed-rehearse-"))
     he = privacy == "he"
     port = free_port()
-    federation = None
+    federation = injector = None
+    summary = {"job_id": None, "status": None, "hospitals": [], "port": port, "out": str(out_dir),
+               "faults": [], "rounds_completed": 0}
+    metrics = None
     try:
-        job_copy = prepare_job_copy(job, work / "job", hospitals, rounds, privacy)  # a bad job fails before provisioning
+        # a bad job (or --set) fails before provisioning
+        job_copy = prepare_job_copy(job, work / "job", hospitals, rounds, privacy, settings)
         project = plan_project(project_file, hospitals, port, he)
         names = roles(project)
+        summary["hospitals"] = names["hospitals"]
         print(f"[1/6] provisioning server localhost:{port}, {hospitals} hospitals, admins"
               f"{' (HE kits)' if he else ''} into {work}", flush=True)
         prod = provision(project, work / "provision")
@@ -174,13 +231,20 @@ def rehearse(
         federation = LocalFederation(prod, out_dir / "logs", project_admin=names["project_admin"])
         federation.start_all(names["server"], names["hospitals"])
         print(f"[4/6] submitting {job_copy.name} as {names['lead']} (rounds: {rounds or 'job default'}, "
-              f"privacy scope: {privacy or 'site default'})", flush=True)
+              f"privacy scope: {privacy or 'site default'}"
+              + (f", faults: {' '.join(f.spec for f in planned_faults)}" if planned_faults else "") + ")", flush=True)
         session = federation.session(names["lead"])
-        job_id, meta = run_job(session, job_copy, timeout, prod / names["server"])
+        injector = FaultInjector(planned_faults, federation, names["server"], names["hospitals"],
+                                 log=lambda line: print(line, flush=True))
+        job_id, meta = run_job(session, job_copy, timeout, prod / names["server"], injector=injector,
+                               reopen_session=lambda: federation.session(names["lead"]))
         status = meta.get("status")
+        summary.update({"job_id": job_id, "status": status, "job_ended_at_s": injector.now(),
+                        "job_ids": injector.job_ids or [job_id]})
         print(f"[5/6] job {job_id} ended: {status}; downloading the result", flush=True)
-        download = Path(session.download_job_result(job_id, str(work / "download")))
+        download = Path(federation.session(names["lead"]).download_job_result(job_id, str(work / "download")))
         server_app = _find_app(download)
+        metrics = _read_metrics(server_app)
         if status != FINISHED_OK:
             raise RehearsalError(f"job {job_id} ended with status {status}: {_server_error(server_app)}. "
                                  f"Logs: {out_dir / 'logs'}")
@@ -191,13 +255,13 @@ def rehearse(
 
             decrypt_for_hospital(server_app, prod / names["hospitals"][0] / "startup" / "client_context.tenseal")
             print(f"  he: {names['hospitals'][0]} decrypted the encrypted global model with its own key", flush=True)
-        metrics = export_run_outputs(server_app, out_dir)
+        exported = export_run_outputs(server_app, out_dir)
         shutil.copytree(download, out_dir / "job_result", dirs_exist_ok=True)
         model = out_dir / "models" / "global_model.pt"
         if not model.is_file():
             raise RehearsalError(f"the downloaded result has no global model ({model} missing)")
-        final = (metrics.get("evaluations") or [{}])[-1]
-        key = metrics.get("key_metric", "val_auc")
+        final = (exported.get("evaluations") or [{}])[-1]
+        key = exported.get("key_metric", "val_auc")
         score = final.get("mean_" + key)
         print(f"  final global model: mean validation {key} {score if score is None else round(score, 4)}; "
               f"bundle {out_dir / 'bundle'}", flush=True)
@@ -206,19 +270,38 @@ def rehearse(
         # as simulate does: from the exported outputs; a ReportError (names the file and key) fails the rehearsal
         build_report(out_dir, log=lambda line: print("  " + line, flush=True))
         print(f"  report: {out_dir / 'report' / 'report.html'}", flush=True)
+    except Exception as exc:
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
+        if injector is not None:
+            if injector.pending():  # the job ended before a fault's round: still recorded, as not fired
+                injector.poll()
+            summary["faults"] = injector.finish(metrics, summary["status"])
+            summary["round_end_s"] = {str(n): t for n, t in sorted(injector.round_times.items())}
+            summary["rounds_completed"] = len((metrics or {}).get("rounds") or []) if metrics else injector.rounds_done()
+            if summary.get("job_ended_at_s") is not None and injector.round_times:
+                summary["job_end_after_last_round_s"] = round(summary["job_ended_at_s"] - max(injector.round_times.values()), 1)
         if federation is not None:
             print("[6/6] shutting down (admin API, then every started process by PID)", flush=True)
             left = federation.stop()
             if left:
                 print(f"  WARNING: processes still alive after kill: {left}", file=sys.stderr, flush=True)
+                summary["processes_left"] = left
         if not keep and not workdir:
             shutil.rmtree(work, ignore_errors=True)
-    summary = {"job_id": job_id, "status": status, "hospitals": names["hospitals"], "port": port,
-               "out": str(out_dir)}
-    write_json(out_dir / "rehearsal.json", summary)
-    print(f"  done: {out_dir}", flush=True)
+        write_json(out_dir / "rehearsal.json", summary)  # also for a failed rehearsal: what happened, and why
+    for record in summary["faults"]:
+        print(f"  fault {record.get('fault')}: {record.get('outcome')}", flush=True)
+    print(f"  done: {out_dir} ({summary['rounds_completed']} rounds completed)", flush=True)
     return out_dir
+
+
+def _read_metrics(server_app: Path) -> dict | None:
+    try:
+        return json.loads((server_app / "fedmed" / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _find_app(download: Path) -> Path:
@@ -253,12 +336,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="empty folder for kits, data and downloads, kept afterwards (default: a temp folder, deleted)")
     parser.add_argument("--keep", action="store_true", help="keep the temp work folder (kits, keys) after the run")
     parser.add_argument("--seed", type=int, default=0, help="data partition seed (default 0)")
+    parser.add_argument("--fault", action="append", default=[], metavar="KIND:ROUND",
+                        help="chaos, repeatable: restart-server:N (SIGKILL the server during round N, restart it from "
+                             "its kit, wait for the job to resume) or kill-hospital:N (SIGKILL one hospital during "
+                             "round N; keep min_clients below --hospitals). Rounds count from 1")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a job argument of the controller or executor, as simulate --set "
+                             "(e.g. wait_after_min_clients=5)")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
+        from fedmed.jobfolder import parse_assignments
+
         rehearse(args.hospitals, args.rounds or None, args.job, args.data, args.out, args.privacy, args.project,
-                 args.timeout, args.workdir, args.keep, args.seed)
+                 args.timeout, args.workdir, args.keep, args.seed, args.fault, parse_assignments(args.set))
     except (RehearsalError, ProvisionError, DeploymentError, ValueError, OSError) as exc:
         print(f"rehearse failed: {exc}", file=sys.stderr, flush=True)
         return 1
