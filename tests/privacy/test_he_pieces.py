@@ -1,6 +1,7 @@
 """The he mode's job transform and a hospital's decryption of the encrypted global model."""
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -31,6 +32,25 @@ def test_apply_he_mode_wires_flare_he_components_and_names_the_scope(tmp_path):
     assert paths[HE_AGGREGATOR_ID].endswith("HEInTimeAccumulateWeightedAggregator")
     assert paths[HE_GENERATOR_ID].endswith("HEModelShareableGenerator")
     assert json.loads((job / "meta.json").read_text())["scope"] == "he"
+    assert "aggregation" not in args and "server_optimizer" not in args  # plaintext-only settings removed
+
+
+def test_he_step_refuses_fewer_than_3_sites_naming_the_reason():
+    from fedmed.flare.he import HEAggregation
+    from fedmed.rounds import RoundFailed
+
+    step = HEAggregation(HE_AGGREGATOR_ID, HE_GENERATOR_ID, {}, {}, 1, Path("."))
+    assert step.min_sites == 3
+    with pytest.raises(RoundFailed, match="each hospital can decrypt the aggregate"):
+        step.check_federation(2)
+    step.check_federation(3)
+
+
+def test_controller_refuses_plaintext_aggregation_settings_under_he():
+    from fedmed.flare.controller import FedAvgController
+
+    with pytest.raises(ValueError, match="ciphertext only"):
+        FedAvgController(he_aggregator_id="a", he_shareable_generator_id="g", aggregation={"name": "median"})
 
 
 def test_controller_refuses_half_an_he_configuration():
