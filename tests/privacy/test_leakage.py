@@ -86,6 +86,6 @@ def test_audit_leakage_command_writes_scores_and_the_reconstruction_png(tmp_path
     assert sorted(result["modes"]) == ["dp", "standard"]
     for scores in result["modes"].values():
         assert len(scores["psnr_per_image"]) == 2 and 0 <= scores["membership_auc"] <= 1
-    assert result["dp"]["noise_multiplier"] > 0
+    assert result["dp"]["noise_multiplier"] > 0 and result["no_information_baseline"]["psnr"] > 0
     assert (tmp_path / "reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["audit-leakage", "--out", str(tmp_path), "--modes", "he"]) == 1

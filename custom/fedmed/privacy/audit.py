@@ -85,6 +85,8 @@ def run(out: str | Path, data: str | None = None, modes=AUDIT_MODES, batch_size:
     write_png(out / RECONSTRUCTIONS_FILE, originals, reconstructions, result["modes"])
     for mode, scores in result["modes"].items():
         log(f"  {mode}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f}, membership-inference AUC {scores['membership_auc']:.3f}")
+    base = result["no_information_baseline"]
+    log(f"  no-information baseline (flat image): PSNR {base['psnr']:.2f} dB, SSIM {base['ssim']:.3f}")
     log(f"  {out / LEAKAGE_FILE}\n  {out / RECONSTRUCTIONS_FILE}")
     return result
 

@@ -240,6 +240,9 @@ def audit(images: np.ndarray, labels: np.ndarray, modes=AUDIT_MODES, batch_size:
     result = {"batch_size": batch_size, "iterations": iterations, "network": network_spec, "modes": {},
               "dp": {"epsilon": dp.epsilon, "delta": dp.delta, "max_grad_norm": dp.max_grad_norm, "site_size": dp.site_size,
                      "rounds": dp.rounds, "noise_multiplier": dp.noise_multiplier(batch_size)}}
+    # what an attacker gets without the update: a flat image at the batch's mean intensity
+    flat = image_scores(torch.full_like(batch, float(batch.mean())), batch)
+    result["no_information_baseline"] = {"what": "a flat image at the batch's mean intensity", "psnr": flat["psnr"], "ssim": flat["ssim"]}
     reconstructions = {}
     for mode in modes:
         model = build_network(network_spec, seed=seed)
