@@ -67,6 +67,7 @@ def test_simulated_dp_hospitals_train_with_dp_sgd_keep_ledgers_and_send_no_train
             assert site_metrics["val_auc"] == round(site_metrics["val_auc"], 2)
     eps = [r["sites"]["site-1"]["privacy_epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1] <= 3.0
+    assert eps[1] == pytest.approx(3.0, abs=0.05)  # the noise was planned to spend the budget over the job's rounds
 
     # DIR/privacy_ledger.json: feeding each site's history to the named Opacus accountant gives its epsilon
     ledger = json.loads((out / "privacy_ledger.json").read_text())
