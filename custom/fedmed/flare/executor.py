@@ -249,10 +249,11 @@ class FedMedExecutor(Executor):
         self._local_weights, self._local_network = result.weights, network
         metrics = {**val_metrics, **result.metrics}
         self._track(metrics, round_num, dp=privacy is not None)
-        self.log_info(
+        self.log_info(  # under dp the training loss is not even logged (FLARE can stream site logs)
             fl_ctx,
-            f"site {site} round {round_num}: train_loss {result.metrics['train_loss']:.4f}, "
-            f"global model {trainer.task.key_metric} {val_metrics[trainer.task.key_metric]:.4f} "
+            f"site {site} round {round_num}: "
+            + ("" if privacy else f"train_loss {result.metrics['train_loss']:.4f}, ")
+            + f"global model {trainer.task.key_metric} {val_metrics[trainer.task.key_metric]:.4f} "
             f"({result.num_samples} samples, {result.metrics['train_seconds']:.1f} s)"
             + (f"; DP-SGD epsilon {privacy['epsilon']:.4g} of {privacy['budget']:g}" if privacy else ""),
         )
