@@ -8,6 +8,9 @@ the lead researcher nothing. FLARE 2.9's ``nvflare system shutdown`` reports a r
 shut down all clients" with no reason; this command tells a refusal, a server that cannot be reached
 and a stop that worked apart, and checks afterwards that the server or the sites are really gone.
 
+FLARE does not stop a server or a site while a job runs there; this command says so and how to
+abort the job.
+
 Exit codes: 0 stopped; 1 refused or not stopped (the reason printed); 2 the server cannot be reached
 or the kit is not an admin kit.
 """
@@ -92,6 +95,11 @@ def main(args: argparse.Namespace) -> int:
                       f"a hospital's it@... kit stops only that hospital's site.", file=sys.stderr)
                 return 1
             except Exception as exc:  # FLARE: 'failed to shut down all clients' (a site's own policy refused) or a timeout
+                if "still running" in str(exc):  # FLARE refuses to stop while a job runs (JobNotDone)
+                    print(f"stop: NOT STOPPED: {exc}. Wait until it ends, or abort it first "
+                          f"(`nvflare job abort JOB_ID --force --startup-kit <the submitter's kit>`), then stop again.",
+                          file=sys.stderr)
+                    return 1
                 if args.target == "client":
                     still = [c for c in args.clients if c in _connected(session)]
                     if still:
