@@ -85,7 +85,8 @@ def run_he(out: Path, data: str, rounds: int, sites: int, seed: int, alpha: floa
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--job", default=DEFAULT_JOB, help=f"job folder (default {DEFAULT_JOB})")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the job's num_rounds)")
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--out", default="runs/privacy_bench")
     parser.add_argument("--seed", type=int, default=0)
@@ -110,7 +111,7 @@ def main() -> int:
     for name, mode, policy in runs:
         print(f"=== {name}", flush=True)
         started = time.time()
-        run_dir = simulate(num_sites=args.sites, rounds=args.rounds, data=args.data, out=str(out / name.replace(" ", "_").replace("=", "")),
+        run_dir = simulate(job=args.job, num_sites=args.sites, rounds=args.rounds, data=args.data, out=str(out / name.replace(" ", "_").replace("=", "")),
                            seed=args.seed, alpha=args.alpha, force=True, privacy=mode, privacy_file=str(policy) if policy else None)
         summary = summarize(json.loads((run_dir / "metrics.json").read_text()))
         if (run_dir / "privacy_ledger.json").is_file():
