@@ -96,6 +96,9 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.rounds is None:
+        server = json.loads((resolve_job(args.job) / "app" / "config" / "config_fed_server.json").read_text())
+        args.rounds = int(server["workflows"][0]["args"]["num_rounds"])
     results = {
         "command": " ".join(sys.argv),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
