@@ -25,8 +25,18 @@ CONTROLLER_ARGS = {   'num_rounds': 20,
     'job_name': 'cxr_pneumonia_fedavg',
     'aggregation': {'name': 'trimmed_mean', 'args': {'trim_fraction': 0.2, 'norm_multiplier': 2.0}},
     'task': {   'name': 'classification',
-                'args': {'num_classes': 2, 'image_size': 28, 'class_names': ['normal', 'pneumonia']}},
-    'network': {'name': 'small_cnn', 'args': {'in_channels': 1, 'num_classes': 2, 'width': 16}}}
+                'args': {   'num_classes': 2,
+                            'image_size': 28,
+                            'class_names': ['normal', 'pneumonia'],
+                            'augmentation': {   'prob': 0.5,
+                                                'rotate_degrees': 10,
+                                                'scale': 0.1,
+                                                'translate': 0.08,
+                                                'gamma': [0.7, 1.5],
+                                                'intensity_scale': 0.1,
+                                                'intensity_shift': 0.05,
+                                                'noise_std': 0.02}}},
+    'network': {'name': 'cxr_cnn', 'args': {'in_channels': 1, 'num_classes': 2, 'channels': [32, 64, 128]}}}
 # FedMedExecutor (fedmed.flare.executor) at every site: the local training settings
 EXECUTOR_ARGS = {'local_epochs': 1, 'lr': 0.003, 'batch_size': 32, 'fedprox_mu': 0.0, 'seed': 0, 'lr_schedule': 'cosine'}
 # CrossSiteEvaluation (fedmed.flare.cross_site): every model on every site's validation data
