@@ -190,11 +190,15 @@ def load_datalist(
 # synthetic chest X-rays
 
 
-def synthetic_xrays(num: int, image_size: int = 28, seed: int = 0, positive_fraction: float = 0.5) -> ImageSplit:
+def synthetic_xrays(
+    num: int, image_size: int = 28, seed: int = 0, positive_fraction: float = 0.5,
+    opacity: float = 0.3, noise: float = 0.06,
+) -> ImageSplit:
     """Chest-X-ray-like images with a learnable class signal.
 
     Two dark lung fields on a brighter body; class 1 ("pneumonia") adds blurred bright opacities
-    inside the lungs. Anatomy, opacity size/position and noise vary per image.
+    inside the lungs. Anatomy, opacity size/position and noise vary per image. ``opacity`` is the
+    opacities' peak brightness (the class signal), ``noise`` the pixel noise's standard deviation.
     """
     rng = np.random.default_rng(seed)
     size = image_size
@@ -219,8 +223,8 @@ def synthetic_xrays(num: int, image_size: int = 28, seed: int = 0, positive_frac
                 oy = cy_l + rng.uniform(-0.6, 0.6) * ry
                 ox = cx + rng.uniform(-0.5, 0.5) * rx
                 radius = rng.uniform(0.07, 0.14)
-                image += 0.3 * np.exp(-((yy - oy) ** 2 + (xx - ox) ** 2) / (2 * radius**2))
-        image += 0.06 * rng.standard_normal((size, size)).astype(np.float32)
+                image += opacity * np.exp(-((yy - oy) ** 2 + (xx - ox) ** 2) / (2 * radius**2))
+        image += noise * rng.standard_normal((size, size)).astype(np.float32)
         images[i, 0] = np.clip(image, 0.0, 1.0)
     return ImageSplit(images, labels)
 

@@ -87,8 +87,8 @@ def plot_heatmap(data: RunData, metric: str, path: Path):
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if finite and values[i, j] < middle else "black")
     below = bool(np.nanmin(values) < vmin) if np.isfinite(values).any() else False
-    fig.colorbar(image, ax=ax, label=f"{metric_name(metric)} (values below {vmin:g} share the darkest colour)" if below
-                 else metric_name(metric), extend="min" if below else "neither")
+    # values below the scale's floor share its darkest colour; the colour bar's pointed end says so
+    fig.colorbar(image, ax=ax, label=f"{metric_name(metric)} (fixed scale {vmin:g}-{vmax:g})", extend="min" if below else "neither")
     fig.savefig(path)
     return fig
 
@@ -148,11 +148,11 @@ def plot_comparison(data: RunData, metric: str, path: Path):
         values = [r.get(key, np.nan) for r in rows]
         shown += values
         ax.bar(x + (i - (len(groups) - 1) / 2) * width, values, width, label=label, color=color)
-    ax.set_xticks(x, [MEAN_OVER_SITES if r["site"] == "mean" else r["site"] for r in rows], rotation=30, ha="right")
+    ax.set_xticks(x, [MEAN_OVER_SITES if r["site"] == "mean" else r["site"] for r in rows], fontsize=8)
     ax.set_ylabel(metric_name(metric))
     _ylim(ax, shown)
     ax.set_title(f"{metric_name(metric)} on each site's own validation data")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(groups), frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(groups), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path)
     return fig
@@ -179,11 +179,11 @@ def plot_exam(figures: Mapping[str, Any], local_kind: str, path: Path):
         ax.bar(x - 0.2, fed, 0.4, label="federated", color="tab:blue")
         ax.bar(x + 0.2, loc, 0.4, label=local_label(local_kind), color="tab:orange")
         _ylim(ax, fed + loc)
-        ax.set_xticks(x, labels, rotation=30, ha="right")
+        ax.set_xticks(x, labels, fontsize=8)
         ax.set_ylabel(metric_name(figures["metric"]))
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     fig.suptitle("EXAM-style comparison (site = whose local model; right: that model on the other sites' data)", fontsize=10)
     fig.savefig(path)
     return fig

@@ -337,9 +337,10 @@ def verdict_lines(v: Verdict, data: RunData) -> list[str | list[str]]:
         better = [h.site for h in v.hospitals if h.outcome == "better"]
         summary = f"**In short**: {len(better)} of {len(v.hospitals)} hospitals are better off in the federation"
         summary += f" ({_join(better)})" if better and len(better) < len(v.hospitals) else ""
-        rest = [f"{counts[k]} {words}" for k, words in (("mixed", "gain on one kind of data and lose on the other"),
-                                                        ("same", "do about as well either way"),
-                                                        ("worse", "are better off alone")) if counts.get(k)]
+        rest = [f"{counts[k]} {one if counts[k] == 1 else many}" for k, one, many in (
+            ("mixed", "gains on one kind of data and loses on the other", "gain on one kind of data and lose on the other"),
+            ("same", "does about as well either way", "do about as well either way"),
+            ("worse", "is better off alone", "are better off alone")) if counts.get(k)]
         paragraphs.append(summary + ("; " + "; ".join(rest) if rest else "") + ".")
     else:
         items = [f"{h.site}: the federated model has {short} {_f3(h.federated_own)} on {h.site}'s own validation images."

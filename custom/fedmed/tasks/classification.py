@@ -139,8 +139,10 @@ class ClassificationTask:
         num_classes: int = 2,
         image_size: int = 28,
         class_names: list[str] | None = None,
-        synthetic_train_per_site: int = 400,
-        synthetic_val_per_site: int = 100,
+        synthetic_train_per_site: int = 150,
+        synthetic_val_per_site: int = 40,
+        synthetic_opacity: float = 0.3,
+        synthetic_noise: float = 0.1,
         augmentation: dict | None = None,
         seed: int = 0,
     ):
@@ -148,7 +150,12 @@ class ClassificationTask:
         num_classes: number of classes (labels 0..num_classes-1).
         image_size: images are square, single channel, this many pixels a side (datalists are resized).
         class_names: names of the classes by index, written into the bundle; default ``class_<i>``.
-        synthetic_train_per_site / synthetic_val_per_site: pool size per site when simulating without data.
+        synthetic_train_per_site / synthetic_val_per_site: pool size per site when simulating without data
+            (small on purpose: a hospital alone then has too few images, as small hospitals do, and the
+            quick start shows what the federation adds); the external hospital gets
+            ``synthetic_val_per_site`` images per site.
+        synthetic_opacity / synthetic_noise: the simulated pneumonia signal's brightness and the pixel noise
+            of those synthetic images (``fedmed.data.synthetic_xrays``).
         augmentation: train-time MONAI augmentation at the sites (keys: ``AUGMENTATION_KEYS``, e.g.
             ``{"rotate_degrees": 10, "gamma": [0.7, 1.5]}``); None trains on the images as they are.
             Validation, external evaluation and inference never augment.
@@ -163,6 +170,8 @@ class ClassificationTask:
             raise ValueError(f"class_names has {len(self.class_names)} names for {num_classes} classes")
         self.synthetic_train_per_site = synthetic_train_per_site
         self.synthetic_val_per_site = synthetic_val_per_site
+        self.synthetic_opacity = synthetic_opacity
+        self.synthetic_noise = synthetic_noise
         self.augmentation = dict(augmentation) if augmentation else None
         self.seed = seed
         build_augmentation(self.augmentation, image_size)  # bad keys fail when the job starts
@@ -222,11 +231,13 @@ class ClassificationTask:
                     f"{data_path}: images are {pool.train.images.shape[-1]} px; the job's task expects {self.image_size}"
                 )
         else:
+            signal = {"opacity": self.synthetic_opacity, "noise": self.synthetic_noise}
             pool = site_data.SiteData(
                 train=site_data.synthetic_xrays(
-                    (self.synthetic_train_per_site + self.synthetic_val_per_site) * num_sites, self.image_size, seed + 101
+                    (self.synthetic_train_per_site + self.synthetic_val_per_site) * num_sites, self.image_size, seed + 101,
+                    **signal,
                 ),
-                val=site_data.synthetic_xrays(self.synthetic_val_per_site * num_sites, self.image_size, seed + 202),
+                val=site_data.synthetic_xrays(self.synthetic_val_per_site * num_sites, self.image_size, seed + 202, **signal),
             )
         federation = site_data.partition_sites(pool, num_sites, alpha=alpha, seed=seed, source=str(data_path or "synthetic pool"))
         out_dir = Path(out_dir)
