@@ -14,7 +14,7 @@ COMMANDS = {
     "preflight": ("fedmed.deploy.preflight", "check a startup kit before starting it"),
     "rehearse": ("fedmed.deploy.rehearse", "provision, start and run a real deployment on 127.0.0.1"),
     "results": ("fedmed.results_cli", "turn a downloaded deployment job result into bundle, metrics and report"),
-    "stop": ("fedmed.stop_cli", "stop a deployment's server or sites with an admin kit, saying what happened"),
+    "stop": ("fedmed.deploy.stop", "stop a deployment's server or sites with an admin kit, saying what happened"),
     "report": ("fedmed.report", "build the report from a finished simulate or deployment output"),
     "verify-provenance": ("fedmed.provenance", "verify a model provenance card's hash chain"),
     "audit-leakage": ("fedmed.privacy.audit", "gradient-inversion and membership-inference attacks on each privacy mode"),
