@@ -115,3 +115,16 @@ def test_rehearse_restart_server_2_resumes_the_job_and_completes_every_round(tmp
     assert all(r["contributors"] == ["hospital-01", "hospital-02"] for r in metrics["rounds"])
     assert (out / "models" / "global_model.pt").is_file() and (out / "report" / "report.html").is_file()
     assert (out / "logs" / "localhost.restart1.log").is_file()
+    # the interrupted job was closed, not left RUNNING, and pointed at the job resuming it
+    assert "job status FINISHED:ABNORMAL" in stdout and f"job {summary['job_ids'][0]} was interrupted by the server restart" in stdout
+    # the controller resumed from the interrupted job's state: one record of it, one verified provenance chain
+    assert metrics["resumed"] == [{"from_job": summary["job_ids"][0], "at_round": 1, "job_id": summary["job_ids"][-1]}]
+    assert [e["model_version"] for e in metrics["evaluations"]] == [0, 1, 2]
+    import torch
+
+    from fedmed.provenance import verify_card
+
+    card = json.loads((out / "provenance.json").read_text())
+    check = verify_card(card, torch.load(out / "models" / "global_model.pt", map_location="cpu", weights_only=True))
+    assert check.ok, check
+    assert [r["round"] for r in card["chain"] if r["kind"] == "round"] == [0, 1]

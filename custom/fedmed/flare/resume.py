@@ -66,17 +66,18 @@ class ResumeInterruptedJobs(FLComponent):
             return
         for job in job_manager.get_jobs_by_status([RunStatus.RUNNING, RunStatus.DISPATCHED], fl_ctx):
             old_id = job.job_id
-            job_manager.set_status(old_id, RunStatus.FINISHED_ABNORMAL, fl_ctx)
-            self.log_warning(fl_ctx, f"[fedmed] resume: job {old_id} was running when the server stopped; marked FINISHED:ABNORMAL")
-            if not self.resume or not self._is_fedmed_job(workspace, old_id):
-                continue
-            meta = {key: job.meta[key] for key in _KEPT_META if key in job.meta}
-            meta[JobMetaKey.CLONED_FROM.value] = old_id
-            meta[RESUME_META_KEY] = old_id
-            new_meta = job_manager.clone(from_jid=old_id, meta=meta, fl_ctx=fl_ctx)
-            job_manager.update_meta(old_id, {RESUMED_AS_META_KEY: new_meta.get(JobMetaKey.JOB_ID.value)}, fl_ctx)
-            self.log_info(fl_ctx, f"[fedmed] resume: resumed job {old_id} as {new_meta.get(JobMetaKey.JOB_ID.value)} "
-                                  f"(it continues after the last round {old_id} completed)")
+            try:  # the pointer to the resuming job is set before the status, so whoever sees the status sees it
+                if self.resume and self._is_fedmed_job(workspace, old_id):
+                    meta = {key: job.meta[key] for key in _KEPT_META if key in job.meta}
+                    meta[JobMetaKey.CLONED_FROM.value] = old_id
+                    meta[RESUME_META_KEY] = old_id
+                    new_id = job_manager.clone(from_jid=old_id, meta=meta, fl_ctx=fl_ctx).get(JobMetaKey.JOB_ID.value)
+                    job_manager.update_meta(old_id, {RESUMED_AS_META_KEY: new_id}, fl_ctx)
+                    self.log_info(fl_ctx, f"[fedmed] resume: resumed job {old_id} as {new_id} "
+                                          f"(it continues after the last round {old_id} completed)")
+            finally:
+                job_manager.set_status(old_id, RunStatus.FINISHED_ABNORMAL, fl_ctx)
+                self.log_warning(fl_ctx, f"[fedmed] resume: job {old_id} was running when the server stopped; marked FINISHED:ABNORMAL")
 
     @staticmethod
     def _is_fedmed_job(workspace, job_id: str) -> bool:
