@@ -129,7 +129,8 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
         columns = {"federated": "federated", "local": local_label(local_kind), "pooled": "pooled (all data in one place)"}
         cols = [c for c in columns if any(c in r for r in rows)]
         comparison.paragraphs.append(
-            f"{name} of each model on each site's own validation data; the last row is the mean over sites (each "
+            ("The first table: " if data.pooled_validation else "")
+            + f"{name} of each model on each site's own validation data; the last row is the mean over sites (each "
             "site counts once)." + ("" if pooled else " No pooled model was trained in this run (`simulate --baselines` trains one).")
         )
         comparison.tables.append((
@@ -147,8 +148,9 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
             names = {FEDERATED: "federated (global)", POOLED: "pooled"}
             order = sorted(pv["results"], key=lambda m: (0 if m == FEDERATED else 1 if m == POOLED else 2, m))
             comparison.paragraphs.append(
-                f"Below, every model on all sites' validation images together ({pv.get('num_val_samples', 'n/a')} "
-                f"images; one {name} over all of them, not a mean of per-site values, so it differs from the mean row above)."
+                f"The second table is every model on all sites' validation images together ({pv.get('num_val_samples', 'n/a')} "
+                f"images; one {name} over all of them, not a mean of per-site values, so it differs from the first "
+                f"table's mean row)."
             )
             shown = [m for m in (metric, "val_accuracy", "val_loss") if any(m in pv["results"][x] for x in order)]
             comparison.tables.append((
