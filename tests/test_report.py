@@ -191,7 +191,7 @@ def _as_segmentation(value):
 
 
 def test_dice_report_names_the_cross_site_heatmap_after_its_metric(tmp_path):
-    run = _write_run(tmp_path / "run", with_card=False)
+    run = _write_run(tmp_path / "run", with_card=False, with_external=False)
     for name in ("cross_site.json", "baselines.json", "metrics.json"):
         (run / name).write_text(json.dumps(_as_segmentation(json.loads((run / name).read_text()))))
     summary = report.build_report(run, log=lambda *_: None)
@@ -204,6 +204,10 @@ def test_dice_report_names_the_cross_site_heatmap_after_its_metric(tmp_path):
     assert sorted(summary["plots"]) == sorted(report.plot_files("val_dice"))
     md = (out / "report.md").read_text()
     assert "](cross_site_dice.png)" in md and "cross_site_auc" not in md
+    verdict_text = _section(md, "Verdict")
+    assert "Dice (0 = no overlap with the reference outline, 1 = perfect)" in verdict_text
+    assert "no external hospital data" in verdict_text and "site-2 **gains on its own images" not in verdict_text
+    assert "site-1 is **better off in the federation**: 0.900 vs 0.800 alone on its own images." in verdict_text
     _, files = check_report_links(out)
     assert "cross_site_dice.png" in files and "cross_site_auc.png" not in files
 

@@ -307,8 +307,8 @@ def verdict_lines(v: Verdict, data: RunData) -> list[str | list[str]]:
             lines.append(line + ".")
         paragraphs += lines
     else:
-        paragraphs.append("**Hospitals that took no part**: this run has no external hospital data, so performance on "
-                          "new hospitals is not measured here (`python -m fedmed simulate` keeps one aside).")
+        paragraphs.append("**Hospitals that took no part**: this run has no external hospital data (images no hospital "
+                          "trained or validated on), so how the model does at a new hospital is not measured here.")
 
     # 2. each hospital: federation vs alone
     if v.local_kind == "local_only":
