@@ -179,9 +179,12 @@ class FaultInjector:
     def finish(self, metrics: dict | None, status: str | None) -> list[dict]:
         """Fill in each fault's outcome from the finished job's ``metrics.json`` and status; return the records."""
         rounds = (metrics or {}).get("rounds") or []
-        completed = len(rounds) if metrics else self.rounds_done()
+        seen = self.rounds_done()
+        completed = len(rounds) if metrics else seen
         for fault in self.faults:
-            record = fault.record or {"fault": fault.spec, "fired": False, "outcome": f"round {fault.round} never ran"}
+            record = fault.record or {"fault": fault.spec, "fired": False, "outcome": (
+                f"round {fault.round} finished before the fault could fire" if seen >= fault.round
+                else f"the job ended (status {status}) before round {fault.round} ran")}
             fault.record = record
             if not record.get("fired"):
                 continue

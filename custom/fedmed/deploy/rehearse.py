@@ -274,20 +274,23 @@ def rehearse(
         summary["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        if injector is not None:
-            if injector.pending():  # the job ended before a fault's round: still recorded, as not fired
-                injector.poll()
-            summary["faults"] = injector.finish(metrics, summary["status"])
-            summary["round_end_s"] = {str(n): t for n, t in sorted(injector.round_times.items())}
-            summary["rounds_completed"] = len((metrics or {}).get("rounds") or []) if metrics else injector.rounds_done()
-            if summary.get("job_ended_at_s") is not None and injector.round_times:
-                summary["job_end_after_last_round_s"] = round(summary["job_ended_at_s"] - max(injector.round_times.values()), 1)
-        if federation is not None:
+        if federation is not None:  # first: nothing below may keep a started process alive
             print("[6/6] shutting down (admin API, then every started process by PID)", flush=True)
             left = federation.stop()
             if left:
                 print(f"  WARNING: processes still alive after kill: {left}", file=sys.stderr, flush=True)
                 summary["processes_left"] = left
+        if injector is not None:
+            try:
+                rounds_seen = injector.rounds_done()
+                summary["faults"] = injector.finish(metrics, summary["status"])
+                summary["round_end_s"] = {str(n): t for n, t in sorted(injector.round_times.items())}
+                summary["rounds_completed"] = len((metrics or {}).get("rounds") or []) if metrics else rounds_seen
+                if summary.get("job_ended_at_s") is not None and injector.round_times:
+                    summary["job_end_after_last_round_s"] = round(
+                        summary["job_ended_at_s"] - max(injector.round_times.values()), 1)
+            except Exception as exc:  # recording must not hide the rehearsal's own outcome
+                summary["record_error"] = f"{type(exc).__name__}: {exc}"
         if not keep and not workdir:
             shutil.rmtree(work, ignore_errors=True)
         write_json(out_dir / "rehearsal.json", summary)  # also for a failed rehearsal: what happened, and why
