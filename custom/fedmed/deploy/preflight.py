@@ -209,6 +209,22 @@ def policy_warnings(kit_dir: str | Path) -> list[str]:
     return warnings
 
 
+def print_policy_warnings(kit: Path) -> None:
+    """Print the local-policy line of a server or hospital kit: OK, or WARN with each warning (never a failure)."""
+    try:
+        if kit_files.read_kit(kit).kind == "admin":
+            return
+        warnings = policy_warnings(kit)
+    except kit_files.KitError as exc:
+        warnings = [str(exc)]
+    if warnings:
+        print("  WARN local policy weaker than provisioned (allowed, but check it is intended):")
+        for warning in warnings:
+            print(f"       - {warning}")
+    else:
+        print("  OK   local policy")
+
+
 def run_checks(kit_dir: str | Path, timeout: float = 5.0, check_server: bool = True) -> list[tuple[str, list[str]]]:
     """[(check name, problems)] for the kit; a check with no problems passed."""
     kit = Path(kit_dir).resolve()
@@ -268,16 +284,7 @@ def main(args: argparse.Namespace) -> int:
     from fedmed.deploy.data_check import preflight_data_check  # the site's data, read with the job's own loaders
 
     failed += preflight_data_check(kit, results, args.job, args.sample)
-    try:
-        warnings = policy_warnings(kit) if kit_files.read_kit(kit).kind != "admin" else []
-    except kit_files.KitError as exc:
-        warnings = [str(exc)]
-    if warnings:
-        print("  WARN local policy weaker than provisioned (allowed, but check it is intended):")
-        for warning in warnings:
-            print(f"       - {warning}")
-    else:
-        print("  OK   local policy")
+    print_policy_warnings(kit)
     verdict = "ready to start" if not failed else f"{failed} check(s) failed: fix them before starting this kit"
     print(f"  {verdict} ({time.time() - started:.1f} s)")
     return 0 if not failed else 1
