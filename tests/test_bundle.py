@@ -45,6 +45,7 @@ def bundle_run(bundle: Path, dataset: Path, out: Path, cwd: Path):
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_monai_bundle_run_writes_class_probabilities_for_a_folder_of_pngs_as_the_training_loader_sees_them(tmp_path):
     bundle = make_bundle(tmp_path, CXR_NET, CXR_TASK, THRESHOLD)
     images = tmp_path / "pngs"
@@ -96,6 +97,7 @@ def test_the_bundle_passes_monais_checks_and_carries_readme_and_threshold(tmp_pa
     assert "decision_threshold" not in json.loads((no_threshold / "configs" / "metadata.json").read_text())
 
 
+@pytest.mark.slow
 def test_monai_bundle_run_writes_a_nifti_mask_per_volume_on_the_inputs_grid(tmp_path):
     from monai.bundle import verify_metadata, verify_net_in_out
 
@@ -119,6 +121,7 @@ def test_monai_bundle_run_writes_a_nifti_mask_per_volume_on_the_inputs_grid(tmp_
         assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_an_empty_image_folder_is_a_clear_error(tmp_path):
     bundle = make_bundle(tmp_path, CXR_NET, CXR_TASK)
     (tmp_path / "empty").mkdir()
