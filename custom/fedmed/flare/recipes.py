@@ -106,6 +106,9 @@ class FedMedRecipe(Recipe):
             at the sites, TBAnalyticsReceiver on the server).
         executor_path: the executor class.
         meta: further meta.json properties (e.g. ``{"scope": "dp"}``, the privacy scope the job asks for).
+        task_request_interval: seconds a site waits before asking the server again when it has no task
+            for it (FLARE's ``server.task_request_interval``, default 2 s there): the time a site idles
+            between finishing one round and starting the next; 0.5 s cuts FLARE's per-round overhead.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class FedMedRecipe(Recipe):
         tensorboard: bool = True,
         executor_path: str = EXECUTOR_PATH,
         meta: dict | None = None,
+        task_request_interval: float = 0.5,
     ):
         controller_args = dict(controller_args)
         controller_args.setdefault("job_name", name)
@@ -127,6 +131,7 @@ class FedMedRecipe(Recipe):
         job = FedJob(name=name, min_clients=min_clients, meta_props=dict(meta) if meta else None)
         job.set_app_packages(APP_PACKAGES)
         job.to_server(configured(CONTROLLER_PATH, controller_args), id="fedavg")
+        job.to_server({"server": {"task_request_interval": task_request_interval}})  # a system parameter, not a component
         if cross_site_args is not None:
             job.to_server(configured(CROSS_SITE_PATH, cross_site_args), id="cross_site_evaluation")
         if tensorboard:
