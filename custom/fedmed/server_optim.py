@@ -21,6 +21,8 @@ from typing import Mapping
 
 import numpy as np
 
+from fedmed.aggregation import apply_update
+
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
 
@@ -44,20 +46,13 @@ class ServerOptimizer:
         return update
 
     def step(self, global_weights: Mapping[str, np.ndarray], mean_update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        new = {}
-        for key, value in global_weights.items():
-            value = np.asarray(value)
-            if key not in mean_update:
-                new[key] = value.copy()
-                continue
-            update = np.asarray(mean_update[key], dtype=np.float64)
-            if not _is_float(value):
-                new[key] = np.rint(value.astype(np.float64) + update).astype(value.dtype)
-                continue
-            moved = value.astype(np.float64) + self.lr * self._direction(key, update)
-            new[key] = moved.astype(value.dtype)
+        moves = {}
+        for key, update in mean_update.items():
+            if key in global_weights:
+                update = np.asarray(update, dtype=np.float64)
+                moves[key] = self.lr * self._direction(key, update) if _is_float(global_weights[key]) else update
         self.steps += 1
-        return new
+        return apply_update(global_weights, moves)
 
     def _moment(self, name: str, key: str, like: np.ndarray, fill: float = 0.0) -> np.ndarray:
         slot = self.moments.setdefault(name, {})
