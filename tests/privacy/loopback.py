@@ -40,8 +40,14 @@ def tiny_job(dest: Path, num_rounds: int = 1, scope: str | None = None, width: i
     server["workflows"] = [w for w in server["workflows"] if w["path"] == "fedmed.flare.controller.FedAvgController"]
     args = server["workflows"][0]["args"]
     args.update({"num_rounds": num_rounds, "min_clients": min_clients, "wait_after_min_clients": 5, "round_timeout": 600})
-    if width is not None:
-        args["network"]["args"]["width"] = width
+    if width is not None:  # a narrow network: fast on CPU
+        network = args["network"]
+        if network["name"] == "small_cnn":
+            network["args"]["width"] = width
+        elif network["name"] == "cxr_cnn":
+            network["args"]["channels"] = [width, width, width]
+        else:
+            raise ValueError(f"tiny_job: no narrow variant of network {network['name']!r}")
     server_path.write_text(json.dumps(server, indent=2))
     client_path = dest / "app" / "config" / "config_fed_client.json"
     client = json.loads(client_path.read_text())
