@@ -89,10 +89,9 @@ def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | No
     dest = dest_root / job_dir.name
     prepare_job(job_dir, dest, num_sites, rounds, settings)
     if privacy:
-        meta_path = dest / "meta.json"
-        meta = json.loads(meta_path.read_text())
-        meta["scope"] = privacy
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        from fedmed.jobfolder import JobFolder
+
+        JobFolder(dest).set_scope(privacy)
     if privacy == "he":  # issue 5: the server aggregates ciphertext through FLARE's HE components
         from fedmed.flare.he import apply_he_mode
 

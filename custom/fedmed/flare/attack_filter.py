@@ -9,7 +9,6 @@ server receives exactly what the hostile site chose to send.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -60,16 +59,9 @@ class SimulatedAttackFilter(Filter):
 def add_attack_filter(job_dir: str | os.PathLike, attacks: list[Attack], task_name: str = "train") -> Path:
     """Append :class:`SimulatedAttackFilter` as the LAST client result filter of ``task_name`` in the job copy
     (FLARE allows one filter chain per task: an existing chain for the task gets it at its end)."""
-    path = Path(job_dir) / "app" / "config" / "config_fed_client.json"
-    config = json.loads(path.read_text())
+    from fedmed.jobfolder import CLIENT_CONFIG_FILE, JobFolder
+
+    job = JobFolder(job_dir)  # fedmed.jobfolder: one filter chain per task, the attack last in it
     attack_filter = {"path": FILTER_PATH, "args": {"attacks": [a.to_dict() for a in attacks]}}
-    chains = list(config.get("task_result_filters", []) or [])
-    for chain in chains:
-        if task_name in chain.get("tasks", []):
-            chain["filters"] = list(chain.get("filters", [])) + [attack_filter]
-            break
-    else:
-        chains.append({"tasks": [task_name], "filters": [attack_filter]})
-    config["task_result_filters"] = chains
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return path
+    job.add_filters("client", "task_result_filters", [attack_filter], [task_name], first=False)
+    return job.config_dir / CLIENT_CONFIG_FILE

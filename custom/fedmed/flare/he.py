@@ -236,9 +236,11 @@ def apply_he_mode(job_dir: str | os.PathLike) -> Path:
     ``aggregation`` / ``server_optimizer`` removed), and only that workflow (cross-site evaluation
     needs a plaintext global model, which the server never has). The controller refuses to run
     ``he`` with fewer than 3 sites (see :data:`HE_MIN_SITES_REASON`)."""
-    job_dir = Path(job_dir)
-    server_path = job_dir / "app" / "config" / "config_fed_server.json"
-    config = json.loads(server_path.read_text())
+    from fedmed.jobfolder import SERVER_CONFIG_FILE, JobFolder
+
+    job = JobFolder(job_dir)  # fedmed.jobfolder: the one reader/writer of job folders
+    server_path = job.config_dir / SERVER_CONFIG_FILE
+    config = job.load_server()
     workflows = [w for w in config.get("workflows", []) if w.get("path") == "fedmed.flare.controller.FedAvgController"]
     if len(workflows) != 1:
         raise ValueError(f"{server_path}: expected one fedmed.flare.controller.FedAvgController workflow for the he variant")
@@ -249,12 +251,9 @@ def apply_he_mode(job_dir: str | os.PathLike) -> Path:
     config["workflows"] = workflows
     components = [c for c in config.get("components", []) if c.get("id") not in (HE_AGGREGATOR_ID, HE_GENERATOR_ID)]
     config["components"] = components + copy.deepcopy(HE_COMPONENTS)
-    server_path.write_text(json.dumps(config, indent=2) + "\n")
-    meta_path = job_dir / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["scope"] = "he"
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return job_dir
+    job.save_server(config)
+    job.set_scope("he")
+    return job.path
 
 
 def he_job(job_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:

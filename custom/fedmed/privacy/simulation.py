@@ -5,15 +5,14 @@ simulation the chosen scope's filters are copied from the sites' privacy policy 
 ``workspace_templates/client/local/privacy.json``, or ``--privacy-file``) into the job copy's
 ``config_fed_client.json``, ahead of the job's own filters (the order FLARE uses for site scopes),
 and the server scope's filters into ``config_fed_server.json``. The job's ``meta.json`` names the
-scope, as a job for a real deployment would. Pure module (json only).
+scope, as a job for a real deployment would. Pure module (the job copy through fedmed.jobfolder).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fedmed.atomic import write_json
+from fedmed.jobfolder import CLIENT_CONFIG_FILE, JobFolder
 from fedmed.privacy.scopes import MODES, SIMULATABLE_MODES, ScopeError, get_scope, inject_scope_filters, template_privacy_file
 
 
@@ -51,10 +50,9 @@ def apply_privacy_mode(job_dir: str | Path, mode: str, client_privacy_file: str 
     client_scope = get_scope(client_file, mode)  # raises naming the file when the sites do not allow it
     server_scope = get_scope(server_file, mode)
 
-    client_path = job_dir / "app" / "config" / "config_fed_client.json"
-    server_path = job_dir / "app" / "config" / "config_fed_server.json"
-    client_config = json.loads(client_path.read_text())
-    server_config = json.loads(server_path.read_text())
+    job = JobFolder(job_dir)  # fedmed.jobfolder: the one reader/writer of job folders
+    client_path = job.config_dir / CLIENT_CONFIG_FILE
+    client_config, server_config = job.load_client(), job.load_server()
     tasks = _client_task_names(client_config, client_path)
 
     client_config = inject_scope_filters(
@@ -63,12 +61,9 @@ def apply_privacy_mode(job_dir: str | Path, mode: str, client_privacy_file: str 
     server_config = inject_scope_filters(
         server_config, server_scope.get("task_data_filters", []), server_scope.get("task_result_filters", []), tasks
     )
-    write_json(client_path, client_config)
-    write_json(server_path, server_config)
-    meta_path = job_dir / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["scope"] = mode
-    write_json(meta_path, meta)
+    job.save_client(client_config)
+    job.save_server(server_config)
+    job.set_scope(mode)
     return {
         "mode": mode,
         "client_privacy_file": str(client_file),
