@@ -135,7 +135,7 @@ def test_the_task_comes_from_job_or_the_main_job(tmp_path):
 
 
 def test_the_main_tasks_shipped_for_kits_equal_the_committed_jobs():
-    from fedmed.deploy.data_check import MAIN_TASKS
+    from fedmed.deploy.data_check import MAIN_TASKS, data_spec
 
-    assert MAIN_TASKS["classification"] == task_spec_from_job(REPO / "jobs" / "cxr_pneumonia_fedavg")
-    assert MAIN_TASKS["segmentation"] == task_spec_from_job(REPO / "jobs" / "prostate_seg_fedavg")
+    assert MAIN_TASKS["classification"] == data_spec(task_spec_from_job(REPO / "jobs" / "cxr_pneumonia_fedavg"))
+    assert MAIN_TASKS["segmentation"] == data_spec(task_spec_from_job(REPO / "jobs" / "prostate_seg_fedavg"))

@@ -47,6 +47,16 @@ MAIN_TASKS = {
 }
 
 
+# task args that change training, not how a site's data is read: left out of MAIN_TASKS
+TRAINING_ONLY_ARGS = ("augmentation", "seed")
+
+
+def data_spec(task_spec: dict) -> dict:
+    """``task_spec`` without :data:`TRAINING_ONLY_ARGS` (what reading and checking the data depends on)."""
+    args = {k: v for k, v in (task_spec.get("args") or {}).items() if k not in TRAINING_ONLY_ARGS}
+    return {**task_spec, "args": args}
+
+
 class DataCheckError(ValueError):
     pass
 
