@@ -215,17 +215,7 @@ class LocalTrainer:
                 scaler.update()
                 loss_sum += float(loss.detach()) * len(inputs)
                 seen += len(inputs)
-        seconds = time.perf_counter() - started
-        return TrainResult(
-            weights=state_to_numpy(model),
-            num_samples=self.num_train_samples,
-            metrics={
-                "train_loss": loss_sum / max(seen, 1),
-                "learning_rate": lr,
-                "train_seconds": seconds,
-                "samples_per_second": seen / seconds if seconds > 0 else 0.0,
-            },
-        )
+        return self._result(model, lr, loss_sum, seen, started)
 
     def _train_dp(self, network_spec, global_weights, round_num, should_abort, num_rounds, dp: DPSGD) -> TrainResult:
         """DP-SGD with Opacus: a fresh copy of the network (hooks never linger on the cached one),
@@ -283,6 +273,10 @@ class LocalTrainer:
                         seen += len(inputs)
         finally:
             private_model._close()  # remove Opacus' hooks and per-sample gradients
+        return self._result(model, lr, loss_sum, seen, started, [tuple(step) for step in engine.accountant.history])
+
+    def _result(self, model, lr: float, loss_sum: float, seen: int, started: float, privacy_steps=()) -> TrainResult:
+        """The round's TrainResult: the local weights, the real sample count and the training metrics."""
         seconds = time.perf_counter() - started
         return TrainResult(
             weights=state_to_numpy(model),
@@ -293,7 +287,7 @@ class LocalTrainer:
                 "train_seconds": seconds,
                 "samples_per_second": seen / seconds if seconds > 0 else 0.0,
             },
-            privacy_steps=[tuple(step) for step in engine.accountant.history],
+            privacy_steps=list(privacy_steps),
         )
 
     def evaluate(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None, dataset=None) -> dict:
