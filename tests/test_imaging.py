@@ -136,8 +136,26 @@ def test_training_evaluation_and_the_bundles_preprocessing_give_the_same_tensor(
     for item in entries:
         tensor = preprocessing({"image": item["image"]})["image"]
         assert tensor.dtype == torch.float32 and torch.equal(tensor.as_tensor(), torch.from_numpy(row)), item
-    contract = json.loads((bundle / "configs" / "metadata.json").read_text())["image_contract"]
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    contract = metadata["image_contract"]
     assert contract["implementation"] == "fedmed.imaging.ImageContractd" and contract["spatial_size"] == [SIZE, SIZE]
+    assert "MONOCHROME1" in contract["intensity"] and "row-major" in contract["orientation"]
+
+
+@pytest.mark.unit
+def test_the_metadata_schema_accepts_the_contract_and_refuses_an_incomplete_one(tmp_path):
+    from monai.bundle import verify_metadata
+
+    task = build_task(TASK)
+    bundle = write_bundle(tmp_path / "bundle", NET, build_network(NET, seed=0).state_dict(),
+                          task.network_data_format(NET), postprocessing=task.inference_postprocessing())
+    schema = str(bundle / "configs" / "metadata_schema.json")
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=schema)
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    del metadata["image_contract"]["orientation"]
+    (tmp_path / "bad.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="orientation"):
+        verify_metadata(meta_file=str(tmp_path / "bad.json"), filepath=schema)
 
 
 @pytest.mark.unit

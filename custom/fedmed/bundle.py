@@ -309,6 +309,12 @@ def bundle_readme(metadata: dict) -> str:
              ]
     if image.get("note"):
         lines.append(f"- {image['note']}")
+    contract = metadata.get("image_contract")
+    if contract:
+        lines += ["", "## Preprocessing (the image contract, `configs/metadata.json` key `image_contract`)", "",
+                  f"Applied by `{contract.get('implementation')}` in `configs/inference.json`, as in training:", ""]
+        lines += [f"- {key}: {contract[key]}" for key in ("formats", "orientation", "intensity", "channels",
+                                                           "spatial_size", "resize") if key in contract]
     lines += ["", "## Output", "",
               f"- {pred.get('type', '')} ({pred.get('format', '')}), channels: "
               + ", ".join(f"{k}: {v}" for k, v in pred.get("channel_def", {}).items())]
