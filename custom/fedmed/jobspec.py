@@ -46,7 +46,10 @@ DEFAULT_CROSS_SITE = {"model_file": "global_model.pt", "submit_timeout": 60, "va
 # HE (privacy mode "he"): FLARE's HE aggregator and shareable generator as server components
 HE_AGGREGATOR_ID = "he_aggregator"
 HE_GENERATOR_ID = "he_shareable_generator"
+HE_STEP_ID = "he_step"  # the controller's aggregation step (fedmed.flare.he.HEAggregation), named by aggregation_step_id
 HE_COMPONENTS = (
+    {"id": HE_STEP_ID, "path": "fedmed.flare.he.HEAggregation",
+     "args": {"aggregator_id": HE_AGGREGATOR_ID, "generator_id": HE_GENERATOR_ID}},
     {"id": HE_AGGREGATOR_ID,
      "path": "nvflare.app_opt.he.intime_accumulate_model_aggregator.HEInTimeAccumulateWeightedAggregator",
      "args": {"expected_data_kind": "WEIGHT_DIFF", "weigh_by_local_iter": False}},
@@ -361,14 +364,14 @@ def with_components(spec: JobSpec, side: str, components: Iterable[Mapping | Com
 
 
 def with_he(spec: JobSpec) -> JobSpec:
-    """The ``he`` variant: scope ``he``; FLARE's HE aggregator and shareable generator as server
-    components; the controller pointed at them with its plaintext ``aggregation`` / ``server_optimizer``
-    removed; no cross-site workflow (it needs a plaintext global model, which the server never has).
+    """The ``he`` variant: scope ``he``; the HE aggregation step with FLARE's HE aggregator and shareable
+    generator as server components; the controller's ``aggregation_step_id`` naming the step, its
+    plaintext ``aggregation`` / ``server_optimizer`` removed; no cross-site workflow (it needs a plaintext global model, which the server never has).
     The controller refuses ``he`` with fewer than 3 sites (fedmed.flare.he)."""
     controller = spec.controller_args()
     for plaintext_only in ("aggregation", "server_optimizer"):
         controller.pop(plaintext_only, None)
-    controller.update({"he_aggregator_id": HE_AGGREGATOR_ID, "he_shareable_generator_id": HE_GENERATOR_ID})
+    controller["aggregation_step_id"] = HE_STEP_ID
     spec = spec.replace(controller=controller, cross_site=None)
     spec = with_components(spec, "server", HE_COMPONENTS, replace=True)
     return with_scope(spec, "he")
