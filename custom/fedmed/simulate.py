@@ -281,6 +281,7 @@ def simulate(
     for line in summary:
         print("  " + line, flush=True)
     args = prepare_job(job_dir, run_job, num_sites, rounds, settings)
+    _check_tolerance(args, num_sites)
     if privacy:  # issue 5: the FLARE simulator does not enforce site scopes; copy the mode's filters in
         from fedmed.privacy.simulation import apply_privacy_mode
 
@@ -320,6 +321,21 @@ def simulate(
     return out_dir
 
 
+def _check_tolerance(controller_args: dict, num_sites: int) -> None:
+    """Refuse before the simulator starts when the job states a tolerance f its sites cannot support
+    (the controller refuses the same at start, fedmed.aggregation.resolve_tolerance)."""
+    from fedmed.aggregation import ToleranceError, resolve_tolerance
+
+    spec = controller_args.get("aggregation")
+    if not spec or controller_args.get("he_aggregator_id"):
+        return
+    try:
+        f = resolve_tolerance(spec, num_sites)
+    except (ToleranceError, ValueError) as exc:
+        raise SimulationError(f"the job cannot start with {num_sites} sites: {exc}") from None
+    print(f"  tolerates f={f} hostile site(s) of {num_sites} ({spec.get('name') if isinstance(spec, dict) else spec})", flush=True)
+
+
 def _baselines_and_report(run_job: Path, site_configs: dict, rounds, out_dir: Path, baselines: bool) -> None:
     """Issue-4 outputs (fedmed.baselines, fedmed.report): OUT/baselines.json, OUT/report/."""
     from fedmed.baselines import BASELINES_FILE, run_for_job
@@ -346,6 +362,14 @@ def _server_error(server_app: Path) -> str | None:
     return None
 
 
+def _participation_line(metrics: dict) -> str:
+    """The sites flagged or left out in most rounds (metrics.json ``participation``), "" when none."""
+    from fedmed.rounds import participation_summary
+
+    part = metrics.get("participation") or {}
+    return participation_summary(part, len(metrics.get("rounds", []))) if part else ""
+
+
 def _print_summary(metrics: dict, out_dir: Path) -> None:
     from fedmed.results import METRICS_FILE
 
@@ -357,6 +381,9 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
               f"final global model {last.get('mean_' + key):.4f}")
         for site, site_metrics in sorted(last["sites"].items()):
             print(f"    {site}: " + ", ".join(f"{k} {v:.4f}" for k, v in site_metrics.items() if k.startswith("val_") and isinstance(v, (int, float))))
+    seen = _participation_line(metrics)
+    if seen:
+        print(f"  {seen}", flush=True)
     print(f"  bundle: {out_dir / 'bundle'}\n  metrics: {out_dir / METRICS_FILE}\n"
           f"  TensorBoard: tensorboard --logdir {out_dir / 'tb_events'}")
 
@@ -390,7 +417,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack", action="append", default=[], metavar="SITE:KIND=VALUE",
                         help="simulate a hostile hospital, repeatable: KIND scale (multiply its update; negative flips it), "
                              "samples (claimed sample count), nan (NaN in its update), metric (claimed validation "
-                             "AUC/accuracy/Dice); e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9")
+                             "AUC/accuracy/Dice), delay (a slow hospital: hold each training reply VALUE seconds); "
+                             "e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9 --attack site-4:delay=60")
 
 
 def main(args: argparse.Namespace) -> int:
