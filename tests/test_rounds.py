@@ -232,3 +232,23 @@ def test_a_step_with_a_stated_tolerance_stops_a_round_with_too_few_sites_for_it(
     with pytest.raises(RoundFailed, match=r"tolerates f=2 hostile site\(s\) and needs 5 contributing sites"):
         engine.run_round(0, _global(), replies, {"site-5": "no answer"})
     assert engine.metrics["participation"]["site-5"]["rounds_left_out"] == 1
+
+
+@pytest.mark.unit
+def test_the_plaintext_step_owns_create_send_save_and_restore_of_the_model(tmp_path):
+    import torch
+
+    from fedmed.rounds import WEIGHTS, PlaintextAggregation, StepContext
+
+    reference = {"w": torch.zeros(2, 3), "n": torch.zeros((), dtype=torch.long)}
+    context = StepContext(tmp_path, {}, {}, num_rounds=1, min_clients=1, reference_state=reference)
+    step = PlaintextAggregation({"name": "fedavg"})
+    model = step.create({"w": np.ones((2, 3), np.float32), "n": np.asarray(4)}, context)
+    assert step.open_round(0, context) == {}
+    kind, data, meta = step.send(model, {"round": 0})
+    assert kind == WEIGHTS and data is model and meta == {"round": 0}
+    assert step.save(model, tmp_path / "m.pt", context)
+    saved = torch.load(tmp_path / "m.pt")
+    assert saved["n"].dtype == torch.long and torch.equal(saved["w"], torch.ones(2, 3))  # int buffers stay int
+    restored = step.restore(step.plaintext(model), context)
+    assert np.array_equal(restored["w"], model["w"]) and step.settings()["aggregation"]["name"] == "fedavg"

@@ -37,7 +37,7 @@ CROSS_SITE_PATH = "fedmed.flare.cross_site.CrossSiteEvaluation"
 SETTING_ALIASES = {"rounds": ("controller", "num_rounds")}  # same as simulate --rounds
 # arguments a user must not override: wiring between components, not training or aggregation settings
 _NOT_SETTINGS = {"job_name", "train_task_name", "validate_task_name", "submit_model_task_name", "tb_writer_id",
-                 "site_config_file", "he_aggregator_id", "he_shareable_generator_id", "execution_mode",
+                 "site_config_file", "aggregation_step_id", "execution_mode",
                  "task_script_path", "command"}
 
 
