@@ -121,9 +121,10 @@ class FedAvgController(Controller):
         final_validation: after the last round, validate the final global model at every site.
         allow_partial_updates: accept updates lacking some keys (a privacy filter removed them).
         job_name: name written into the outputs and the bundle.
-        aggregation: ``{"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median", "args": {...}}``
-            (default ``{"name": "trimmed_mean"}``: norms bounded at 2 x the round's median, then a
-            coordinate-wise 20 % trimmed mean; see fedmed.aggregation.check_aggregation_spec).
+        aggregation: ``{"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median"|"geometric_median"|"multi_krum",
+            "args": {"f": ..., ...}}`` (default ``{"name": "geometric_median"}``: norms bounded at 2 x the
+            round's median, then the geometric median; ``f``, the hostile sites tolerated, defaults to
+            the most the rule supports with the sites connected; see fedmed.aggregation.check_aggregation_spec).
         server_optimizer: ``{"name": "fedavg"|"fedavgm"|"fedadam"|"fedyogi", "args": {...}}``
             (default ``{"name": "fedavg"}``: global model + aggregated update; fedmed.server_optim).
         aggregation_step_id: id of a server component implementing :class:`fedmed.rounds.ServerStep`
