@@ -18,12 +18,11 @@ the encrypted global model in ``fedmed/global_model_encrypted.npz``; a hospital 
 model, so no ``global_model.pt`` / best-model files and no cross-site evaluation of the global model
 are written in this mode; validation metrics come from the sites, which decrypt the model.
 
-:func:`he_job` turns a job folder into its ``he`` variant (components, controller args, scope).
+:func:`fedmed.jobspec.with_he` is a job's ``he`` variant (components, controller args, scope); :func:`he_job` writes it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -43,31 +42,14 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedmed.aggregation import UpdateError, validate_keys
 from fedmed.atomic import atomic_path
+from fedmed.jobspec import HE_AGGREGATOR_ID, HE_GENERATOR_ID, HE_STEP_ID  # the he variant of a job spec: fedmed.jobspec.with_he
+from fedmed.jobspec import HE_COMPONENTS as _HE_COMPONENTS
 from fedmed.results import GLOBAL_MODEL_FILE
 from fedmed.rounds import RoundFailed, SiteReply, StepContext
 
 ENCRYPTED_MODEL_FILE = "global_model_encrypted.npz"
 SHAPES_META_KEY = "tensor_shapes"
-HE_AGGREGATOR_ID = "he_aggregator"
-HE_GENERATOR_ID = "he_shareable_generator"
-HE_STEP_ID = "he_step"
-HE_COMPONENTS = [
-    {
-        "id": HE_STEP_ID,
-        "path": "fedmed.flare.he.HEAggregation",
-        "args": {"aggregator_id": HE_AGGREGATOR_ID, "generator_id": HE_GENERATOR_ID},
-    },
-    {
-        "id": HE_AGGREGATOR_ID,
-        "path": "nvflare.app_opt.he.intime_accumulate_model_aggregator.HEInTimeAccumulateWeightedAggregator",
-        "args": {"expected_data_kind": "WEIGHT_DIFF", "weigh_by_local_iter": False},
-    },
-    {
-        "id": HE_GENERATOR_ID,
-        "path": "nvflare.app_opt.he.model_shareable_generator.HEModelShareableGenerator",
-        "args": {"tenseal_context_file": "server_context.tenseal"},
-    },
-]
+HE_COMPONENTS = [dict(c) for c in _HE_COMPONENTS]
 
 
 def _is_ciphertext(value) -> bool:
@@ -262,28 +244,16 @@ def decrypt_global_model(path: str | os.PathLike, context_file: str | os.PathLik
 
 
 def apply_he_mode(job_dir: str | os.PathLike) -> Path:
-    """Turn a job folder (in place) into its ``he`` variant: meta scope ``he``, FLARE's HE aggregator
+    """:func:`fedmed.jobspec.with_he` on a job folder, in place: meta scope ``he``, FLARE's HE aggregator
     and shareable generator as server components, the FedAvgController pointed at them (its plaintext
     ``aggregation`` / ``server_optimizer`` removed), and only that workflow (cross-site evaluation
     needs a plaintext global model, which the server never has). The controller refuses to run
     ``he`` with fewer than 3 sites (see :data:`HE_MIN_SITES_REASON`)."""
-    from fedmed.jobfolder import SERVER_CONFIG_FILE, JobFolder
+    from fedmed.jobfolder import JobFolder
+    from fedmed.jobspec import with_he
 
-    job = JobFolder(job_dir)  # fedmed.jobfolder: the one reader/writer of job folders
-    server_path = job.config_dir / SERVER_CONFIG_FILE
-    config = job.load_server()
-    workflows = [w for w in config.get("workflows", []) if w.get("path") == "fedmed.flare.controller.FedAvgController"]
-    if len(workflows) != 1:
-        raise ValueError(f"{server_path}: expected one fedmed.flare.controller.FedAvgController workflow for the he variant")
-    args = workflows[0].setdefault("args", {})
-    for plaintext_only in ("aggregation", "server_optimizer"):  # the server sees ciphertext only: FLARE's HE aggregator decides
-        args.pop(plaintext_only, None)
-    args["aggregation_step_id"] = HE_STEP_ID
-    config["workflows"] = workflows
-    components = [c for c in config.get("components", []) if c.get("id") not in (HE_AGGREGATOR_ID, HE_GENERATOR_ID, HE_STEP_ID)]
-    config["components"] = components + copy.deepcopy(HE_COMPONENTS)
-    job.save_server(config)
-    job.set_scope("he")
+    job = JobFolder(job_dir)
+    job.write(with_he(job.spec()))
     return job.path
 
 
