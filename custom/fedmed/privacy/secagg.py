@@ -42,9 +42,11 @@ keys are not signed here); robust aggregation (the server cannot see single upda
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -62,6 +64,36 @@ DEFAULT_MIN_SITES = 3  # a site's own floor on the cohort (see the module docstr
 SEED_BYTES = 32
 _NONCE_BYTES = 12
 _INFO = b"fedmed-secagg/1"
+MASKED_KEY = "secagg_masked"  # the one tensor of a masked update (uint64, the flat model layout)
+PROTOCOL_KIND = "COLLECTION"  # data kind of the protocol messages (FLARE DataKind.COLLECTION)
+PROTOCOL_META_KEY = "secagg_step"  # meta of a protocol message: which step
+_MAX_SHARE_BLOB = 512
+_MAX_SHARE_HEX = 140
+
+
+def check_protocol_message(step: str, data) -> None:
+    """What a site may send in a protocol step, checked by its release policy (raises ValueError):
+    ``secagg_keys``: two 32-byte public keys; ``secagg_shares``: per peer one encrypted share (at
+    most 512 bytes); ``secagg_unmask``: per peer one share as a hex string (at most 140 characters).
+    Nothing else: no array, no number, no text besides site names."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {step} message must be a mapping")
+    if step == "secagg_keys":
+        if set(data) != {"cipher_pk", "mask_pk"} or not all(isinstance(v, bytes) and len(v) == 32 for v in data.values()):
+            raise ValueError("a secagg_keys message holds exactly two 32-byte public keys")
+    elif step == "secagg_shares":
+        shares = data.get("shares")
+        if set(data) != {"shares"} or not isinstance(shares, dict) or not all(
+                isinstance(k, str) and isinstance(v, bytes) and len(v) <= _MAX_SHARE_BLOB for k, v in shares.items()):
+            raise ValueError(f"a secagg_shares message holds only {{'shares': {{site: ciphertext of <= {_MAX_SHARE_BLOB} bytes}}}}")
+    elif step == "secagg_unmask":
+        if set(data) - {"b", "s"} or not all(
+                isinstance(part, dict) and all(isinstance(k, str) and isinstance(v, str) and len(v) <= _MAX_SHARE_HEX
+                                               and v.startswith("0x") for k, v in part.items())
+                for part in data.values()):
+            raise ValueError("a secagg_unmask message holds only {'b': {site: hex share}, 's': {site: hex share}}")
+    else:
+        raise ValueError(f"unknown secure-aggregation step {step!r}")
 
 
 class SecAggRefused(RuntimeError):
@@ -376,3 +408,55 @@ def unmask_sum(masked: Mapping[str, np.ndarray], roster: Mapping[str, Mapping[st
             # site added sign(site, gone) * mask; remove it
             total = total - mask if _sign(site, gone) > 0 else total + mask
     return total
+
+
+# ---- the job variant ------------------------------------------------------------------------------
+
+SECAGG_MODES = ("he", "dp_he")  # privacy modes (site scopes) that run secure aggregation
+HE_STEP_ID = "he_step"
+KEYS_TASK, SHARES_TASK, UNMASK_TASK = "secagg_keys", "secagg_shares", "secagg_unmask"
+PROTOCOL_TASKS = (KEYS_TASK, SHARES_TASK, UNMASK_TASK)
+SITE_EXECUTOR = {"tasks": list(PROTOCOL_TASKS), "executor": {"path": "fedmed.flare.he.SecAggSiteExecutor", "args": {}}}
+SERVER_STEP = {"id": HE_STEP_ID, "path": "fedmed.flare.he.SecureAggregation", "args": {}}
+
+
+def apply_he_mode(job_dir: str | os.PathLike, threshold: int = 0) -> Path:
+    """Turn a job folder (in place) into its ``he`` variant: meta scope ``he``; the server's
+    FedAvgController runs the :class:`SecureAggregation` step (component ``he_step``; the job's
+    ``server_optimizer`` moves into it, a robust ``aggregation`` is dropped: the server sees only the
+    sum); the sites run :class:`SecAggSiteExecutor` for the protocol tasks; only that workflow
+    (cross-site evaluation would need every site's plaintext local model)."""
+    from fedmed.jobfolder import SERVER_CONFIG_FILE, JobFolder
+
+    job = JobFolder(job_dir)
+    server_path = job.config_dir / SERVER_CONFIG_FILE
+    config = job.load_server()
+    workflows = [w for w in config.get("workflows", []) if w.get("path") == "fedmed.flare.controller.FedAvgController"]
+    if len(workflows) != 1:
+        raise ValueError(f"{server_path}: expected one fedmed.flare.controller.FedAvgController workflow for the he variant")
+    args = workflows[0].setdefault("args", {})
+    args.pop("aggregation", None)
+    step = copy.deepcopy(SERVER_STEP)
+    optimizer = args.pop("server_optimizer", None)
+    if optimizer:
+        step["args"]["server_optimizer"] = optimizer
+    if threshold:
+        step["args"]["threshold"] = threshold
+    args["aggregation_step_id"] = HE_STEP_ID
+    config["workflows"] = workflows
+    config["components"] = [c for c in config.get("components", []) if c.get("id") != HE_STEP_ID] + [step]
+    job.save_server(config)
+    client = job.load_client()
+    executors = [e for e in client.get("executors", []) if not set(e.get("tasks", [])) & set(PROTOCOL_TASKS)]
+    client["executors"] = executors + [copy.deepcopy(SITE_EXECUTOR)]
+    job.save_client(client)
+    job.set_scope("he")
+    return job.path
+
+
+def he_job(job_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy a job folder to ``dest`` and make the copy its ``he`` variant (:func:`apply_he_mode`)."""
+    import shutil
+
+    shutil.copytree(Path(job_dir), Path(dest))
+    return apply_he_mode(dest)

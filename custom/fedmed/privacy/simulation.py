@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedmed.jobfolder import CLIENT_CONFIG_FILE, JobFolder
+from fedmed.privacy.secagg import SECAGG_MODES, apply_he_mode
 from fedmed.privacy.scopes import MODES, SIMULATABLE_MODES, ScopeError, get_scope, inject_scope_filters, template_privacy_file
 
 
@@ -34,17 +35,16 @@ def apply_privacy_mode(job_dir: str | Path, mode: str, client_privacy_file: str 
     """Rewrite a job copy (in place) so its simulated sites run ``mode``'s scope filters.
 
     Returns a summary: {"mode", "client_privacy_file", "server_privacy_file", "client_filters",
-    "server_filters", "tasks"}. Raises :class:`ScopeError` for an unknown mode, ``he`` (needs
-    HE-built kits: use ``rehearse --privacy he``), or a policy that does not allow the mode.
+    "server_filters", "tasks"}. Raises :class:`ScopeError` for an unknown mode or a policy that does not allow the mode
+    (``he`` / ``dp_he``: the job copy also gets the secure-aggregation step, :func:`fedmed.privacy.secagg.apply_he_mode`).
     """
     if mode not in MODES:
         raise ScopeError(f"unknown privacy mode '{mode}'; choose one of {', '.join(MODES)}")
     if mode not in SIMULATABLE_MODES:
-        raise ScopeError(
-            f"privacy mode '{mode}' needs HE-built startup kits (TenSEAL keys) and is not available in the FLARE "
-            "simulator; try it in a real deployment on this machine: python -m fedmed rehearse --privacy he"
-        )
+        raise ScopeError(f"privacy mode '{mode}' is not available in the FLARE simulator")
     job_dir = Path(job_dir)
+    if mode in SECAGG_MODES:  # the job runs secure aggregation: its server step and the sites' protocol executor
+        apply_he_mode(job_dir)
     client_file = Path(client_privacy_file) if client_privacy_file else template_privacy_file("client")
     server_file = Path(server_privacy_file) if server_privacy_file else template_privacy_file("server")
     client_scope = get_scope(client_file, mode)  # raises naming the file when the sites do not allow it
