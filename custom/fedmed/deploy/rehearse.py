@@ -92,10 +92,11 @@ def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | No
         from fedmed.jobfolder import JobFolder
 
         JobFolder(dest).set_scope(privacy)
-    if privacy == "he":  # issue 5: the server aggregates ciphertext through FLARE's HE components
-        from fedmed.flare.he import apply_he_mode
+    if privacy in ("he", "dp_he"):  # secure aggregation: the server step and the sites' protocol executor
+        from fedmed.privacy.secagg import apply_he_mode
 
         apply_he_mode(dest)
+        JobFolder(dest).set_scope(privacy)
     return dest
 
 
@@ -207,7 +208,6 @@ def rehearse(
         work.mkdir(parents=True, exist_ok=True)
     else:  # a temp folder, deleted afterwards (it holds the rehearsal's keys) unless --keep
         work = Path(tempfile.mkdtemp(prefix="fedmed-rehearse-"))
-    he = privacy == "he"
     port = free_port()
     federation = injector = None
     summary = {"job_id": None, "status": None, "hospitals": [], "port": port, "out": str(out_dir),
@@ -216,11 +216,10 @@ def rehearse(
     try:
         # a bad job (or --set) fails before provisioning
         job_copy = prepare_job_copy(job, work / "job", hospitals, rounds, privacy, settings)
-        project = plan_project(project_file, hospitals, port, he)
+        project = plan_project(project_file, hospitals, port, False)  # he (secure aggregation) needs no HE kits
         names = roles(project)
         summary["hospitals"] = names["hospitals"]
-        print(f"[1/6] provisioning server localhost:{port}, {hospitals} hospitals, admins"
-              f"{' (HE kits)' if he else ''} into {work}", flush=True)
+        print(f"[1/6] provisioning server localhost:{port}, {hospitals} hospitals, admins into {work}", flush=True)
         prod = provision(project, work / "provision")
         print(f"[2/6] hospitals fill local/fedmed_site.json with their own data "
               f"({'partition of ' + data if data else 'synthetic X-rays'})", flush=True)
@@ -249,11 +248,6 @@ def rehearse(
                                  f"Logs: {out_dir / 'logs'}")
         from fedmed.results import export_run_outputs
 
-        if he:  # issue 5: the server holds the model encrypted; a hospital decrypts it with its own key
-            from fedmed.flare.he import decrypt_for_hospital
-
-            decrypt_for_hospital(server_app, prod / names["hospitals"][0] / "startup" / "client_context.tenseal")
-            print(f"  he: {names['hospitals'][0]} decrypted the encrypted global model with its own key", flush=True)
         exported = export_run_outputs(server_app, out_dir)
         shutil.copytree(download, out_dir / "job_result", dirs_exist_ok=True)
         model = out_dir / "models" / "global_model.pt"
@@ -331,7 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "an MSD-style datalist JSON for segmentation (default: synthetic)")
     parser.add_argument("--out", default=None, help="output folder (default runs/rehearse-<timestamp>)")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default=None,
-                        help="privacy scope the job asks for (meta.json 'scope'); 'he' provisions HE kits")
+                        help="privacy scope the job asks for (meta.json 'scope'); 'he' runs secure aggregation (no keys provisioned)")
     parser.add_argument("--project", default="provisioning/project.yml", help="FLARE project file")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the job (default 900)")
     parser.add_argument("--workdir", default=None,
