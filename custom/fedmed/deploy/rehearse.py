@@ -188,6 +188,7 @@ def rehearse(
     seed: int = 0,
     faults: list[str] | None = None,
     settings: dict | None = None,
+    dry_run: bool = False,
 ) -> Path:
     try:
         planned_faults = [parse_fault(text, rounds) for text in faults or []]
@@ -203,6 +204,12 @@ def rehearse(
         out_dir = start_output_folder(out, "rehearse")  # marked INCOMPLETE until the outputs are written
     except RunError as exc:
         raise RehearsalError(str(exc)) from exc
+    if dry_run:
+        from fedmed.jobfolder import write_job_folder
+
+        print(f"  dry run: the job is checked and written to {write_job_folder(spec, out_dir / 'job').path}; "
+              "nothing provisioned or started", flush=True)
+        return out_dir
     if workdir:  # the caller's folder: used, never deleted
         work = Path(workdir).resolve()
         if work.exists() and any(work.iterdir()):
@@ -338,6 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chaos, repeatable: restart-server:N (SIGKILL the server during round N, restart it from "
                              "its kit, wait for the job to resume) or kill-hospital:N (SIGKILL one hospital during "
                              "round N; keep min_clients below --hospitals). Rounds count from 1")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the job and its --set values, write the job it would submit to OUT/job and stop")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set a job argument of the controller or executor, as simulate --set "
                              "(e.g. wait_after_min_clients=5)")
@@ -348,7 +357,8 @@ def main(args: argparse.Namespace) -> int:
         from fedmed.jobfolder import parse_assignments
 
         rehearse(args.hospitals, args.rounds or None, args.job, args.data, args.out, args.privacy, args.project,
-                 args.timeout, args.workdir, args.keep, args.seed, args.fault, parse_assignments(args.set))
+                 args.timeout, args.workdir, args.keep, args.seed, args.fault, parse_assignments(args.set),
+                 dry_run=args.dry_run)
     except (RehearsalError, ProvisionError, DeploymentError, ValueError, OSError) as exc:
         print(f"rehearse failed: {exc}", file=sys.stderr, flush=True)
         return 1
