@@ -177,3 +177,17 @@ def test_a_site_without_the_he_scope_refuses_the_protocol_and_the_masker_refuses
     update = DXO(DataKind.WEIGHT_DIFF, data=_update("site-1"), meta={"num_samples": 5}).to_shareable()
     out = SecAggMasker().process(update, _ctx("job-x", "site-1", "train"))
     assert "no secure-aggregation round is open" in out.get_header(ERROR_HEADER)
+
+
+def test_the_he_spec_survives_the_job_folder_round_trip_with_its_protocol_executor():
+    from fedmed.jobfolder import JobFolder
+    from fedmed.jobspec import SECAGG_EXECUTOR_PATH, from_configs, to_configs, with_he
+
+    spec = with_he(JobFolder.resolve(DEFAULT_JOB).spec(), scope="dp_he", threshold=3)
+    configs = to_configs(spec)
+    client = configs["app/config/config_fed_client.json"]
+    assert [e["executor"]["path"] for e in client["executors"]][1:] == [SECAGG_EXECUTOR_PATH]
+    assert from_configs(configs["meta.json"], configs["app/config/config_fed_server.json"], client) == spec
+    assert spec.scope == "dp_he" and {"secagg_keys", "train"} <= set(spec.client_tasks())
+    step = {c.id: c for c in spec.server_components}[HE_STEP_ID]
+    assert step.args["threshold"] == 3

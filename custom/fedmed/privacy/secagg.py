@@ -42,7 +42,6 @@ keys are not signed here); robust aggregation (the server cannot see single upda
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import secrets
@@ -57,6 +56,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedmed.jobspec import HE_MODES, HE_STEP_ID, SECAGG_TASKS, with_he  # noqa: F401 - HE_STEP_ID re-exported
+
 PRIME = 2**521 - 1  # Shamir field (a Mersenne prime above every 32-byte secret)
 FRACTION_BITS = 20  # fixed point: x -> round(x * 2**20) in Z_(2**64)
 SCALE = float(2**FRACTION_BITS)
@@ -64,6 +65,8 @@ DEFAULT_MIN_SITES = 3  # a site's own floor on the cohort (see the module docstr
 SEED_BYTES = 32
 _NONCE_BYTES = 12
 _INFO = b"fedmed-secagg/1"
+KEYS_TASK, SHARES_TASK, UNMASK_TASK = SECAGG_TASKS
+PROTOCOL_TASKS = SECAGG_TASKS
 MASKED_KEY = "secagg_masked"  # the one tensor of a masked update (uint64, the flat model layout)
 PROTOCOL_KIND = "COLLECTION"  # data kind of the protocol messages (FLARE DataKind.COLLECTION)
 PROTOCOL_META_KEY = "secagg_step"  # meta of a protocol message: which step
@@ -412,45 +415,15 @@ def unmask_sum(masked: Mapping[str, np.ndarray], roster: Mapping[str, Mapping[st
 
 # ---- the job variant ------------------------------------------------------------------------------
 
-SECAGG_MODES = ("he", "dp_he")  # privacy modes (site scopes) that run secure aggregation
-HE_STEP_ID = "he_step"
-KEYS_TASK, SHARES_TASK, UNMASK_TASK = "secagg_keys", "secagg_shares", "secagg_unmask"
-PROTOCOL_TASKS = (KEYS_TASK, SHARES_TASK, UNMASK_TASK)
-SITE_EXECUTOR = {"tasks": list(PROTOCOL_TASKS), "executor": {"path": "fedmed.flare.he.SecAggSiteExecutor", "args": {}}}
-SERVER_STEP = {"id": HE_STEP_ID, "path": "fedmed.flare.he.SecureAggregation", "args": {}}
+SECAGG_MODES = HE_MODES  # privacy modes (site scopes) that run secure aggregation
 
 
-def apply_he_mode(job_dir: str | os.PathLike, threshold: int = 0) -> Path:
-    """Turn a job folder (in place) into its ``he`` variant: meta scope ``he``; the server's
-    FedAvgController runs the :class:`SecureAggregation` step (component ``he_step``; the job's
-    ``server_optimizer`` moves into it, a robust ``aggregation`` is dropped: the server sees only the
-    sum); the sites run :class:`SecAggSiteExecutor` for the protocol tasks; only that workflow
-    (cross-site evaluation would need every site's plaintext local model)."""
-    from fedmed.jobfolder import SERVER_CONFIG_FILE, JobFolder
+def apply_he_mode(job_dir: str | os.PathLike, threshold: int = 0, scope: str = "he") -> Path:
+    """:func:`fedmed.jobspec.with_he` on a job folder, in place (the one writer rewrites it)."""
+    from fedmed.jobfolder import JobFolder
 
     job = JobFolder(job_dir)
-    server_path = job.config_dir / SERVER_CONFIG_FILE
-    config = job.load_server()
-    workflows = [w for w in config.get("workflows", []) if w.get("path") == "fedmed.flare.controller.FedAvgController"]
-    if len(workflows) != 1:
-        raise ValueError(f"{server_path}: expected one fedmed.flare.controller.FedAvgController workflow for the he variant")
-    args = workflows[0].setdefault("args", {})
-    args.pop("aggregation", None)
-    step = copy.deepcopy(SERVER_STEP)
-    optimizer = args.pop("server_optimizer", None)
-    if optimizer:
-        step["args"]["server_optimizer"] = optimizer
-    if threshold:
-        step["args"]["threshold"] = threshold
-    args["aggregation_step_id"] = HE_STEP_ID
-    config["workflows"] = workflows
-    config["components"] = [c for c in config.get("components", []) if c.get("id") != HE_STEP_ID] + [step]
-    job.save_server(config)
-    client = job.load_client()
-    executors = [e for e in client.get("executors", []) if not set(e.get("tasks", [])) & set(PROTOCOL_TASKS)]
-    client["executors"] = executors + [copy.deepcopy(SITE_EXECUTOR)]
-    job.save_client(client)
-    job.set_scope("he")
+    job.write(with_he(job.spec(), scope=scope, threshold=threshold))
     return job.path
 
 
