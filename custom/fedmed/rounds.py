@@ -16,8 +16,13 @@ collects the sites' replies and hands them to :meth:`RoundEngine.run_round`, whi
    metric (one site reporting an extreme value cannot choose it);
 4. runs the pluggable aggregation step (:class:`AggregationStep`): :class:`PlaintextAggregation`
    (plain or robust aggregation from :mod:`fedmed.aggregation`, then a server optimizer, then a
-   finite check) or the controller's HE step (``fedmed.flare.he``). A step that cannot produce a
-   sound model raises :class:`RoundRejected`: the previous model is kept and the sites are named.
+   finite check) or the ``he`` mode's secure aggregation (``fedmed.flare.he.SecureAggregation``). A
+   step that cannot produce a sound model raises :class:`RoundRejected`: the previous model is kept
+   and the sites are named.
+
+A workflow drives a step through :class:`ServerStep` (create / open_round / send / receive /
+check_update / aggregate / save / plaintext / restore / settings): the step owns how the global
+model is created, sent, saved and resumed, and any extra exchange with the sites (:class:`Exchange`).
 
 The engine's state (``state_dict`` / ``load_state_dict``: next round, metrics, the step's state,
 e.g. the server optimizer's) is what a resumed server needs besides the global model.

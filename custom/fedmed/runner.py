@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 
 from fedmed.atomic import write_json
 from fedmed.jobfolder import JobFolder, JobFolderError, write_job_folder
-from fedmed.jobspec import JobSpec, JobSpecError, for_simulation, setting_targets, with_attacks, with_he, with_scope, with_settings
+from fedmed.jobspec import HE_MODES, JobSpec, JobSpecError, for_simulation, setting_targets, with_attacks, with_he, with_scope, with_settings
 from fedmed.site_config import SITE_CONFIG_FILE
 
 DEFAULT_JOB = "jobs/cxr_pneumonia_fedavg"
@@ -71,8 +71,8 @@ def plan_job(job: str | Path | JobSpec, options: RunOptions, door: str = "simula
 
     The simulated doors (``simulate``, ``simenv``) copy a privacy mode's site filters into the job
     (FLARE's simulator does not enforce site scopes) and may add simulated attacks; ``rehearse``
-    names the scope (real sites apply their own ``privacy.json``) and, for ``he``, wires FLARE's HE
-    components. Raises :class:`RunError` naming the option, key and reason.
+    names the scope (real sites apply their own ``privacy.json``) and, for ``he`` / ``dp_he``, adds
+    the secure-aggregation step and the sites' protocol executor. Raises :class:`RunError` naming the option, key and reason.
     """
     if door not in DOORS:
         raise RunError(f"unknown door {door!r}; one of {', '.join(DOORS)}")
@@ -96,7 +96,7 @@ def plan_job(job: str | Path | JobSpec, options: RunOptions, door: str = "simula
     for key, where in targets.items():
         log(f"--set {key}={json.dumps(settings[key])} ({', '.join(f'{c} argument {a}' for c, a in where)})")
     if options.privacy and door == "rehearse":
-        spec = with_he(spec) if options.privacy == "he" else with_scope(spec, options.privacy)
+        spec = with_he(spec, scope=options.privacy) if options.privacy in HE_MODES else with_scope(spec, options.privacy)
     elif options.privacy:
         from fedmed.privacy.simulation import with_privacy_mode
 
