@@ -188,6 +188,7 @@ def rehearse(
     seed: int = 0,
     faults: list[str] | None = None,
     settings: dict | None = None,
+    dry_run: bool = False,
 ) -> Path:
     try:
         planned_faults = [parse_fault(text, rounds) for text in faults or []]
@@ -203,6 +204,12 @@ def rehearse(
         out_dir = start_output_folder(out, "rehearse")  # marked INCOMPLETE until the outputs are written
     except RunError as exc:
         raise RehearsalError(str(exc)) from exc
+    if dry_run:
+        from fedmed.jobfolder import write_job_folder
+
+        print(f"  dry run: the job is checked and written to {write_job_folder(spec, out_dir / 'job').path}; "
+              "nothing provisioned or started", flush=True)
+        return out_dir
     if workdir:  # the caller's folder: used, never deleted
         work = Path(workdir).resolve()
         if work.exists() and any(work.iterdir()):
@@ -210,7 +217,6 @@ def rehearse(
         work.mkdir(parents=True, exist_ok=True)
     else:  # a temp folder, deleted afterwards (it holds the rehearsal's keys) unless --keep
         work = Path(tempfile.mkdtemp(prefix="fedmed-rehearse-"))
-    he = privacy == "he"
     port = free_port()
     federation = injector = None
     summary = {"job_id": None, "status": None, "hospitals": [], "port": port, "out": str(out_dir),
@@ -220,11 +226,10 @@ def rehearse(
         from fedmed.jobfolder import write_job_folder
 
         job_copy = write_job_folder(spec, out_dir / "job").path  # every door: the run's job in OUT/job
-        project = plan_project(project_file, hospitals, port, he)
+        project = plan_project(project_file, hospitals, port, False)  # he (secure aggregation) needs no HE kits
         names = roles(project)
         summary["hospitals"] = names["hospitals"]
-        print(f"[1/6] provisioning server localhost:{port}, {hospitals} hospitals, admins"
-              f"{' (HE kits)' if he else ''} into {work}", flush=True)
+        print(f"[1/6] provisioning server localhost:{port}, {hospitals} hospitals, admins into {work}", flush=True)
         prod = provision(project, work / "provision")
         print(f"[2/6] hospitals fill local/fedmed_site.json with their own data "
               f"({'partition of ' + data if data else 'synthetic X-rays'})", flush=True)
@@ -251,11 +256,6 @@ def rehearse(
         if status != FINISHED_OK:
             raise RehearsalError(f"job {job_id} ended with status {status}: {_server_error(server_app)}. "
                                  f"Logs: {out_dir / 'logs'}")
-        if he:  # issue 5: the server holds the model encrypted; a hospital decrypts it with its own key
-            from fedmed.flare.he import decrypt_for_hospital
-
-            decrypt_for_hospital(server_app, prod / names["hospitals"][0] / "startup" / "client_context.tenseal")
-            print(f"  he: {names['hospitals'][0]} decrypted the encrypted global model with its own key", flush=True)
         shutil.copytree(download, out_dir / "job_result", dirs_exist_ok=True)
         from fedmed.runner import finish_outputs, mark_complete
 
@@ -327,7 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "an MSD-style datalist JSON for segmentation (default: synthetic)")
     parser.add_argument("--out", default=None, help="output folder (default runs/rehearse-<timestamp>)")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default=None,
-                        help="privacy scope the job asks for (meta.json 'scope'); 'he' provisions HE kits")
+                        help="privacy scope the job asks for (meta.json 'scope'); 'he' runs secure aggregation (no keys provisioned)")
     parser.add_argument("--project", default="provisioning/project.yml", help="FLARE project file")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the job (default 900)")
     parser.add_argument("--workdir", default=None,
@@ -338,6 +338,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chaos, repeatable: restart-server:N (SIGKILL the server during round N, restart it from "
                              "its kit, wait for the job to resume) or kill-hospital:N (SIGKILL one hospital during "
                              "round N; keep min_clients below --hospitals). Rounds count from 1")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the job and its --set values, write the job it would submit to OUT/job and stop")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set a job argument of the controller or executor, as simulate --set "
                              "(e.g. wait_after_min_clients=5)")
@@ -348,7 +350,8 @@ def main(args: argparse.Namespace) -> int:
         from fedmed.jobfolder import parse_assignments
 
         rehearse(args.hospitals, args.rounds or None, args.job, args.data, args.out, args.privacy, args.project,
-                 args.timeout, args.workdir, args.keep, args.seed, args.fault, parse_assignments(args.set))
+                 args.timeout, args.workdir, args.keep, args.seed, args.fault, parse_assignments(args.set),
+                 dry_run=args.dry_run)
     except (RehearsalError, ProvisionError, DeploymentError, ValueError, OSError) as exc:
         print(f"rehearse failed: {exc}", file=sys.stderr, flush=True)
         return 1
