@@ -30,25 +30,53 @@ def _namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(1)
+    return False
+
+
 @pytest.fixture(scope="module")
 def netns_run(tmp_path_factory):
+    """The rehearsal, and `python -m fedmed watch` run by the lead on the admins' host while the job runs."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("network namespaces need root and iproute2 (CI runs as root)")
     tmp = tmp_path_factory.mktemp("netns")
     before = _namespaces()
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "fedmed", "rehearse", "--hosts", "netns", "--hospitals", "3",
-                             "--rounds", "3", "--fault", "partition-hospital:2", "--set", "min_clients=2",
-                             "--out", str(tmp / "out"), "--workdir", str(tmp / "work")],
-                            capture_output=True, text=True, cwd=REPO, timeout=900)
-    print(f"rehearse --hosts netns: {time.time() - started:.1f} s\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}")
+    log = tmp / "rehearse.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fedmed", "rehearse", "--hosts", "netns", "--hospitals", "3",
+                                 "--rounds", "3", "--fault", "partition-hospital:2", "--set", "min_clients=2",
+                                 "--out", str(tmp / "out"), "--workdir", str(tmp / "work")],
+                                stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    watch = None
+    try:
+        if _wait_for(log, "submitted job", proc, 600):
+            lead_kit = next((tmp / "work" / "provision").glob("*/prod_*/lead@*"))
+            admin_host = f"fedmed-{proc.pid}-4"  # server 0, hospitals 1-3, the admins' host 4
+            watch = subprocess.run(["ip", "netns", "exec", admin_host, sys.executable, "-m", "fedmed", "watch",
+                                    str(lead_kit), "--interval", "1", "--timeout", "600"],
+                                   capture_output=True, text=True, cwd=REPO, timeout=700)
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=120)
+    output = log.read_text(errors="replace")
+    print(f"rehearse --hosts netns: {time.time() - started:.1f} s\n{output[-4000:]}")
+    if watch is not None:
+        print(f"watch (exit {watch.returncode}):\n{watch.stdout[-3000:]}\n{watch.stderr[-2000:]}")
     summary = json.loads((tmp / "out" / "rehearsal.json").read_text())
-    return result, summary, tmp, before
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, ""), summary, tmp, before, watch
 
 
 @pytest.mark.slow
 def test_the_rehearsal_completes_every_round_with_each_participant_on_its_own_address(netns_run):
-    result, summary, _, _ = netns_run
+    result, summary, *_ = netns_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert summary["status"] == "FINISHED:COMPLETED" and summary["rounds_completed"] == 3
     hosts = summary["participants"]
@@ -65,7 +93,7 @@ def test_the_rehearsal_completes_every_round_with_each_participant_on_its_own_ad
 
 @pytest.mark.slow
 def test_only_the_server_listens_beyond_loopback_and_hospitals_connect_only_to_it(netns_run):
-    _, summary, _, _ = netns_run
+    _, summary, *_ = netns_run
     hosts = summary["participants"]
     server = hosts[NETNS_SERVER_HOST]
     assert server["listening"] and {e.rsplit(":", 1)[1] for e in server["listening"]} == {str(NETNS_PORT)}
@@ -76,7 +104,7 @@ def test_only_the_server_listens_beyond_loopback_and_hospitals_connect_only_to_i
 
 @pytest.mark.slow
 def test_a_hospital_cut_off_for_a_round_misses_it_and_rejoins(netns_run):
-    result, summary, _, _ = netns_run
+    result, summary, *_ = netns_run
     (fault,) = summary["faults"]
     assert fault["fired"] and fault["hospital"] == "hospital-03" and fault["healed_at_s"] > fault["cut_at_s"]
     assert fault["rounds_without_it"] == [2] and fault["rejoined"] and fault["rounds_after_rejoining"] == [3]
@@ -85,7 +113,7 @@ def test_a_hospital_cut_off_for_a_round_misses_it_and_rejoins(netns_run):
 
 @pytest.mark.slow
 def test_no_namespace_hosts_file_or_process_is_left_behind(netns_run):
-    _, _, tmp, before = netns_run
+    _, _, tmp, before, _ = netns_run
     assert _namespaces() == before
     assert not [p for p in NETNS_ETC.glob("fedmed-*")] if NETNS_ETC.is_dir() else True
     left = []
@@ -96,6 +124,19 @@ def test_no_namespace_hosts_file_or_process_is_left_behind(netns_run):
         except psutil.NoSuchProcess:
             pass
     assert left == []
+
+
+@pytest.mark.slow
+def test_watch_follows_the_deployed_jobs_rounds_to_its_final_status_from_the_admins_host(netns_run):
+    *_, watch = netns_run
+    assert watch is not None, "the job was never submitted"
+    assert watch.returncode == 0, watch.stdout[-3000:] + watch.stderr[-2000:]
+    assert "watching job" in watch.stdout and "as lead@" in watch.stdout
+    for done in (1, 2, 3):
+        assert f"round {done}/3: " in watch.stdout
+    assert "round 2/3: 2 of 3 site(s) answered (left out: hospital-03)" in watch.stdout  # the partitioned round
+    assert "median val_auc" in watch.stdout and "ETA" in watch.stdout
+    assert "ended: FINISHED:COMPLETED" in watch.stdout.splitlines()[-1]
 
 
 @pytest.mark.unit

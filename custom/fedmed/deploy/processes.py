@@ -218,3 +218,27 @@ def network_facts(pid: int) -> dict:
                 elif state == "01" and not is_loopback(rip):  # ESTABLISHED
                     connected.add(f"{rip}:{rport}")
     return {"listening": sorted(listening), "connected_to": sorted(connected)}
+
+
+class MemorySampler:
+    """Peak resident memory of each started kit: its own process, and the sum of its descendants (FLARE's
+    job process), sampled on every :meth:`sample` call (``rehearse`` calls it once a second)."""
+
+    def __init__(self, processes: dict[str, "KitProcess"]):
+        self.processes = processes
+        self.peaks: dict[str, dict[str, float]] = {}
+
+    def sample(self) -> None:
+        for name, proc in list(self.processes.items()):
+            tree = process_tree(proc.pid)
+            if not tree:
+                continue
+            rss = []
+            for p in tree:
+                try:
+                    rss.append(p.memory_info().rss / 2**20)
+                except psutil.Error:
+                    rss.append(0.0)
+            peak = self.peaks.setdefault(name, {"kit_process_mb": 0.0, "job_processes_mb": 0.0})
+            peak["kit_process_mb"] = max(peak["kit_process_mb"], round(rss[0], 1))
+            peak["job_processes_mb"] = max(peak["job_processes_mb"], round(sum(rss[1:]), 1))

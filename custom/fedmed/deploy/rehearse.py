@@ -38,7 +38,7 @@ from pathlib import Path
 from fedmed.atomic import write_json
 from fedmed.deploy.faults import FaultError, FaultInjector, parse_fault
 from fedmed.deploy.federation import LocalFederation
-from fedmed.deploy.processes import DeploymentError, free_port, network_facts
+from fedmed.deploy.processes import DeploymentError, MemorySampler, free_port, network_facts
 from fedmed.flare.resume import RESUMED_AS_META_KEY
 from fedmed.deploy.provision import ProvisionError, customize_project, load_project, provision, server_of
 
@@ -135,7 +135,7 @@ def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | No
 
 
 def run_job(session, job_dir: Path, timeout: float, log=print, injector: FaultInjector | None = None,
-            reopen_session=None) -> tuple[str, dict]:
+            reopen_session=None, sampler=None) -> tuple[str, dict]:
     """Submit ``job_dir``, print progress until it ends; return (job id, final job meta).
 
     Progress comes as the project lead sees it with ``python -m fedmed watch``: through the admin API
@@ -156,6 +156,8 @@ def run_job(session, job_dir: Path, timeout: float, log=print, injector: FaultIn
     if injector is not None:
         injector.job_ids = [job_id]
     while time.time() < deadline:
+        if sampler is not None:
+            sampler.sample()
         status = watcher.poll()
         meta = watcher.meta
         last_error = watcher.error
@@ -209,6 +211,7 @@ def rehearse(
     admin host) each participant runs on its own network host."""
     from fedmed.simulate import resolve_job
 
+    began = time.time()
     resolve_job(job)  # a bad job folder fails before anything is created
     try:
         planned_faults = [parse_fault(text, rounds) for text in faults or []]
@@ -265,11 +268,13 @@ def rehearse(
         session = federation.session(names["lead"])
         injector = FaultInjector(planned_faults, federation, names["server"], names["hospitals"],
                                  log=lambda line: print(line, flush=True), network=network)
-        job_id, meta = run_job(session, job_copy, timeout, injector=injector,
+        sampler = MemorySampler(federation.processes)
+        job_id, meta = run_job(session, job_copy, timeout, injector=injector, sampler=sampler,
                                reopen_session=lambda: federation.session(names["lead"]))
         if network is not None:  # while every kit still runs: who listens where, who talks to whom
             for name, proc in federation.processes.items():
                 summary["participants"][name].update(network_facts(proc.pid))
+        summary["peak_rss_mb"] = sampler.peaks  # per kit: its own process, and its job processes together
         status = meta.get("status")
         summary.update({"job_id": job_id, "status": status, "job_ended_at_s": injector.now(),
                         "job_ids": injector.job_ids or [job_id]})
@@ -327,6 +332,7 @@ def rehearse(
                 summary["record_error"] = f"{type(exc).__name__}: {exc}"
         if not keep and not workdir:
             shutil.rmtree(work, ignore_errors=True)
+        summary["wall_s"] = round(time.time() - began, 1)
         write_json(out_dir / "rehearsal.json", summary)  # also for a failed rehearsal: what happened, and why
     for record in summary["faults"]:
         print(f"  fault {record.get('fault')}: {record.get('outcome')}", flush=True)
