@@ -12,7 +12,8 @@ before the line for round N.
 - ``partition-hospital:N`` (``--hosts netns`` only): cut one hospital's network link during round N
   (the last hospital not yet cut or killed); heal it once round N is over at the server, or after
   ``PARTITION_MAX_S`` seconds. The hospital's processes keep running; the job must go on without it
-  and the hospital must rejoin a later round.
+  and the hospital must come back: it trains in a later round, or, when it is too slow to make the
+  next rounds' deadline, at least validates the final model.
 - ``restart-server:N``: SIGKILL the server and its job process, start the server again from its kit
   and wait until it is up; the job must then resume from its last completed round (FLARE's snapshot
   persistence in the server's ``resources.json`` and the controller's saved state).
@@ -238,11 +239,14 @@ class FaultInjector:
                 without = [int(r["round"]) + 1 for r in after if victim not in (r.get("contributors") or [])]
                 rejoined = [int(r["round"]) + 1 for r in after
                             if int(r["round"]) + 1 > fault.round and victim in (r.get("contributors") or [])]
+                final = ((metrics or {}).get("evaluations") or [{}])[-1]
+                validated = final.get("model_version") == completed and victim in (final.get("sites") or [])
                 record.update({"rounds_without_it": without, "rounds_after_rejoining": rejoined,
-                               "rejoined": bool(rejoined)})
-                record["outcome"] = (f"job {status}; {completed} round(s) completed; {victim} "
-                                     + (f"missed round(s) {without} and rejoined for round(s) {rejoined}" if rejoined
-                                        else f"missed round(s) {without} and did not rejoin"))
+                               "validated_final_model": validated, "rejoined": bool(rejoined) or validated})
+                back = ([f"trained again in round(s) {rejoined}"] if rejoined else []) + (
+                    ["validated the final model"] if validated else [])
+                record["outcome"] = (f"job {status}; {completed} round(s) completed; {victim} missed round(s) {without}"
+                                     + (f" and rejoined: {', '.join(back)}" if back else " and did not rejoin"))
             elif fault.kind == "kill-hospital":
                 victim = record["hospital"]
                 without = [int(r["round"]) + 1 for r in after if victim not in (r.get("contributors") or [])]
