@@ -243,7 +243,6 @@ def rehearse(
         work.mkdir(parents=True, exist_ok=True)
     else:  # a temp folder, deleted afterwards (it holds the rehearsal's keys) unless --keep
         work = Path(tempfile.mkdtemp(prefix="fedmed-rehearse-"))
-    he = privacy == "he"
     port = NETNS_PORT if network is not None else free_port()
     server_name = NETNS_SERVER_HOST if network is not None else "localhost"
     federation = injector = None
@@ -254,7 +253,7 @@ def rehearse(
         from fedmed.jobfolder import write_job_folder
 
         job_copy = write_job_folder(spec, out_dir / "job").path  # every door: the run's job in OUT/job
-        project = plan_project(project_file, hospitals, port, he, server_name)
+        project = plan_project(project_file, hospitals, port, False, server_name)  # he (secure aggregation) needs no HE kits
         names = roles(project)
         summary["hospitals"] = names["hospitals"]
         if network is not None:
@@ -263,8 +262,7 @@ def rehearse(
                   + ", ".join(f"{n} {p['address']}" for n, p in summary["participants"].items()
                               if n in (names["server"], *names["hospitals"]))
                   + f", admins {network.host(ADMIN_HOST).address}", flush=True)
-        print(f"[1/6] provisioning server {server_name}:{port}, {hospitals} hospitals, admins"
-              f"{' (HE kits)' if he else ''} into {work}", flush=True)
+        print(f"[1/6] provisioning server {server_name}:{port}, {hospitals} hospitals, admins into {work}", flush=True)
         prod = provision(project, work / "provision")
         print(f"[2/6] hospitals fill local/fedmed_site.json with their own data "
               f"({'partition of ' + data if data else 'synthetic X-rays'})", flush=True)
@@ -296,11 +294,6 @@ def rehearse(
         if status != FINISHED_OK:
             raise RehearsalError(f"job {job_id} ended with status {status}: {_server_error(server_app)}. "
                                  f"Logs: {out_dir / 'logs'}")
-        if he:  # issue 5: the server holds the model encrypted; a hospital decrypts it with its own key
-            from fedmed.flare.he import decrypt_for_hospital
-
-            decrypt_for_hospital(server_app, prod / names["hospitals"][0] / "startup" / "client_context.tenseal")
-            print(f"  he: {names['hospitals'][0]} decrypted the encrypted global model with its own key", flush=True)
         shutil.copytree(download, out_dir / "job_result", dirs_exist_ok=True)
         from fedmed.runner import finish_outputs, mark_complete
 
@@ -375,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "an MSD-style datalist JSON for segmentation (default: synthetic)")
     parser.add_argument("--out", default=None, help="output folder (default runs/rehearse-<timestamp>)")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default=None,
-                        help="privacy scope the job asks for (meta.json 'scope'); 'he' provisions HE kits")
+                        help="privacy scope the job asks for (meta.json 'scope'); 'he' runs secure aggregation (no keys provisioned)")
     parser.add_argument("--project", default="provisioning/project.yml", help="FLARE project file")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the job (default 900)")
     parser.add_argument("--workdir", default=None,
@@ -405,7 +398,7 @@ def run_on_hosts(args: argparse.Namespace) -> int:
 
     try:
         require_netns()
-        names = roles(plan_project(args.project, args.hospitals, NETNS_PORT, args.privacy == "he", NETNS_SERVER_HOST))
+        names = roles(plan_project(args.project, args.hospitals, NETNS_PORT, False, NETNS_SERVER_HOST))
     except (NetnsError, ProvisionError, RehearsalError, OSError, ValueError) as exc:
         print(f"rehearse failed: {exc}", file=sys.stderr, flush=True)
         return 1
