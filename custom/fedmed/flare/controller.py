@@ -46,7 +46,7 @@ from fedmed.aggregation import DEFAULT_AGGREGATION, check_aggregation_spec
 from fedmed.atomic import atomic_path, write_json
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, numpy_to_state, state_to_numpy
-from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
+from fedmed.provenance import CARD_FILENAME, CardSigner, ProvenanceRecorder
 from fedmed.results import (
     BEST_MODEL_FILE,
     GLOBAL_MODEL_FILE,
@@ -174,6 +174,8 @@ class FedAvgController(Controller):
                                                                                "aggregation": self.aggregation, "server_optimizer": self.server_optimizer,
                                                                                "min_clients": self.min_clients})
             self.provenance.record_initial_model(self.global_model)
+            # a deployed server signs the card with its kit's key (the project's PKI); the simulator has none: unsigned
+            self.provenance.signer = CardSigner.from_startup_kit(workspace.get_startup_kit_dir())
         write_json(
             self.out_dir / RUN_CONFIG_FILE,
             {
