@@ -218,7 +218,9 @@ def _ca_and_cert(name):
 def rewrite_chain(card, model_sha256="b" * 64):
     """A wholesale rewrite: another model in round 0, every hash after it recomputed, the head too."""
     card = copy.deepcopy(card)
-    card["chain"][1]["model_sha256"] = model_sha256  # round 0: the release (last round) still matches its record
+    card["chain"][1]["model_sha256"] = model_sha256  # round 0's global model
+    if card["chain"][-1].get("released_from_record") == 1:  # a 1-round card releases that model
+        card["chain"][-1]["model_sha256"] = model_sha256
     for index, record in enumerate(card["chain"]):
         if index:
             record["prev_record_sha256"] = card["chain"][index - 1]["record_sha256"]

@@ -96,6 +96,10 @@ def verify_kit(kit_dir: str | Path) -> list[str]:
     """Problems that must stop a server or client kit from starting, each naming the file; empty when intact."""
     kit = Path(kit_dir)
     problems = bytecode_problems(kit)
+    # FLARE's processes run in the kit's folder with '' (the working folder) on sys.path: a fedmed there wins
+    problems += [f"{kit / name} would be imported as fedmed instead of the kit's signed copy in local/custom (FLARE runs "
+                 f"in the kit's folder, which is on sys.path)" for name in (kit_files.PACKAGE_NAME, kit_files.PACKAGE_NAME + ".py")
+                 if (kit / name).exists()]
     signature = kit / kit_files.STARTUP / kit_files.SIGNATURE_FILE
     if not signature.is_file():
         return problems + [f"{signature} is missing, so FLARE would skip its own start-up check of this kit"]
