@@ -288,7 +288,9 @@ def run_checks(kit_dir: str | Path, timeout: float = 5.0, check_server: bool = T
     if info.kind in ("client", "server"):
         results.append(("allow-list", check_resources(kit, info.kind)))
     if info.kind in ("client", "admin") and check_server:
-        results.append(("server", kit_files.check_server_connection(kit, timeout)))
+        from fedmed.deploy.reachability import check_kit  # server name, server port, server TLS: each named
+
+        results += check_kit(kit, timeout)
     return results
 
 
