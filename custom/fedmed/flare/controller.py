@@ -246,15 +246,16 @@ class FedAvgController(Controller):
         )
         return collect_replies(task, clients)
 
-    def exchange(self, task_name: str, kind: str, data, meta, targets=None):
-        """:class:`fedmed.rounds.Exchange` for the step: one extra task, every targeted site must answer
-        (the round timeout bounds the wait); ({site: SiteReply}, {site: error})."""
+    def exchange(self, task_name: str, kind: str, data, meta, targets=None, min_responses=None):
+        """:class:`fedmed.rounds.Exchange` for the step: one extra task; waits for every targeted site,
+        or for ``wait_after_min_clients`` seconds once ``min_responses`` answered (the round timeout
+        bounds the wait); ({site: SiteReply}, {site: error})."""
         if self._fl_ctx is None:
             raise RuntimeError("exchange() runs only inside the controller's rounds")
         wanted = list(targets) if targets is not None else None
         n = len(wanted) if wanted is not None else len(self._fl_ctx.get_engine().get_clients())
         answers, errors = self._broadcast(task_name, DXO(data_kind=kind, data=dict(data), meta=dict(meta)), self._fl_ctx,
-                                          self._abort, targets=wanted, min_responses=n)
+                                          self._abort, targets=wanted, min_responses=min(n, min_responses or n))
         return {site: SiteReply(dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}, errors
 
     def _model_dxo(self, round_num: int | None, model_name: str, extra_meta: dict | None = None) -> DXO:
