@@ -66,6 +66,22 @@ def _to_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
     return labels
 
 
+def _refuse_non_npz(path: Path) -> None:
+    """Name a file that is not an .npz (zip) archive before numpy calls it "pickled data"."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"PK"):
+        return
+    if head.lstrip()[:1] in (b"{", b"["):
+        raise DataError(
+            f"data file {path} is JSON (a datalist?), not a MedMNIST-style .npz archive: this reader expects an .npz "
+            f"with {', '.join(NPZ_REQUIRED_KEYS)}. A datalist of image files goes in a site's data config as "
+            f'{{"format": "datalist", "path": "{path}"}} (local/fedmed_site.json); simulate --data takes an .npz pool '
+            f"for classification jobs (a datalist only for segmentation jobs, e.g. --job jobs/prostate_seg_fedavg)")
+    raise DataError(f"data file {path} is not a readable .npz archive (not a zip file); expected a MedMNIST-style .npz with "
+                    f"{', '.join(NPZ_REQUIRED_KEYS)} (test_* optional)")
+
+
 def load_npz(path: str | os.PathLike, num_classes: int = 2, image_size: int | None = None) -> SiteData:
     """Load a MedMNIST-layout npz: train_images/labels, val_images/labels, optional test_*.
 
@@ -74,6 +90,7 @@ def load_npz(path: str | os.PathLike, num_classes: int = 2, image_size: int | No
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; point the site's data config at a MedMNIST-style .npz")
+    _refuse_non_npz(path)
     try:
         archive = np.load(path, allow_pickle=False)
         keys = set(archive.files)

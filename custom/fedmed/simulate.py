@@ -321,7 +321,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, sites_default: int = 5) -
     parser.add_argument("--attack", action="append", default=[], metavar="SITE:KIND=VALUE",
                         help="simulate a hostile hospital, repeatable: KIND scale (multiply its update; negative flips it), "
                              "samples (claimed sample count), nan (NaN in its update), metric (claimed validation "
-                             "AUC/accuracy/Dice); e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9")
+                             "AUC/accuracy/Dice), delay (a slow hospital: hold each training reply VALUE seconds); "
+                             "e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9 --attack site-4:delay=60")
 
 
 def main(args: argparse.Namespace, spec: JobSpec | None = None, engine: str = "simulator") -> int:

@@ -37,7 +37,7 @@ CANDIDATES = {
     "w16+aug": {"width": 16, "aug": AUG},
     "w16+aug+fedavgm": {"width": 16, "aug": AUG, "server": {"name": "fedavgm", "args": {"lr": 1.0, "momentum": 0.5}}},
     "w24+aug": {"width": 24, "aug": AUG},
-    "w16+aug+trimmed": {"width": 16, "aug": AUG, "aggregation": {"name": "trimmed_mean", "args": {"trim_fraction": 0.2, "norm_multiplier": 2.0}}},
+    "w16+aug+trimmed": {"width": 16, "aug": AUG, "aggregation": {"name": "trimmed_mean", "args": {"f": 1, "norm_multiplier": 2.0}}},
     "w16+aug+clipped": {"width": 16, "aug": AUG, "aggregation": {"name": "clipped_fedavg", "args": {"norm_multiplier": 2.0}}},
     "w32": {"width": 32},
     "w32+aug": {"width": 32, "aug": AUG},
