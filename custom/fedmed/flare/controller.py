@@ -53,13 +53,15 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.widgets.info_collector import InfoCollector
 
 from fedmed.aggregation import DEFAULT_AGGREGATION, ToleranceError, check_aggregation_spec
 from fedmed.atomic import atomic_path, write_json
 from fedmed.deadline import DeadlinePolicy
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, state_to_numpy
-from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
+from fedmed.progress import STATS_GROUP, job_progress
+from fedmed.provenance import CARD_FILENAME, CardSigner, ProvenanceRecorder
 from fedmed.results import (
     BEST_MODEL_FILE,
     GLOBAL_MODEL_FILE,
@@ -173,6 +175,7 @@ class FedAvgController(Controller):
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start_controller(self, fl_ctx: FLContext) -> None:
+        self._started = time.time()
         task = build_task(self.task_spec)  # fails fast on a bad task spec
         model = build_network(self.network, seed=self.seed)
         self.reference_state = model.state_dict()
@@ -199,6 +202,8 @@ class FedAvgController(Controller):
             self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": method, "weighting": weighting,
                                                                                **settings, "min_clients": self.min_clients})
             self.provenance.record_initial_model(plain)
+            # a deployed server signs the card with its kit's key (the project's PKI); the simulator has none: unsigned
+            self.provenance.signer = CardSigner.from_startup_kit(workspace.get_startup_kit_dir())
         write_json(
             self.out_dir / RUN_CONFIG_FILE,
             {
@@ -252,6 +257,15 @@ class FedAvgController(Controller):
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Answer FLARE's ``show_stats`` admin command with the job's progress (``python -m fedmed watch``)."""
+        super().handle_event(event_type, fl_ctx)
+        if event_type == InfoCollector.EVENT_TYPE_GET_STATS and self.engine is not None:
+            collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
+            if collector is not None:
+                collector.add_info(group_name=STATS_GROUP,
+                                   info=job_progress(self.engine.metrics, time.time() - self._started))
 
     def process_result_of_unknown_task(self, client, task_name, client_task_id, result, fl_ctx) -> None:
         if task_name == self.train_task_name and self.deadline is not None and self._train_started is not None:
