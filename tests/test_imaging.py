@@ -227,3 +227,11 @@ def test_monai_bundle_run_on_png_and_dicom_folders_matches_the_in_memory_evaluat
         assert [Path(r[0]).name for r in rows[1:]] == [f"img{i}.{kind}" for i in range(len(images))]
         got = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
         np.testing.assert_allclose(got, expected, atol=2e-6, err_msg=kind)  # the CSV keeps 6 decimals
+
+
+@pytest.mark.unit
+def test_a_bundle_written_before_the_contract_is_refused_by_name():
+    import fedmed.bundle
+
+    with pytest.raises(AttributeError, match="predates the image contract"):
+        fedmed.bundle.to_channels  # what pre-contract inference.json files call after LoadImage
