@@ -36,6 +36,13 @@ def test_progress_prefers_the_engines_own_participation_record():
     assert job_progress(metrics, 1)["participation"] == metrics["participation"]
 
 
+def test_a_site_left_out_of_every_round_still_counts_among_the_sites():
+    metrics = {"num_rounds": 3, "sites": ["a", "b"], "rounds": [
+        {"round": 0, "contributors": ["a", "b"], "failed": {"c": "no answer"}, "left_out": ["c"]}]}
+    line = progress_line(job_progress(metrics, 5))
+    assert "2 of 3 site(s) answered (left out: c)" in line
+
+
 def test_eta_follows_the_pace_of_completed_rounds_and_is_unknown_before_the_first():
     assert eta_seconds(job_progress(_metrics(), elapsed_s=90)) == pytest.approx(90)
     empty = job_progress({"num_rounds": 5, "rounds": []}, elapsed_s=10)

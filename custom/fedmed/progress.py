@@ -18,7 +18,8 @@ STATS_GROUP = "fedmed"  # the group name under which the controller's stats appe
 def job_progress(metrics: Mapping[str, Any], elapsed_s: float) -> dict:
     """The JSON-safe progress summary of a job from its round engine's ``metrics``."""
     rounds = metrics.get("rounds") or []
-    sites = list(metrics.get("sites") or [])
+    part = metrics.get("participation") or participation(rounds, metrics.get("sites") or [])
+    sites = sorted({*(metrics.get("sites") or []), *part})  # a site left out of every round is still a site
     key = metrics.get("key_metric") or "val_auc"
     last = rounds[-1] if rounds else {}
     evaluations = metrics.get("evaluations") or []
@@ -28,7 +29,7 @@ def job_progress(metrics: Mapping[str, Any], elapsed_s: float) -> dict:
         "last_round": {"round": last.get("round"), "answered": list(last.get("contributors") or []),
                        "failed": sorted(last.get("failed") or {}), "flagged": sorted(round_flags(last))},
         "sites": sites,
-        "participation": metrics.get("participation") or participation(rounds, sites),
+        "participation": part,
         "key_metric": key,
         f"median_{key}": evaluations[-1].get(f"median_{key}") if evaluations else None,
         "elapsed_s": round(float(elapsed_s), 1),
