@@ -54,13 +54,15 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.widgets.info_collector import InfoCollector
 
 from fedmed.aggregation import DEFAULT_AGGREGATION, ToleranceError, check_aggregation_spec
 from fedmed.atomic import atomic_path, write_json
 from fedmed.deadline import DeadlinePolicy
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, state_to_numpy
-from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
+from fedmed.progress import STATS_GROUP, job_progress
+from fedmed.provenance import CARD_FILENAME, CardSigner, ProvenanceRecorder
 from fedmed.results import (
     BEST_MODEL_FILE,
     GLOBAL_MODEL_FILE,
@@ -174,6 +176,7 @@ class FedAvgController(Controller):
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start_controller(self, fl_ctx: FLContext) -> None:
+        self._started = time.time()
         task = build_task(self.task_spec)  # fails fast on a bad task spec
         model = build_network(self.network, seed=self.seed)
         self.reference_state = model.state_dict()
@@ -199,6 +202,8 @@ class FedAvgController(Controller):
             self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": method, "weighting": weighting,
                                                                                **settings, "min_clients": self.min_clients})
             self.provenance.record_initial_model(plain)
+            # a deployed server signs the card with its kit's key (the project's PKI); the simulator has none: unsigned
+            self.provenance.signer = CardSigner.from_startup_kit(workspace.get_startup_kit_dir())
         write_json(
             self.out_dir / RUN_CONFIG_FILE,
             {
@@ -265,6 +270,15 @@ class FedAvgController(Controller):
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
 
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Answer FLARE's ``show_stats`` admin command with the job's progress (``python -m fedmed watch``)."""
+        super().handle_event(event_type, fl_ctx)
+        if event_type == InfoCollector.EVENT_TYPE_GET_STATS and self.engine is not None:
+            collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
+            if collector is not None:
+                collector.add_info(group_name=STATS_GROUP,
+                                   info=job_progress(self.engine.metrics, time.time() - self._started))
+
     def process_result_of_unknown_task(self, client, task_name, client_task_id, result, fl_ctx) -> None:
         if task_name == self.train_task_name and self.deadline is not None and self._train_started is not None:
             self.deadline.record_late(client.name, time.time() - self._train_started)
@@ -327,15 +341,16 @@ class FedAvgController(Controller):
         notes = self.deadline.record_round({s: t for s, t in times.items() if s in answers}, sorted(s for s in errors if s in names), waiting_for)
         return answers, errors, notes
 
-    def exchange(self, task_name: str, kind: str, data, meta, targets=None):
-        """:class:`fedmed.rounds.Exchange` for the step: one extra task, every targeted site must answer
-        (the round timeout bounds the wait); ({site: SiteReply}, {site: error})."""
+    def exchange(self, task_name: str, kind: str, data, meta, targets=None, min_responses=None):
+        """:class:`fedmed.rounds.Exchange` for the step: one extra task; waits for every targeted site,
+        or for ``wait_after_min_clients`` seconds once ``min_responses`` answered (the round timeout
+        bounds the wait); ({site: SiteReply}, {site: error})."""
         if self._fl_ctx is None:
             raise RuntimeError("exchange() runs only inside the controller's rounds")
         wanted = list(targets) if targets is not None else None
         n = len(wanted) if wanted is not None else len(self._fl_ctx.get_engine().get_clients())
         answers, errors = self._broadcast(task_name, DXO(data_kind=kind, data=dict(data), meta=dict(meta)), self._fl_ctx,
-                                          self._abort, targets=wanted, min_responses=n)
+                                          self._abort, targets=wanted, min_responses=min(n, min_responses or n))
         return {site: SiteReply(dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}, errors
 
     def _model_dxo(self, round_num: int | None, model_name: str, extra_meta: dict | None = None) -> DXO:
