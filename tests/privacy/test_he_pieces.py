@@ -20,6 +20,8 @@ from fedmed.flare.he import (
 )
 from fedmed.simulate import DEFAULT_JOB, resolve_job
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def test_apply_he_mode_wires_flare_he_components_and_names_the_scope(tmp_path):
     job = tmp_path / "job"
