@@ -306,9 +306,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, sites_default: int = 5) -
                         help="check the job and its --set values, write the run's job folder to OUT/job and stop (nothing runs)")
     parser.add_argument("--baselines", action="store_true",
                         help="also train each site's local-only model and a pooled model with the same partition and budget")
-    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he"],
+    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he", "dp_he"],
                         help="privacy mode every simulated hospital applies (its scope's filters from --privacy-file); "
-                             "he needs HE kits: use rehearse --privacy he")
+                             "he / dp_he run secure aggregation (at least 3 sites)")
     parser.add_argument("--privacy-file", default=None,
                         help="the hospitals' privacy.json (default workspace_templates/client/local/privacy.json)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -321,7 +321,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, sites_default: int = 5) -
     parser.add_argument("--attack", action="append", default=[], metavar="SITE:KIND=VALUE",
                         help="simulate a hostile hospital, repeatable: KIND scale (multiply its update; negative flips it), "
                              "samples (claimed sample count), nan (NaN in its update), metric (claimed validation "
-                             "AUC/accuracy/Dice); e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9")
+                             "AUC/accuracy/Dice), delay (a slow hospital: hold each training reply VALUE seconds); "
+                             "e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9 --attack site-4:delay=60")
 
 
 def main(args: argparse.Namespace, spec: JobSpec | None = None, engine: str = "simulator") -> int:

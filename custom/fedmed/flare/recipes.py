@@ -102,6 +102,8 @@ class FedMedRecipe(Recipe):
         for component in spec.server_components:
             job.to_server(configured(component.path, dict(component.args)), id=component.id)
         job.to_clients(configured(spec.executor_path, spec.executor_args()), tasks=list(EXECUTOR_TASKS))
+        for tasks, executor in spec.extra_executors:  # he: the sites' secure-aggregation protocol executor
+            job.to_clients(configured(executor.path, dict(executor.args)), tasks=list(tasks))
         for component in spec.client_components:
             job.to_clients(configured(component.path, dict(component.args)), id=component.id)
         super().__init__(job)
