@@ -192,3 +192,23 @@ def test_a_rejected_round_leaves_no_trace_in_the_server_optimizer():
     before = engine.step.state_dict()
     outcome = engine.run_round(0, _global(), _replies(**{"site-3": huge}))
     assert not outcome.accepted and engine.step.state_dict()["server_optimizer"]["steps"] == before["server_optimizer"]["steps"]
+
+
+@pytest.mark.unit
+def test_the_plaintext_step_owns_create_send_save_and_restore_of_the_model(tmp_path):
+    import torch
+
+    from fedmed.rounds import WEIGHTS, PlaintextAggregation, StepContext
+
+    reference = {"w": torch.zeros(2, 3), "n": torch.zeros((), dtype=torch.long)}
+    context = StepContext(tmp_path, {}, {}, num_rounds=1, min_clients=1, reference_state=reference)
+    step = PlaintextAggregation({"name": "fedavg"})
+    model = step.create({"w": np.ones((2, 3), np.float32), "n": np.asarray(4)}, context)
+    assert step.open_round(0, context) == {}
+    kind, data, meta = step.send(model, {"round": 0})
+    assert kind == WEIGHTS and data is model and meta == {"round": 0}
+    assert step.save(model, tmp_path / "m.pt", context)
+    saved = torch.load(tmp_path / "m.pt")
+    assert saved["n"].dtype == torch.long and torch.equal(saved["w"], torch.ones(2, 3))  # int buffers stay int
+    restored = step.restore(step.plaintext(model), context)
+    assert np.array_equal(restored["w"], model["w"]) and step.settings()["aggregation"]["name"] == "fedavg"

@@ -1,7 +1,8 @@
 """Site data for 2D image classification: loading, partitioning across hospitals, synthetic X-rays.
 
-Pure module: numpy and MONAI only, no FLARE. Images are float32 arrays shaped (N, C, H, W) with
-values in [0, 1]; labels are int64 class indices.
+Pure module: numpy and MONAI only, no FLARE. Images are float32 arrays shaped (N, 1, H, W) with
+values in [0, 1], made by the image contract (``fedmed.imaging``) from npz arrays and image files alike;
+labels are int64 class indices.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.atomic import atomic_path
+from fedmed.imaging import ImageContractError, contract_arrays, read_image
 
 NPZ_REQUIRED_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
 
@@ -42,24 +44,12 @@ class SiteData:
 # loading
 
 
-def _to_float_images(images: np.ndarray, source: str) -> np.ndarray:
-    """Bring (N, H, W), (N, H, W, C) or (N, C, H, W) arrays to float32 (N, C, H, W) in [0, 1]."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[:, None]
-    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-        images = np.transpose(images, (0, 3, 1, 2))
-    if images.ndim != 4:
-        raise DataError(f"{source}: expected images shaped (N, H, W) or (N, H, W, C), got {images.shape}")
-    if np.issubdtype(images.dtype, np.integer):
-        out = images.astype(np.float32) / 255.0
-    else:
-        out = images.astype(np.float32)
-    if not np.all(np.isfinite(out)):
-        raise DataError(f"{source}: images contain NaN or infinite values")
-    if out.size and (out.min() < 0.0 or out.max() > 1.0):
-        raise DataError(f"{source}: float images must lie in [0, 1] (got {out.min():.3g}..{out.max():.3g})")
-    return out
+def _to_float_images(images: np.ndarray, source: str, image_size: int | None = None) -> np.ndarray:
+    """Arrays through the image contract (``fedmed.imaging.contract_arrays``): float32 (N, 1, H, W) in [0, 1]."""
+    try:
+        return contract_arrays(images, source, image_size)
+    except ImageContractError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def _to_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
@@ -76,8 +66,11 @@ def _to_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
     return labels
 
 
-def load_npz(path: str | os.PathLike, num_classes: int = 2) -> SiteData:
-    """Load a MedMNIST-layout npz: train_images/labels, val_images/labels, optional test_*."""
+def load_npz(path: str | os.PathLike, num_classes: int = 2, image_size: int | None = None) -> SiteData:
+    """Load a MedMNIST-layout npz: train_images/labels, val_images/labels, optional test_*.
+
+    Images go through the image contract (``fedmed.imaging``): uint8 /255, uint16 /65535, floats in [0, 1],
+    colour averaged to one channel, resized to ``image_size`` when given."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; point the site's data config at a MedMNIST-style .npz")
@@ -94,7 +87,7 @@ def load_npz(path: str | os.PathLike, num_classes: int = 2) -> SiteData:
         )
 
     def split(prefix: str) -> ImageSplit:
-        images = _to_float_images(archive[f"{prefix}_images"], f"{path}:{prefix}_images")
+        images = _to_float_images(archive[f"{prefix}_images"], f"{path}:{prefix}_images", image_size)
         labels = _to_labels(archive[f"{prefix}_labels"], num_classes, f"{path}:{prefix}_labels")
         if len(images) != len(labels):
             raise DataError(f"{path}: {prefix}_images has {len(images)} rows but {prefix}_labels has {len(labels)}")
@@ -131,13 +124,12 @@ def load_datalist(
     """Load a MONAI-style datalist JSON of image files with labels.
 
     ``{"training": [{"image": "a.png", "label": 0}, ...], "validation": [...], "test": [...]}``.
-    Images (PNG/JPEG/NIfTI/DICOM) are read with MONAI ``LoadImage``, made channel-first, scaled to
-    [0, 1] and resized to ``image_size`` x ``image_size``. Relative paths resolve against
+    Images (PNG/JPEG/TIFF/BMP/DICOM/NIfTI) go through the image contract (``fedmed.imaging.read_image``:
+    row-major, scaled by the file's declared range, one channel, resized to ``image_size`` x ``image_size``),
+    the same definition the npz path and the bundle use. Relative paths resolve against
     ``base_dir`` or the datalist's folder; a path outside that folder (absolute, ``../``) is refused
     unless ``allow_absolute_paths`` (the site config's ``data.allow_absolute_paths``) is true.
     """
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensity
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"datalist {path} does not exist; point the site's data config at a datalist JSON")
@@ -151,14 +143,6 @@ def load_datalist(
     from fedmed.site_config import SiteConfigError, confined_path
 
     root = Path(base_dir) if base_dir else path.parent
-    transform = Compose(
-        [
-            LoadImage(image_only=True),
-            EnsureChannelFirst(),
-            ScaleIntensity(minv=0.0, maxv=1.0),
-            Resize((image_size, image_size)),
-        ]
-    )
 
     def split(key: str) -> ImageSplit:
         images, labels = [], []
@@ -172,14 +156,13 @@ def load_datalist(
             if not image_path.exists():
                 raise DataError(f"datalist {path}: {key}[{index}] image {image_path} does not exist")
             try:
-                image = np.asarray(transform(str(image_path)), dtype=np.float32)
+                images.append(read_image(image_path, image_size))
+            except ImageContractError as exc:
+                raise DataError(f"datalist {path}: {key}[{index}]: cannot read image {exc}") from exc
             except Exception as exc:
                 raise DataError(f"datalist {path}: cannot read image {image_path} ({exc}); replace or remove it") from exc
-            if image.ndim != 3:
-                raise DataError(f"datalist {path}: image {image_path} is not a 2D image (shape {image.shape})")
-            images.append(image[:1] if image.shape[0] != 3 else image.mean(axis=0, keepdims=True))
             labels.append(item["label"])
-        stacked = np.clip(np.stack(images).astype(np.float32), 0.0, 1.0)
+        stacked = np.stack(images).astype(np.float32)
         return ImageSplit(stacked, _to_labels(np.array(labels), num_classes, f"datalist {path}:{key}"))
 
     test = split("test") if datalist.get("test") else None
@@ -411,12 +394,12 @@ def save_split(path: str | os.PathLike, split: ImageSplit) -> None:
         np.savez_compressed(fh, images=images, labels=split.labels.astype(np.int64))
 
 
-def load_split(path: str | os.PathLike, num_classes: int = 2) -> ImageSplit:
-    """Read a split written by :func:`save_split`."""
+def load_split(path: str | os.PathLike, num_classes: int = 2, image_size: int | None = None) -> ImageSplit:
+    """Read a split written by :func:`save_split` (through the image contract, like :func:`load_npz`)."""
     path = Path(path)
     try:
         archive = np.load(path, allow_pickle=False)
         images, labels = archive["images"], archive["labels"]
     except Exception as exc:
         raise DataError(f"external set {path} is not readable ({exc}); rerun simulate to recreate it") from exc
-    return ImageSplit(_to_float_images(images, str(path)), _to_labels(labels, num_classes, str(path)))
+    return ImageSplit(_to_float_images(images, str(path), image_size), _to_labels(labels, num_classes, str(path)))

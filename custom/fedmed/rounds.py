@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -182,7 +182,102 @@ class AggregationStep(Protocol):
     def load_state_dict(self, state: Mapping) -> None: ...
 
 
-class PlaintextAggregation:
+WEIGHTS = "WEIGHTS"  # the data kind of a task carrying a plaintext global model (FLARE's DataKind.WEIGHTS)
+
+
+class Exchange(Protocol):
+    """One extra task on the sites, run by the workflow for a step (e.g. secure aggregation's key
+    exchange): send ``(kind, data, meta)`` to ``targets`` (every connected site when None) and wait;
+    return ({site: SiteReply}, {site: error message})."""
+
+    def __call__(self, task_name: str, kind: str, data: Mapping[str, Any], meta: Mapping[str, Any],
+                 targets: Sequence[str] | None = None) -> tuple[dict[str, "SiteReply"], dict[str, str]]: ...
+
+
+@dataclass
+class StepContext:
+    """What a workflow hands its aggregation step: the job's settings, where outputs go, how to reach
+    the sites. ``platform`` is the workflow's own context (FLARE's FLContext), opaque here: only a
+    step built on that platform's components reads it."""
+
+    out_dir: Any  # pathlib.Path of the server's output folder
+    network: Mapping[str, Any]
+    task: Mapping[str, Any]
+    num_rounds: int
+    min_clients: int
+    reference_state: Any = None  # the network's state_dict (tensor types and shapes for saving)
+    exchange: Exchange | None = None
+    sites: Callable[[], list[str]] | None = None  # the sites connected now
+    platform: Any = None
+
+
+class ServerStep(AggregationStep, Protocol):
+    """The aggregation step as the workflow sees it: it owns how the global model is created, sent,
+    received, aggregated, saved and resumed, and any extra exchange with the sites a round needs
+    (secure aggregation's key and unmasking tasks). The workflow (``fedmed.flare.controller``) has
+    no branch on the kind of step; :class:`PlaintextStepBase` gives the plaintext behaviour."""
+
+    def create(self, weights: Mapping[str, np.ndarray], context: StepContext) -> Any:
+        """The initial global model as the step holds it (``weights``: the seeded network's arrays)."""
+
+    def open_round(self, round_num: int, context: StepContext) -> dict:
+        """Run what must happen before the model goes out (may use ``context.exchange``); return meta
+        for the round's task. Raise :class:`RoundFailed` when the round cannot be run."""
+
+    def send(self, model: Any, meta: Mapping[str, Any]) -> tuple[str, Mapping[str, Any], dict]:
+        """(data kind, data, meta) of a task carrying ``model`` (train or validate)."""
+
+    def receive(self, site: str, kind: str, data: Mapping[str, Any], meta: Mapping[str, Any]) -> "SiteReply":
+        """A site's training answer as the engine checks it."""
+
+    def save(self, model: Any, path: Any, context: StepContext) -> bool:
+        """Write ``model`` to ``path`` (atomically); False when this step keeps no model file."""
+
+    def plaintext(self, model: Any) -> Mapping[str, np.ndarray] | None:
+        """The model's arrays when the server holds it in plaintext (provenance, resume), else None."""
+
+    def restore(self, arrays: Mapping[str, np.ndarray], context: StepContext) -> Any:
+        """The global model from :meth:`plaintext`'s arrays (resume after a server crash)."""
+
+    def settings(self) -> dict:
+        """The step's settings, JSON types: run_config.json and the resume fingerprint."""
+
+
+class PlaintextStepBase:
+    """Default :class:`ServerStep` behaviour for a step whose server holds the global model in
+    plaintext (a ``{name: ndarray}`` dict): no extra exchange, the model sent as WEIGHTS, saved as a
+    torch state dict, resumable."""
+
+    def create(self, weights, context):
+        return {key: np.asarray(value) for key, value in weights.items()}
+
+    def open_round(self, round_num, context) -> dict:
+        return {}
+
+    def send(self, model, meta):
+        return WEIGHTS, model, dict(meta)
+
+    def receive(self, site, kind, data, meta) -> "SiteReply":
+        return SiteReply(kind, data, meta)
+
+    def save(self, model, path, context) -> bool:
+        import torch  # noqa: PLC0415 - only the workflow saves; the engine stays numpy-only
+
+        from fedmed.atomic import atomic_path  # noqa: PLC0415
+        from fedmed.networks import numpy_to_state  # noqa: PLC0415
+
+        with atomic_path(path) as tmp:
+            torch.save(numpy_to_state(model, context.reference_state), tmp)
+        return True
+
+    def plaintext(self, model):
+        return model
+
+    def restore(self, arrays, context):
+        return {key: np.asarray(value) for key, value in arrays.items()}
+
+
+class PlaintextAggregation(PlaintextStepBase):
     """Aggregation of plaintext weight differences: plain or robust combination
     (:func:`fedmed.aggregation.aggregate_updates`), then the server optimizer, then a finite check.
 
@@ -242,6 +337,9 @@ class PlaintextAggregation:
             if culprits:
                 return culprits
         return [c.site for c in contributions]
+
+    def settings(self) -> dict:
+        return {"aggregation": self.spec, "server_optimizer": self.server_optimizer_spec}
 
     def state_dict(self) -> dict:
         return {"server_optimizer": self.optimizer.state_dict()}

@@ -13,6 +13,7 @@ from fedmed.flare.he import (
     ENCRYPTED_MODEL_FILE,
     HE_AGGREGATOR_ID,
     HE_GENERATOR_ID,
+    HE_STEP_ID,
     apply_he_mode,
     decrypt_for_hospital,
     decrypt_global_model,
@@ -27,8 +28,9 @@ def test_apply_he_mode_wires_flare_he_components_and_names_the_scope(tmp_path):
     server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
     assert [w["path"] for w in server["workflows"]] == ["fedmed.flare.controller.FedAvgController"]
     args = server["workflows"][0]["args"]
-    assert (args["he_aggregator_id"], args["he_shareable_generator_id"]) == (HE_AGGREGATOR_ID, HE_GENERATOR_ID)
+    assert args["aggregation_step_id"] == HE_STEP_ID
     paths = {c["id"]: c["path"] for c in server["components"]}
+    assert paths[HE_STEP_ID].endswith("HEAggregation")
     assert paths[HE_AGGREGATOR_ID].endswith("HEInTimeAccumulateWeightedAggregator")
     assert paths[HE_GENERATOR_ID].endswith("HEModelShareableGenerator")
     assert json.loads((job / "meta.json").read_text())["scope"] == "he"
@@ -39,25 +41,18 @@ def test_he_step_refuses_fewer_than_3_sites_naming_the_reason():
     from fedmed.flare.he import HEAggregation
     from fedmed.rounds import RoundFailed
 
-    step = HEAggregation(HE_AGGREGATOR_ID, HE_GENERATOR_ID, {}, {}, 1, Path("."))
+    step = HEAggregation(HE_AGGREGATOR_ID, HE_GENERATOR_ID)
     assert step.min_sites == 3
     with pytest.raises(RoundFailed, match="each hospital can decrypt the aggregate"):
         step.check_federation(2)
     step.check_federation(3)
 
 
-def test_controller_refuses_plaintext_aggregation_settings_under_he():
+def test_controller_refuses_aggregation_settings_beside_a_step_component():
     from fedmed.flare.controller import FedAvgController
 
-    with pytest.raises(ValueError, match="ciphertext only"):
-        FedAvgController(he_aggregator_id="a", he_shareable_generator_id="g", aggregation={"name": "median"})
-
-
-def test_controller_refuses_half_an_he_configuration():
-    from fedmed.flare.controller import FedAvgController
-
-    with pytest.raises(ValueError, match="together"):
-        FedAvgController(he_aggregator_id="he_aggregator")
+    with pytest.raises(ValueError, match="names the step that aggregates"):
+        FedAvgController(aggregation_step_id="he_step", aggregation={"name": "median"})
 
 
 def _contexts():

@@ -3,12 +3,14 @@
 1. provisions a small project (server ``localhost`` on a free port, the first K hospitals, the
    admins) into a temporary folder with the real ``nvflare provision`` and this project's builder;
 2. fills each hospital's ``local/fedmed_site.json`` with its own data (a seeded non-IID partition of
-   ``--data`` or synthetic X-rays, as ``simulate`` does), the step a hospital's IT team does;
+   ``--data`` or synthetic X-rays, prepared as every door prepares sites: :mod:`fedmed.runner`),
+   the step a hospital's IT team does;
 3. starts the server and the K hospital clients from their kits as real processes;
-4. submits the job (a temporary copy with ``--rounds`` / ``--privacy`` applied) as the lead
-   researcher through FLARE's admin API, waits, downloads the result;
-5. writes the output folder like ``simulate`` (``fedmed.results.export_run_outputs``: bundle,
-   models, metrics, TensorBoard; then ``fedmed.report.build_report``: ``report/``) plus every
+4. submits the job (``OUT/job``: the job spec with ``--rounds`` / ``--set`` / ``--privacy`` applied and
+   checked before anything starts, :func:`fedmed.runner.plan_job`) as the lead researcher through
+   FLARE's admin API, waits, downloads the result;
+5. writes the output folder as every door does (:func:`fedmed.runner.finish_outputs`: bundle,
+   models, metrics with the external evaluation, provenance card, TensorBoard, ``report/``) plus every
    process's log in ``logs/`` and the downloaded result in ``job_result/``;
 6. shuts the system down and ends every process it started by PID.
 
@@ -67,36 +69,37 @@ def roles(project: dict) -> dict:
     }
 
 
-def fill_site_configs(prod_dir: Path, hospitals: list[str], data_dir: Path, data: str | None, job_dir: Path,
+def fill_site_configs(prod_dir: Path, hospitals: list[str], out_dir: Path, spec, data: str | None = None,
                       seed: int = 0, alpha: float = 0.5) -> list[str]:
-    """Give each hospital kit its own data and write its ``local/fedmed_site.json``; return summary lines."""
-    from fedmed.simulate import load_controller_args
-    from fedmed.tasks import build_task
+    """Give each hospital kit its own data (prepared as every door prepares sites, :func:`fedmed.runner.prepare_sites`:
+    ``OUT/sites``, the external hospitals in ``OUT/external``) and write its ``local/fedmed_site.json``; return summary lines."""
+    from fedmed.runner import prepare_sites
 
-    _, controller_args = load_controller_args(job_dir)
-    task = build_task(controller_args.get("task", {"name": "classification"}))
-    configs, summary = task.prepare_simulation(len(hospitals), data_dir, data, alpha, seed)
+    configs, summary = prepare_sites(spec, len(hospitals), out_dir, data, alpha, seed)
     for hospital, (sim_name, config) in zip(hospitals, configs.items()):
         write_json(prod_dir / hospital / "local" / "fedmed_site.json", config)
     return [line.replace(f"site-{i}:", f"{h}:", 1) for i, (h, line) in enumerate(zip(hospitals, summary), start=1)]
 
 
+def plan(job: str, num_sites: int, rounds: int | None, privacy: str | None, settings: dict | None = None):
+    """The job spec rehearse submits (:func:`fedmed.runner.plan_job`, door ``rehearse``): a refused
+    ``--set`` value fails here, before anything is provisioned."""
+    from fedmed.runner import RunError, RunOptions, plan_job
+
+    try:
+        return plan_job(job, RunOptions(sites=num_sites, rounds=rounds, settings=dict(settings or {}), privacy=privacy),
+                        door="rehearse", log=lambda line: print("  " + line, flush=True))
+    except RunError as exc:
+        raise RehearsalError(str(exc)) from exc
+
+
 def prepare_job_copy(job: str, dest_root: Path, num_sites: int, rounds: int | None, privacy: str | None,
                      settings: dict | None = None) -> Path:
-    from fedmed.simulate import prepare_job, resolve_job
+    """:func:`plan` written into ``dest_root/<job name>`` by the one writer; returns the folder."""
+    from fedmed.jobfolder import write_job_folder
 
-    job_dir = resolve_job(job)
-    dest = dest_root / job_dir.name
-    prepare_job(job_dir, dest, num_sites, rounds, settings)
-    if privacy:
-        from fedmed.jobfolder import JobFolder
-
-        JobFolder(dest).set_scope(privacy)
-    if privacy == "he":  # issue 5: the server aggregates ciphertext through FLARE's HE components
-        from fedmed.flare.he import apply_he_mode
-
-        apply_he_mode(dest)
-    return dest
+    spec = plan(job, num_sites, rounds, privacy, settings)
+    return write_job_folder(spec, Path(dest_root) / spec.name).path
 
 
 def run_job(session, job_dir: Path, timeout: float, server_workspace: Path | None = None, log=print,
@@ -186,9 +189,6 @@ def rehearse(
     faults: list[str] | None = None,
     settings: dict | None = None,
 ) -> Path:
-    from fedmed.simulate import resolve_job
-
-    resolve_job(job)  # a bad job folder fails before anything is created
     try:
         planned_faults = [parse_fault(text, rounds) for text in faults or []]
     except FaultError as exc:
@@ -196,10 +196,13 @@ def rehearse(
     if sum(f.kind == "kill-hospital" for f in planned_faults) >= hospitals:
         raise RehearsalError(f"--fault kill-hospital {sum(f.kind == 'kill-hospital' for f in planned_faults)} time(s) "
                              f"with --hospitals {hospitals} leaves no hospital to train; start more hospitals")
-    out_dir = Path(out or f"runs/rehearse-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise RehearsalError(f"output folder {out_dir} is not empty; choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = plan(job, hospitals, rounds, privacy, settings)  # a bad job or a refused --set value fails before anything is created
+    from fedmed.runner import RunError, start_output_folder
+
+    try:
+        out_dir = start_output_folder(out, "rehearse")  # marked INCOMPLETE until the outputs are written
+    except RunError as exc:
+        raise RehearsalError(str(exc)) from exc
     if workdir:  # the caller's folder: used, never deleted
         work = Path(workdir).resolve()
         if work.exists() and any(work.iterdir()):
@@ -214,8 +217,9 @@ def rehearse(
                "faults": [], "rounds_completed": 0}
     metrics = None
     try:
-        # a bad job (or --set) fails before provisioning
-        job_copy = prepare_job_copy(job, work / "job", hospitals, rounds, privacy, settings)
+        from fedmed.jobfolder import write_job_folder
+
+        job_copy = write_job_folder(spec, out_dir / "job").path  # every door: the run's job in OUT/job
         project = plan_project(project_file, hospitals, port, he)
         names = roles(project)
         summary["hospitals"] = names["hospitals"]
@@ -224,7 +228,7 @@ def rehearse(
         prod = provision(project, work / "provision")
         print(f"[2/6] hospitals fill local/fedmed_site.json with their own data "
               f"({'partition of ' + data if data else 'synthetic X-rays'})", flush=True)
-        for line in fill_site_configs(prod, names["hospitals"], work / "data", data, job_copy, seed):
+        for line in fill_site_configs(prod, names["hospitals"], out_dir, spec, data, seed):
             print("  " + line, flush=True)
         print(f"[3/6] starting server and {hospitals} hospitals from their kits (logs in {out_dir / 'logs'})", flush=True)
         federation = LocalFederation(prod, out_dir / "logs", project_admin=names["project_admin"])
@@ -247,28 +251,20 @@ def rehearse(
         if status != FINISHED_OK:
             raise RehearsalError(f"job {job_id} ended with status {status}: {_server_error(server_app)}. "
                                  f"Logs: {out_dir / 'logs'}")
-        from fedmed.results import export_run_outputs
-
         if he:  # issue 5: the server holds the model encrypted; a hospital decrypts it with its own key
             from fedmed.flare.he import decrypt_for_hospital
 
             decrypt_for_hospital(server_app, prod / names["hospitals"][0] / "startup" / "client_context.tenseal")
             print(f"  he: {names['hospitals'][0]} decrypted the encrypted global model with its own key", flush=True)
-        exported = export_run_outputs(server_app, out_dir)
         shutil.copytree(download, out_dir / "job_result", dirs_exist_ok=True)
-        model = out_dir / "models" / "global_model.pt"
-        if not model.is_file():
-            raise RehearsalError(f"the downloaded result has no global model ({model} missing)")
-        final = (exported.get("evaluations") or [{}])[-1]
-        key = exported.get("key_metric", "val_auc")
-        score = final.get("mean_" + key)
-        print(f"  final global model: mean validation {key} {score if score is None else round(score, 4)}; "
-              f"bundle {out_dir / 'bundle'}", flush=True)
-        from fedmed.report import build_report
+        from fedmed.runner import finish_outputs, mark_complete
 
-        # as simulate does: from the exported outputs; a ReportError (names the file and key) fails the rehearsal
-        build_report(out_dir, log=lambda line: print("  " + line, flush=True))
-        print(f"  report: {out_dir / 'report' / 'report.html'}", flush=True)
+        # as every door does (fedmed.runner): bundle, metrics, provenance card, external evaluation, report;
+        # a ReportError (names the file and key) fails the rehearsal
+        finish_outputs(server_app, out_dir, spec)
+        if not (out_dir / "models" / "global_model.pt").is_file():
+            raise RehearsalError(f"the downloaded result has no global model ({out_dir / 'models' / 'global_model.pt'} missing)")
+        mark_complete(out_dir)
     except Exception as exc:
         summary["error"] = f"{type(exc).__name__}: {exc}"
         raise

@@ -19,8 +19,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from fedmed.attacks import ATTACK_KINDS, Attack, apply_attack
+from fedmed.jobspec import ATTACK_FILTER_PATH as FILTER_PATH  # the spec names this class
 
-FILTER_PATH = "fedmed.flare.attack_filter.SimulatedAttackFilter"
 
 
 class SimulatedAttackFilter(Filter):
@@ -57,11 +57,11 @@ class SimulatedAttackFilter(Filter):
 
 
 def add_attack_filter(job_dir: str | os.PathLike, attacks: list[Attack], task_name: str = "train") -> Path:
-    """Append :class:`SimulatedAttackFilter` as the LAST client result filter of ``task_name`` in the job copy
-    (FLARE allows one filter chain per task: an existing chain for the task gets it at its end)."""
+    """:func:`fedmed.jobspec.with_attacks` on a job folder, in place: the filter LAST in the sites'
+    ``task_name`` result chain (kept for callers written before fedmed.jobspec)."""
     from fedmed.jobfolder import CLIENT_CONFIG_FILE, JobFolder
+    from fedmed.jobspec import with_attacks
 
-    job = JobFolder(job_dir)  # fedmed.jobfolder: one filter chain per task, the attack last in it
-    attack_filter = {"path": FILTER_PATH, "args": {"attacks": [a.to_dict() for a in attacks]}}
-    job.add_filters("client", "task_result_filters", [attack_filter], [task_name], first=False)
+    job = JobFolder(job_dir)
+    job.write(with_attacks(job.spec(), [a.to_dict() for a in attacks], task_name))
     return job.config_dir / CLIENT_CONFIG_FILE

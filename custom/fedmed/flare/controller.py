@@ -11,12 +11,18 @@ aggregation step this controller passes it:
   ``aggregation`` (``fedavg``, or robust ``clipped_fedavg`` / ``trimmed_mean`` / ``median``, see
   :func:`fedmed.aggregation.check_aggregation_spec`) and ``server_optimizer``; a round whose new
   model would hold NaN/Inf is rejected, the previous model kept and the sites named;
-- ``he`` (``he_aggregator_id`` / ``he_shareable_generator_id`` set): :class:`fedmed.flare.he.HEAggregation`,
-  FLARE's HE aggregator over CKKS ciphertext; it refuses a round with fewer than 3 contributing sites.
+- any other step (``aggregation_step_id`` names a server component implementing
+  :class:`fedmed.rounds.ServerStep`), e.g. the ``he`` privacy mode's step (:mod:`fedmed.flare.he`).
+
+The controller has no branch on the kind of step: the step creates the initial global model, makes
+the task data that carries it, runs any extra exchange a round needs before the model goes out
+(``open_round``, through :meth:`FedAvgController.exchange`), checks and aggregates the replies, saves
+the model and gives its arrays for provenance and resume (or None when the server holds no
+plaintext model: no provenance card, no resume).
 
 Outputs in the server's app folder, ``fedmed/``: ``run_config.json``, ``global_model.pt`` (every
-round), ``best_global_model.pt``, ``metrics.json``, ``provenance.json`` (plaintext modes), and
-``resume_state.npz`` (the controller's state after the last completed round).
+round), ``best_global_model.pt``, ``metrics.json``, ``provenance.json``, and ``resume_state.npz``
+(the controller's state after the last completed round).
 
 Resume after a server crash: when the job's meta names ``fedmed_resume_of: <job id>`` (set by
 :class:`fedmed.flare.resume.ResumeInterruptedJobs` when a restarted server re-submits a job that
@@ -33,7 +39,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_constant import FLContextKey
@@ -45,7 +50,7 @@ from nvflare.app_common.app_constant import AppConstants
 from fedmed.aggregation import DEFAULT_AGGREGATION, check_aggregation_spec
 from fedmed.atomic import atomic_path, write_json
 from fedmed.flare.replies import collect_replies
-from fedmed.networks import build_network, numpy_to_state, state_to_numpy
+from fedmed.networks import build_network, state_to_numpy
 from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
 from fedmed.results import (
     BEST_MODEL_FILE,
@@ -54,7 +59,16 @@ from fedmed.results import (
     RUN_CONFIG_FILE,
     SERVER_OUTPUT_DIR,
 )
-from fedmed.rounds import PlaintextAggregation, RoundEngine, RoundFailed, SiteReply, join_arrays, split_arrays
+from fedmed.rounds import (
+    PlaintextAggregation,
+    RoundEngine,
+    RoundFailed,
+    ServerStep,
+    SiteReply,
+    StepContext,
+    join_arrays,
+    split_arrays,
+)
 from fedmed.server_optim import build_server_optimizer
 from fedmed.tasks import build_task
 
@@ -62,6 +76,8 @@ DEFAULT_NETWORK = {"name": "small_cnn", "args": {"in_channels": 1, "num_classes"
 DEFAULT_TASK = {"name": "classification", "args": {}}
 RESUME_STATE_FILE = "resume_state.npz"
 RESUME_META_KEY = "fedmed_resume_of"  # job meta: the id of the interrupted job this one resumes
+_STEP_METHODS = ("create", "open_round", "send", "receive", "check_update", "aggregate", "save", "plaintext", "restore",
+                 "settings", "state_dict", "load_state_dict")
 _PROVENANCE_FIELDS = ("job", "network", "aggregation", "created_utc", "sites", "chain", "extra")
 
 
@@ -82,8 +98,7 @@ class FedAvgController(Controller):
         job_name: str = "fedmed",
         aggregation: dict | None = None,
         server_optimizer: dict | None = None,
-        he_aggregator_id: str = "",
-        he_shareable_generator_id: str = "",
+        aggregation_step_id: str = "",
     ):
         """Args (the server config's ``args``):
         num_rounds: federated rounds.
@@ -102,25 +117,23 @@ class FedAvgController(Controller):
             coordinate-wise 20 % trimmed mean; see fedmed.aggregation.check_aggregation_spec).
         server_optimizer: ``{"name": "fedavg"|"fedavgm"|"fedadam"|"fedyogi", "args": {...}}``
             (default ``{"name": "fedavg"}``: global model + aggregated update; fedmed.server_optim).
-        he_aggregator_id / he_shareable_generator_id: ids of FLARE's HE aggregator and shareable
-            generator components; when set, rounds run under homomorphic encryption (privacy mode
-            ``he``, see fedmed.flare.he): the server aggregates ciphertext only, at least 3 sites
-            must contribute to every round, and ``aggregation`` / ``server_optimizer`` must be unset.
+        aggregation_step_id: id of a server component implementing :class:`fedmed.rounds.ServerStep`
+            (e.g. the ``he`` mode's step, see fedmed.flare.he); when set, it decides how updates are
+            combined, and ``aggregation`` / ``server_optimizer`` belong in its own args, not here.
         """
         super().__init__()
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
-        if bool(he_aggregator_id) != bool(he_shareable_generator_id):
-            raise ValueError("he_aggregator_id and he_shareable_generator_id must be given together (privacy mode he)")
-        if he_aggregator_id and (aggregation or server_optimizer):
-            raise ValueError("aggregation / server_optimizer cannot apply under he: the server sees ciphertext only; "
-                             "remove them from the controller args (fedmed.flare.he.apply_he_mode does)")
+        if aggregation_step_id and (aggregation or server_optimizer):
+            raise ValueError(f"FedAvgController args: aggregation / server_optimizer are set but aggregation_step_id "
+                             f"'{aggregation_step_id}' names the step that aggregates; put them in that component's args "
+                             "or remove them")
         self.aggregation = check_aggregation_spec(aggregation or DEFAULT_AGGREGATION, "FedAvgController args.aggregation")
         self.server_optimizer = dict(server_optimizer or {"name": "fedavg"})
         build_server_optimizer(self.server_optimizer)  # a bad spec stops the job here, naming the key
-        self.he_ids = (he_aggregator_id, he_shareable_generator_id)
+        self.aggregation_step_id = aggregation_step_id
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.round_timeout = round_timeout
@@ -134,16 +147,15 @@ class FedAvgController(Controller):
         self.allow_partial_updates = allow_partial_updates
         self.job_name = job_name
         self.out_dir: Path | None = None
-        self.step = None  # the aggregation step
+        self.step: ServerStep | None = None  # the aggregation step
+        self.context: StepContext | None = None
         self.engine: RoundEngine | None = None
-        self.global_model = None  # plaintext: {name: ndarray}; he: FLARE's encrypted ModelLearnable
+        self.global_model = None  # as the step holds it (plaintext steps: {name: ndarray})
         self.reference_state = None
         self.provenance: ProvenanceRecorder | None = None
         self.resumed_from: str | None = None
-
-    @property
-    def he(self) -> bool:
-        return bool(self.he_ids[0])
+        self._fl_ctx: FLContext | None = None  # control_flow's context and abort signal, for exchange()
+        self._abort: Signal | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -157,23 +169,21 @@ class FedAvgController(Controller):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         job_meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
         self.requested_scope = job_meta.get("scope", "")
-        if self.he:
-            from fedmed.flare.he import HEAggregation
-
-            self.step = HEAggregation(self.he_ids[0], self.he_ids[1], self.network, self.task_spec, self.num_rounds,
-                                      self.out_dir, allow_partial=self.allow_partial_updates)
-            self.global_model = self.step.start(fl_ctx, weights)
-        else:
-            self.step = PlaintextAggregation(self.aggregation, self.server_optimizer, self.allow_partial_updates)
-            self.global_model = weights
+        self.step = self._build_step(fl_ctx)
+        self.context = StepContext(self.out_dir, self.network, self.task_spec, self.num_rounds, self.min_clients,
+                                   reference_state=self.reference_state, exchange=self.exchange,
+                                   sites=lambda: [c.name for c in fl_ctx.get_engine().get_clients()], platform=fl_ctx)
+        self.global_model = self.step.create(weights, self.context)
         self.engine = RoundEngine(self.step, self.job_name, task.key_metric, self.num_rounds, self.min_clients)
-        if not self.he:
+        settings = self.step.settings()
+        plain = self.step.plaintext(self.global_model)
+        if plain is not None:
             # provenance card (fedmed.provenance): hash chain over the initial and every round's global model
-            weighting = "num_samples" if self.aggregation["name"] in ("fedavg", "clipped_fedavg") else "none (coordinate-wise, unweighted)"
-            self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": self.aggregation["name"], "weighting": weighting,
-                                                                               "aggregation": self.aggregation, "server_optimizer": self.server_optimizer,
-                                                                               "min_clients": self.min_clients})
-            self.provenance.record_initial_model(self.global_model)
+            method = settings.get("aggregation", {}).get("name", "?")
+            weighting = "num_samples" if method in ("fedavg", "clipped_fedavg") else "none (coordinate-wise, unweighted)"
+            self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": method, "weighting": weighting,
+                                                                               **settings, "min_clients": self.min_clients})
+            self.provenance.record_initial_model(plain)
         write_json(
             self.out_dir / RUN_CONFIG_FILE,
             {
@@ -184,8 +194,9 @@ class FedAvgController(Controller):
                 "num_rounds": self.num_rounds,
                 "min_clients": self.min_clients,
                 "aggregation": self.engine.metrics["aggregation"],
-                "aggregation_spec": None if self.he else self.aggregation,
-                "server_optimizer": None if self.he else self.server_optimizer,
+                "aggregation_spec": settings.get("aggregation"),
+                "server_optimizer": settings.get("server_optimizer"),
+                "aggregation_step": settings,
                 "seed": self.seed,
             },
             default=float,
@@ -197,6 +208,18 @@ class FedAvgController(Controller):
         self.log_info(fl_ctx, f"[fedmed] {self.network['name']} with {n_params} parameters; aggregation "
                               f"{self.engine.metrics['aggregation']}; outputs in {self.out_dir}")
 
+    def _build_step(self, fl_ctx: FLContext) -> ServerStep:
+        if not self.aggregation_step_id:
+            return PlaintextAggregation(self.aggregation, self.server_optimizer, self.allow_partial_updates)
+        step = fl_ctx.get_engine().get_component(self.aggregation_step_id)
+        missing = [name for name in _STEP_METHODS if not callable(getattr(step, name, None))]
+        if step is None or missing:
+            raise TypeError(f"FedAvgController args.aggregation_step_id '{self.aggregation_step_id}': "
+                            + ("no such server component" if step is None else
+                               f"{type(step).__name__} lacks {', '.join(missing)} (see fedmed.rounds.ServerStep)")
+                            + "; check the server config's components")
+        return step
+
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
 
@@ -205,29 +228,42 @@ class FedAvgController(Controller):
 
     # ---- the federation ---------------------------------------------------------------------
 
-    def _broadcast(self, task_name: str, dxo: DXO, fl_ctx: FLContext, abort_signal: Signal):
-        """Send to every connected site; return ({site: DXO}, {site: error message})."""
+    def _broadcast(self, task_name: str, dxo: DXO, fl_ctx: FLContext, abort_signal: Signal, targets=None, min_responses=None):
+        """Send to every connected site (or the named ``targets``); return ({site: DXO}, {site: error message})."""
         clients = fl_ctx.get_engine().get_clients()
+        if targets is not None:
+            clients = [c for c in clients if c.name in set(targets)]
         if len(clients) < self.min_clients:
             return {}, {"(federation)": f"only {len(clients)} site(s) connected, min_clients is {self.min_clients}"}
         task = Task(name=task_name, data=dxo.to_shareable(), timeout=self.round_timeout)
         self.broadcast_and_wait(
             task=task,
             targets=clients,
-            min_responses=self.min_clients,
+            min_responses=self.min_clients if min_responses is None else min_responses,
             wait_time_after_min_received=self.wait_after_min_clients,
             fl_ctx=fl_ctx,
             abort_signal=abort_signal,
         )
         return collect_replies(task, clients)
 
-    def _model_dxo(self, round_num: int | None, model_name: str, fl_ctx: FLContext) -> DXO:
-        meta = {"network": self.network, "task": self.task_spec, "model_name": model_name, "num_rounds": self.num_rounds}
+    def exchange(self, task_name: str, kind: str, data, meta, targets=None):
+        """:class:`fedmed.rounds.Exchange` for the step: one extra task, every targeted site must answer
+        (the round timeout bounds the wait); ({site: SiteReply}, {site: error})."""
+        if self._fl_ctx is None:
+            raise RuntimeError("exchange() runs only inside the controller's rounds")
+        wanted = list(targets) if targets is not None else None
+        n = len(wanted) if wanted is not None else len(self._fl_ctx.get_engine().get_clients())
+        answers, errors = self._broadcast(task_name, DXO(data_kind=kind, data=dict(data), meta=dict(meta)), self._fl_ctx,
+                                          self._abort, targets=wanted, min_responses=n)
+        return {site: SiteReply(dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}, errors
+
+    def _model_dxo(self, round_num: int | None, model_name: str, extra_meta: dict | None = None) -> DXO:
+        meta = {"network": self.network, "task": self.task_spec, "model_name": model_name, "num_rounds": self.num_rounds,
+                **(extra_meta or {})}
         if round_num is not None:
             meta["round"] = round_num
-        if self.he:
-            return self.step.model_dxo(self.global_model, meta, fl_ctx)
-        return DXO(data_kind=DataKind.WEIGHTS, data=self.global_model, meta=meta)
+        kind, data, meta = self.step.send(self.global_model, meta)
+        return DXO(data_kind=kind, data=dict(data), meta=meta)
 
     def _fail(self, fl_ctx: FLContext, message: str) -> None:
         self.engine.metrics["error"] = message
@@ -239,14 +275,11 @@ class FedAvgController(Controller):
         write_json(self.out_dir / METRICS_FILE, self.engine.metrics, default=float)
 
     def _save_model(self, name: str) -> None:
-        if self.he:
-            if name == GLOBAL_MODEL_FILE:  # no plaintext on the server: the encrypted model, no best-model file
-                self.step.save_encrypted(self.global_model)
-            return
-        with atomic_path(self.out_dir / name) as tmp:
-            torch.save(numpy_to_state(self.global_model, self.reference_state), tmp)
+        self.step.save(self.global_model, self.out_dir / name, self.context)
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        self._fl_ctx, self._abort = fl_ctx, abort_signal
+        self.context.platform = fl_ctx
         try:
             self._run(abort_signal, fl_ctx)
         except RoundFailed as exc:
@@ -256,19 +289,18 @@ class FedAvgController(Controller):
         engine = self.engine
         self._save_model(GLOBAL_MODEL_FILE)
         self._save_metrics()
-        if self.he:
-            self.step.check_federation(len(fl_ctx.get_engine().get_clients()))  # raises RoundFailed below 3 sites
         for round_num in range(engine.next_round, self.num_rounds):
             if abort_signal.triggered:
                 return
             started = time.time()
             fl_ctx.set_prop(AppConstants.CURRENT_ROUND, round_num, private=True, sticky=True)
-            answers, errors = self._broadcast(self.train_task_name, self._model_dxo(round_num, "global", fl_ctx), fl_ctx, abort_signal)
+            round_meta = self.step.open_round(round_num, self.context)  # raises RoundFailed when the round cannot run
             if abort_signal.triggered:
                 return
-            if self.he:
-                self.step.bind(fl_ctx, round_num)
-            replies = {site: SiteReply(dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}
+            answers, errors = self._broadcast(self.train_task_name, self._model_dxo(round_num, "global", round_meta), fl_ctx, abort_signal)
+            if abort_signal.triggered:
+                return
+            replies = {site: self.step.receive(site, dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}
             outcome = engine.run_round(round_num, self.global_model, replies, errors)
             for site, message in outcome.record["failed"].items():
                 self.log_warning(fl_ctx, f"[fedmed] round {round_num}: left out {site}: {message}")
@@ -281,7 +313,7 @@ class FedAvgController(Controller):
             self.global_model = outcome.model
             self._save_model(GLOBAL_MODEL_FILE)
             if self.provenance is not None and outcome.accepted:
-                self.provenance.record_federated_round(round_num, self.global_model, {c.site: c.meta for c in outcome.contributions},
+                self.provenance.record_federated_round(round_num, self.step.plaintext(self.global_model), {c.site: c.meta for c in outcome.contributions},
                                                        outcome.val_metrics, self.requested_scope)
             if self.provenance is not None:
                 self.provenance.write(self.out_dir / CARD_FILENAME, released_model_file=GLOBAL_MODEL_FILE)
@@ -300,7 +332,7 @@ class FedAvgController(Controller):
             )
 
         if self.final_validation and not abort_signal.triggered:
-            answers, errors = self._broadcast(self.validate_task_name, self._model_dxo(self.num_rounds, "global", fl_ctx), fl_ctx, abort_signal)
+            answers, errors = self._broadcast(self.validate_task_name, self._model_dxo(self.num_rounds, "global"), fl_ctx, abort_signal)
             site_metrics = {site: dict(dxo.data) for site, dxo in answers.items() if dxo.data_kind == DataKind.METRICS}
             evaluation, improved, failed = engine.record_final_validation(site_metrics, errors)
             for site, message in failed.items():
@@ -308,7 +340,7 @@ class FedAvgController(Controller):
             if improved:
                 self._save_model(BEST_MODEL_FILE)
             if evaluation is not None:
-                self.log_info(fl_ctx, f"[fedmed] final global model{' (decrypted at the sites)' if self.he else ''}: median validation "
+                self.log_info(fl_ctx, f"[fedmed] final global model: median validation "
                                       f"{engine.key_metric} {evaluation[f'median_{engine.key_metric}']} over {len(evaluation['sites'])} sites")
         if abort_signal.triggered:
             return
@@ -321,14 +353,15 @@ class FedAvgController(Controller):
 
     def _save_resume_state(self, fl_ctx: FLContext) -> None:
         """One file, written atomically after every completed round: the engine state, the global
-        model, the provenance recorder. Under he the (encrypted) model is not saved: no resume."""
-        if self.he:
+        model, the provenance recorder. A step whose server holds no plaintext model keeps no resume state."""
+        plain = self.step.plaintext(self.global_model)
+        if plain is None:
             return
         state = {
             "job_id": fl_ctx.get_job_id(),
             "fingerprint": self._fingerprint(),
             "engine": self.engine.state_dict(),
-            "global_model": self.global_model,
+            "global_model": dict(plain),
             "provenance": {name: getattr(self.provenance, name) for name in _PROVENANCE_FIELDS},
         }
         doc, arrays = split_arrays(state)
@@ -338,14 +371,17 @@ class FedAvgController(Controller):
                 np.savez(handle, __state__=header, **arrays)
 
     def _fingerprint(self) -> dict:
+        settings = self.step.settings()
         return {"job_name": self.job_name, "num_rounds": self.num_rounds, "network": self.network, "task": self.task_spec,
-                "aggregation": self.aggregation, "server_optimizer": self.server_optimizer}
+                "aggregation": settings.get("aggregation"), "server_optimizer": settings.get("server_optimizer"),
+                **({"aggregation_step": settings} if self.aggregation_step_id else {})}
 
     def _resume(self, fl_ctx: FLContext, previous_job: str, workspace) -> None:
         previous_out = Path(workspace.get_app_dir(previous_job)) / SERVER_OUTPUT_DIR
         source = previous_out / RESUME_STATE_FILE
-        if self.he:
-            self.log_warning(fl_ctx, f"[fedmed] resuming job {previous_job}: the he mode keeps no resumable state; starting from round 1")
+        if self.step.plaintext(self.global_model) is None:
+            self.log_warning(fl_ctx, f"[fedmed] resuming job {previous_job}: this aggregation step keeps no resumable state; "
+                                     "starting from round 1")
             return
         if not source.is_file():
             self.log_warning(fl_ctx, f"[fedmed] resuming job {previous_job}: {source} is missing (it finished no round); starting from round 1")
@@ -357,7 +393,7 @@ class FedAvgController(Controller):
             raise ValueError(f"resuming job {previous_job}: its saved state ({source}) was made by another configuration "
                              f"({state['fingerprint']}); submit the original job again instead")
         self.engine.load_state_dict(state["engine"])
-        self.global_model = {k: np.asarray(v) for k, v in state["global_model"].items()}
+        self.global_model = self.step.restore({k: np.asarray(v) for k, v in state["global_model"].items()}, self.context)
         for name in _PROVENANCE_FIELDS:
             setattr(self.provenance, name, state["provenance"][name])
         if (previous_out / BEST_MODEL_FILE).is_file():

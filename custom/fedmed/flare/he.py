@@ -18,12 +18,11 @@ the encrypted global model in ``fedmed/global_model_encrypted.npz``; a hospital 
 model, so no ``global_model.pt`` / best-model files and no cross-site evaluation of the global model
 are written in this mode; validation metrics come from the sites, which decrypt the model.
 
-:func:`he_job` turns a job folder into its ``he`` variant (components, controller args, scope).
+:func:`fedmed.jobspec.with_he` is a job's ``he`` variant (components, controller args, scope); :func:`he_job` writes it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
+from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -42,24 +42,14 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedmed.aggregation import UpdateError, validate_keys
 from fedmed.atomic import atomic_path
-from fedmed.rounds import RoundFailed
+from fedmed.jobspec import HE_AGGREGATOR_ID, HE_GENERATOR_ID, HE_STEP_ID  # the he variant of a job spec: fedmed.jobspec.with_he
+from fedmed.jobspec import HE_COMPONENTS as _HE_COMPONENTS
+from fedmed.results import GLOBAL_MODEL_FILE
+from fedmed.rounds import RoundFailed, SiteReply, StepContext
 
 ENCRYPTED_MODEL_FILE = "global_model_encrypted.npz"
 SHAPES_META_KEY = "tensor_shapes"
-HE_AGGREGATOR_ID = "he_aggregator"
-HE_GENERATOR_ID = "he_shareable_generator"
-HE_COMPONENTS = [
-    {
-        "id": HE_AGGREGATOR_ID,
-        "path": "nvflare.app_opt.he.intime_accumulate_model_aggregator.HEInTimeAccumulateWeightedAggregator",
-        "args": {"expected_data_kind": "WEIGHT_DIFF", "weigh_by_local_iter": False},
-    },
-    {
-        "id": HE_GENERATOR_ID,
-        "path": "nvflare.app_opt.he.model_shareable_generator.HEModelShareableGenerator",
-        "args": {"tenseal_context_file": "server_context.tenseal"},
-    },
-]
+HE_COMPONENTS = [dict(c) for c in _HE_COMPONENTS]
 
 
 def _is_ciphertext(value) -> bool:
@@ -76,22 +66,22 @@ HE_MIN_SITES_REASON = (
 )
 
 
-class HEAggregation:
-    """The aggregation step (:class:`fedmed.rounds.AggregationStep`) for the ``he`` mode: FLARE's HE
-    aggregator sums the sites' ciphertexts, its shareable generator adds the encrypted mean to the
-    encrypted global model. The round engine (checks, bookkeeping, selection) is the same as in the
-    plaintext modes; this step refuses rounds with fewer than ``HE_MIN_SITES`` contributors."""
+class HEAggregation(FLComponent):
+    """The aggregation step (:class:`fedmed.rounds.ServerStep`, a server component named by the
+    controller's ``aggregation_step_id``) for the ``he`` mode: FLARE's HE aggregator sums the sites'
+    ciphertexts, its shareable generator adds the encrypted mean to the encrypted global model. The
+    round engine (checks, bookkeeping, selection) is the same as in the plaintext modes; this step
+    refuses rounds with fewer than ``HE_MIN_SITES`` contributors."""
 
     min_sites = HE_MIN_SITES
     min_sites_reason = HE_MIN_SITES_REASON
     description = "he: CKKS ciphertext FedAvg (FLARE HEInTimeAccumulateWeightedAggregator)"
 
-    def __init__(self, aggregator_id: str, generator_id: str, network: dict, task_spec: dict, num_rounds: int,
-                 out_dir: Path, allow_partial: bool = False):
+    def __init__(self, aggregator_id: str = HE_AGGREGATOR_ID, generator_id: str = HE_GENERATOR_ID, allow_partial: bool = False):
+        super().__init__()
         self.aggregator_id = aggregator_id
         self.generator_id = generator_id
-        self.network, self.task_spec, self.num_rounds = network, task_spec, num_rounds
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(".")
         self.allow_partial = allow_partial
         self.aggregator: Aggregator | None = None
         self.generator: ShareableGenerator | None = None
@@ -100,8 +90,10 @@ class HEAggregation:
         self.fl_ctx: FLContext | None = None
         self.round_num = 0
 
-    def start(self, fl_ctx: FLContext, weights: dict):
+    def create(self, weights: dict, context: StepContext):
         """Resolve FLARE's HE components; return the initial global model as a ModelLearnable."""
+        fl_ctx = context.platform
+        self.out_dir = Path(context.out_dir)
         engine = fl_ctx.get_engine()
         for attr, cid, kind in (("aggregator", self.aggregator_id, Aggregator), ("generator", self.generator_id, ShareableGenerator)):
             component = engine.get_component(cid)
@@ -127,14 +119,35 @@ class HEAggregation:
         if num_connected < HE_MIN_SITES:
             raise RoundFailed(f"only {num_connected} site(s) connected; refused: {HE_MIN_SITES_REASON}")
 
-    def bind(self, fl_ctx: FLContext, round_num: int) -> None:
-        """The FLARE context and round the next ``check_update`` / ``aggregate`` calls belong to."""
-        self.fl_ctx, self.round_num = fl_ctx, round_num
+    def open_round(self, round_num: int, context: StepContext) -> dict:
+        """Bind the FLARE context and round the next ``check_update`` / ``aggregate`` calls belong to;
+        refuse (before any model leaves the server) with fewer than 3 connected sites."""
+        self.check_federation(len(context.sites()))
+        self.fl_ctx, self.round_num = context.platform, round_num
+        return {}
 
-    def model_dxo(self, model, meta: dict, fl_ctx: FLContext) -> DXO:
-        dxo = from_shareable(self.generator.learnable_to_shareable(model, fl_ctx))
-        dxo.meta.update({**meta, SHAPES_META_KEY: self.shapes})
-        return dxo
+    def send(self, model, meta):
+        dxo = from_shareable(self.generator.learnable_to_shareable(model, self.fl_ctx))
+        return dxo.data_kind, dxo.data, {**dxo.meta, **meta, SHAPES_META_KEY: self.shapes}
+
+    def receive(self, site, kind, data, meta) -> SiteReply:
+        return SiteReply(kind, data, meta)
+
+    def save(self, model, path, context) -> bool:
+        """No plaintext on the server: the encrypted global model only, no best-model file."""
+        if Path(path).name != GLOBAL_MODEL_FILE:
+            return False
+        self.save_encrypted(model)
+        return True
+
+    def plaintext(self, model):
+        return None
+
+    def restore(self, arrays, context):
+        raise NotImplementedError("the he mode keeps no resumable state")
+
+    def settings(self) -> dict:
+        return {"aggregation": None, "server_optimizer": None, "step": "he", "min_sites": HE_MIN_SITES}
 
     def save_encrypted(self, model) -> None:
         arrays, encrypted = {}, {}
@@ -231,28 +244,16 @@ def decrypt_global_model(path: str | os.PathLike, context_file: str | os.PathLik
 
 
 def apply_he_mode(job_dir: str | os.PathLike) -> Path:
-    """Turn a job folder (in place) into its ``he`` variant: meta scope ``he``, FLARE's HE aggregator
+    """:func:`fedmed.jobspec.with_he` on a job folder, in place: meta scope ``he``, FLARE's HE aggregator
     and shareable generator as server components, the FedAvgController pointed at them (its plaintext
     ``aggregation`` / ``server_optimizer`` removed), and only that workflow (cross-site evaluation
     needs a plaintext global model, which the server never has). The controller refuses to run
     ``he`` with fewer than 3 sites (see :data:`HE_MIN_SITES_REASON`)."""
-    from fedmed.jobfolder import SERVER_CONFIG_FILE, JobFolder
+    from fedmed.jobfolder import JobFolder
+    from fedmed.jobspec import with_he
 
-    job = JobFolder(job_dir)  # fedmed.jobfolder: the one reader/writer of job folders
-    server_path = job.config_dir / SERVER_CONFIG_FILE
-    config = job.load_server()
-    workflows = [w for w in config.get("workflows", []) if w.get("path") == "fedmed.flare.controller.FedAvgController"]
-    if len(workflows) != 1:
-        raise ValueError(f"{server_path}: expected one fedmed.flare.controller.FedAvgController workflow for the he variant")
-    args = workflows[0].setdefault("args", {})
-    for plaintext_only in ("aggregation", "server_optimizer"):  # the server sees ciphertext only: FLARE's HE aggregator decides
-        args.pop(plaintext_only, None)
-    args.update({"he_aggregator_id": HE_AGGREGATOR_ID, "he_shareable_generator_id": HE_GENERATOR_ID})
-    config["workflows"] = workflows
-    components = [c for c in config.get("components", []) if c.get("id") not in (HE_AGGREGATOR_ID, HE_GENERATOR_ID)]
-    config["components"] = components + copy.deepcopy(HE_COMPONENTS)
-    job.save_server(config)
-    job.set_scope("he")
+    job = JobFolder(job_dir)
+    job.write(with_he(job.spec()))
     return job.path
 
 
