@@ -90,7 +90,7 @@ def test_simulated_dp_hospitals_train_with_dp_sgd_keep_ledgers_and_send_no_train
         assert validation["epsilon"] >= 2.0 and validation["epsilon"] <= validation["budget"] == 12.0
         assert recompute_validation_accounts(ledger)[site] == pytest.approx(entry["validation"]["epsilon"])
     threshold = metrics["decision_threshold"]
-    assert threshold["method"] == "youden_j_on_dp_site_validation" and 0 < threshold["threshold"] < 1
+    assert threshold["method"] == "youden_j_on_dp_site_validation" and 0 <= threshold["threshold"] <= 1
     bundle_meta = json.loads(next(out.glob("**/configs/metadata.json")).read_text())
     assert bundle_meta["decision_threshold"]["method"] == "youden_j_on_dp_site_validation"
     assert ledger["sites"]["site-1"]["epsilon"] == pytest.approx(eps[1])

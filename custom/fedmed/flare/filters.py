@@ -499,7 +499,66 @@ class CiphertextOnlyCheck(Filter):
         write_json(out / self.audit_file, {"records": self._records})
 
 
+def _describe(value, depth: int = 0):
+    """A JSON-able description of what a message carries: arrays by dtype and shape, the rest as is."""
+    if isinstance(value, np.ndarray):
+        return {"array": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": len(value)}
+    if isinstance(value, dict):
+        return {str(k): _describe(v, depth + 1) for k, v in value.items()} if depth < 8 else "..."
+    if isinstance(value, (list, tuple)):
+        return [_describe(v, depth + 1) for v in value] if depth < 8 else "..."
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "get_all_public_props"):  # a peer's FLContext travels with its public properties
+        return {"fl_context": _describe(value.get_all_public_props(), depth + 1)}
+    return {"object": type(value).__name__}
+
+
+class ReceivedResultLog(Filter):
+    def __init__(self, log_file: str = "received_results.jsonl"):
+        """Server-side task-result filter (an audit aid): appends, per task result arriving from a
+        site, everything it carries — return code, every header, the DXO kind, the tensors' dtypes
+        and shapes, the whole meta — as one JSON line in the job's ``app_server/fedmed/`` folder.
+        It changes nothing; the dp deployment test enumerates what leaves a dp site with it.
+
+        Args:
+            log_file: plain file name of the JSON-lines log.
+        """
+        super().__init__()
+        if not isinstance(log_file, str) or not log_file or os.sep in log_file:
+            raise ValueError(f"log_file must be a plain file name, got {log_file!r}")
+        self.log_file = log_file
+        self._lock = threading.Lock()
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        import json
+
+        from fedmed.results import SERVER_OUTPUT_DIR
+
+        peer = fl_ctx.get_peer_context()
+        dxo = _dxo_or_none(shareable)
+        record = {
+            "site": peer.get_identity_name(default="?") if peer else "?",
+            "task": fl_ctx.get_prop(FLContextKey.TASK_NAME, "?"),
+            "return_code": shareable.get_return_code(ReturnCode.OK),
+            "headers": _describe({k: v for k, v in (shareable.get("__headers__") or {}).items()}),
+            "body_keys": sorted(str(k) for k in shareable.keys() if k != "__headers__"),
+            "kind": dxo.data_kind if dxo is not None else None,
+            "data": _describe(dxo.data) if dxo is not None else None,
+            "meta": _describe(dxo.meta) if dxo is not None else None,
+        }
+        out = Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())) / SERVER_OUTPUT_DIR
+        with self._lock:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / self.log_file, "a") as handle:
+                handle.write(json.dumps(record, default=str) + "\n")
+        return shareable
+
+
 __all__ = [
+    "ReceivedResultLog",
     "ModelSignatureRecorder",
     "ReleasePolicyFilter",
     "DPTrainingPolicy",
