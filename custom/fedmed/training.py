@@ -117,9 +117,9 @@ class TrainerSettings:
 
     def __post_init__(self):
         if not isinstance(self.local_epochs, int) or self.local_epochs < 1:
-            raise ValueError(f"local_epochs must be an integer >= 1, got {self.local_epochs!r}")
+            raise ValueError(f"local_epochs must be >= 1 (an integer), got {self.local_epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+            raise ValueError(f"batch_size must be >= 1 (an integer), got {self.batch_size!r}")
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not isinstance(self.fedprox_mu, (int, float)) or self.fedprox_mu < 0:

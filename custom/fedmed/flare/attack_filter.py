@@ -10,6 +10,7 @@ server receives exactly what the hostile site chose to send.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from nvflare.apis.dxo import DataKind, from_shareable
@@ -18,7 +19,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedmed.attacks import ATTACK_KINDS, Attack, apply_attack
+from fedmed.attacks import ATTACK_KINDS, Attack, apply_attack, reply_delay
 from fedmed.jobspec import ATTACK_FILTER_PATH as FILTER_PATH  # the spec names this class
 
 
@@ -26,7 +27,8 @@ from fedmed.jobspec import ATTACK_FILTER_PATH as FILTER_PATH  # the spec names t
 class SimulatedAttackFilter(Filter):
     def __init__(self, attacks: list[dict] | None = None):
         """Args:
-        attacks: ``[{"site": "site-2", "kind": "scale"|"samples"|"nan"|"metric", "value": float}, ...]``.
+        attacks: ``[{"site": "site-2", "kind": "scale"|"samples"|"nan"|"metric"|"delay", "value": float}, ...]``
+            (``delay``: the filter sleeps that many seconds before the reply leaves the site).
         """
         super().__init__()
         self.attacks: dict[str, list[Attack]] = {}
@@ -53,6 +55,9 @@ class SimulatedAttackFilter(Filter):
         dxo.meta.clear()
         dxo.meta.update(meta)
         self.log_warning(fl_ctx, f"simulated attack at {fl_ctx.get_identity_name()}: {meta['simulated_attack']}")
+        delay = reply_delay(attacks)
+        if delay > 0:  # a slow hospital: the reply really leaves this site late
+            time.sleep(delay)
         return dxo.update_shareable(shareable)
 
 
