@@ -195,11 +195,13 @@ WEIGHTS = "WEIGHTS"  # the data kind of a task carrying a plaintext global model
 
 class Exchange(Protocol):
     """One extra task on the sites, run by the workflow for a step (e.g. secure aggregation's key
-    exchange): send ``(kind, data, meta)`` to ``targets`` (every connected site when None) and wait;
-    return ({site: SiteReply}, {site: error message})."""
+    exchange): send ``(kind, data, meta)`` to ``targets`` (every connected site when None) and wait
+    for all of them, or, once ``min_responses`` answered, for the workflow's grace period at most
+    (the round timeout bounds the wait); return ({site: SiteReply}, {site: error message})."""
 
     def __call__(self, task_name: str, kind: str, data: Mapping[str, Any], meta: Mapping[str, Any],
-                 targets: Sequence[str] | None = None) -> tuple[dict[str, "SiteReply"], dict[str, str]]: ...
+                 targets: Sequence[str] | None = None,
+                 min_responses: int | None = None) -> tuple[dict[str, "SiteReply"], dict[str, str]]: ...
 
 
 @dataclass
