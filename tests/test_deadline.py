@@ -66,3 +66,17 @@ def test_the_policy_state_round_trips_for_resume():
     again = DeadlinePolicy(min_sites=2)
     again.load_state_dict(policy.state_dict())
     assert again.waits_for(SITES) == ["site-5"] and again.median_seconds == policy.median_seconds
+
+
+def test_the_round_waits_with_patience_for_the_sites_the_tolerance_needs_but_not_for_a_known_slow_one():
+    """3 sites tolerating f=1 need all 3 answers: a bigger (slower) honest site is waited for up to
+    3x the median reply time, so the round keeps its tolerance; once it missed a round it is a known
+    slow site and only catch-up rounds wait for it."""
+    sites = ["site-1", "site-2", "site-3"]
+    policy = DeadlinePolicy(min_sites=2, max_grace=30.0, target_sites=3)
+    two = {"site-1": 8.0, "site-2": 9.0}
+    assert not policy.should_close(20.0, two, sites)  # would have closed at 9 + 4.25 s without the target
+    assert policy.should_close(26.0, two, sites)  # 3 x the median (8.5 s) = 25.5 s: bounded
+    assert policy.should_close(18.0, {**two, "site-3": 18.0}, sites)
+    policy.record_round(two, ["site-3"])  # it missed once: known slow
+    assert policy.should_close(13.3, two, sites) and not policy.waits_for(sites)
