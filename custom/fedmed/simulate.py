@@ -306,9 +306,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, sites_default: int = 5) -
                         help="check the job and its --set values, write the run's job folder to OUT/job and stop (nothing runs)")
     parser.add_argument("--baselines", action="store_true",
                         help="also train each site's local-only model and a pooled model with the same partition and budget")
-    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he"],
+    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he", "dp_he"],
                         help="privacy mode every simulated hospital applies (its scope's filters from --privacy-file); "
-                             "he needs HE kits: use rehearse --privacy he")
+                             "he / dp_he run secure aggregation (at least 3 sites)")
     parser.add_argument("--privacy-file", default=None,
                         help="the hospitals' privacy.json (default workspace_templates/client/local/privacy.json)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",

@@ -1,9 +1,10 @@
 """FLARE Controller: scatter-gather rounds run by the pure round engine (:mod:`fedmed.rounds`).
 
 A thin orchestration layer. Every round the global model goes to every connected site; the round
-closes by :class:`fedmed.deadline.DeadlinePolicy`: when all answered, or once the quorum answered
-(``min_clients``, or more when a stated tolerance ``f`` needs more) and a grace that adapts to the
-median site's reply time passed (at most ``wait_after_min_clients`` s), or, when a site missed
+closes by :class:`fedmed.deadline.DeadlinePolicy`: when all answered, or once the sites the
+tolerance ``f`` needs answered (waited for up to 4x the median reply time) and a grace that adapts
+to the median site's reply time passed (at most ``wait_after_min_clients`` s; never before
+``min_clients`` answered), or, when a site missed
 rounds in a row, once it answered or its catch-up limit passed; ``round_timeout`` bounds every
 round. Sites left out are named in the log each round and counted in ``metrics.json``
 ``participation``. At start the job's tolerance ``f`` (``aggregation.args.f``: hostile sites
@@ -61,7 +62,7 @@ from fedmed.deadline import DeadlinePolicy
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.progress import STATS_GROUP, job_progress
-from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
+from fedmed.provenance import CARD_FILENAME, CardSigner, ProvenanceRecorder
 from fedmed.results import (
     BEST_MODEL_FILE,
     GLOBAL_MODEL_FILE,
@@ -191,8 +192,7 @@ class FedAvgController(Controller):
                                    sites=lambda: [c.name for c in fl_ctx.get_engine().get_clients()], platform=fl_ctx)
         self.global_model = self.step.create(weights, self.context)
         self.engine = RoundEngine(self.step, self.job_name, task.key_metric, self.num_rounds, self.min_clients)
-        self.deadline = DeadlinePolicy(max(self.min_clients, getattr(self.step, "min_sites", 1)), max_grace=self.wait_after_min_clients,
-                                       round_timeout=self.round_timeout)
+        self.deadline = self._deadline_policy()
         settings = self.step.settings()
         plain = self.step.plaintext(self.global_model)
         if plain is not None:
@@ -202,6 +202,8 @@ class FedAvgController(Controller):
             self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": method, "weighting": weighting,
                                                                                **settings, "min_clients": self.min_clients})
             self.provenance.record_initial_model(plain)
+            # a deployed server signs the card with its kit's key (the project's PKI); the simulator has none: unsigned
+            self.provenance.signer = CardSigner.from_startup_kit(workspace.get_startup_kit_dir())
         write_json(
             self.out_dir / RUN_CONFIG_FILE,
             {
@@ -252,6 +254,18 @@ class FedAvgController(Controller):
         self.log_info(fl_ctx, f"[fedmed] tolerates f={step.tolerance} hostile site(s) of {num_sites} "
                               f"({self.aggregation['name']}); every round needs {max(step.min_sites, self.min_clients)} contributing site(s)")
         return step
+
+    def _deadline_policy(self) -> DeadlinePolicy:
+        """The round deadline (fedmed.deadline): at least ``min_clients`` answers (or what a stated f
+        needs), patience for the answers the job's tolerance f needs, then an adaptive grace."""
+        from fedmed.aggregation import sites_needed
+
+        floor = max(self.min_clients, getattr(self.step, "min_sites", 1))
+        tolerance = getattr(self.step, "tolerance", None)
+        spec = getattr(self.step, "spec", None) or {}
+        target = (sites_needed(spec.get("name", ""), tolerance) or 1) if tolerance else floor
+        return DeadlinePolicy(floor, max_grace=self.wait_after_min_clients, round_timeout=self.round_timeout,
+                              target_sites=max(floor, target))
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
@@ -327,15 +341,16 @@ class FedAvgController(Controller):
         notes = self.deadline.record_round({s: t for s, t in times.items() if s in answers}, sorted(s for s in errors if s in names), waiting_for)
         return answers, errors, notes
 
-    def exchange(self, task_name: str, kind: str, data, meta, targets=None):
-        """:class:`fedmed.rounds.Exchange` for the step: one extra task, every targeted site must answer
-        (the round timeout bounds the wait); ({site: SiteReply}, {site: error})."""
+    def exchange(self, task_name: str, kind: str, data, meta, targets=None, min_responses=None):
+        """:class:`fedmed.rounds.Exchange` for the step: one extra task; waits for every targeted site,
+        or for ``wait_after_min_clients`` seconds once ``min_responses`` answered (the round timeout
+        bounds the wait); ({site: SiteReply}, {site: error})."""
         if self._fl_ctx is None:
             raise RuntimeError("exchange() runs only inside the controller's rounds")
         wanted = list(targets) if targets is not None else None
         n = len(wanted) if wanted is not None else len(self._fl_ctx.get_engine().get_clients())
         answers, errors = self._broadcast(task_name, DXO(data_kind=kind, data=dict(data), meta=dict(meta)), self._fl_ctx,
-                                          self._abort, targets=wanted, min_responses=n)
+                                          self._abort, targets=wanted, min_responses=min(n, min_responses or n))
         return {site: SiteReply(dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}, errors
 
     def _model_dxo(self, round_num: int | None, model_name: str, extra_meta: dict | None = None) -> DXO:
