@@ -2,7 +2,7 @@
 
 A thin orchestration layer. Every round the global model goes to every connected site; the round
 closes by :class:`fedmed.deadline.DeadlinePolicy`: when all answered, or once the sites the
-tolerance ``f`` needs answered (waited for up to 3x the median reply time) and a grace that adapts
+tolerance ``f`` needs answered (waited for up to 4x the median reply time) and a grace that adapts
 to the median site's reply time passed (at most ``wait_after_min_clients`` s; never before
 ``min_clients`` answered), or, when a site missed
 rounds in a row, once it answered or its catch-up limit passed; ``round_timeout`` bounds every
