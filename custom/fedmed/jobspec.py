@@ -27,6 +27,7 @@ import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 CONTROLLER_PATH = "fedmed.flare.controller.FedAvgController"
@@ -208,8 +209,6 @@ def fedavg_job(name: str, *, controller: Mapping, executor: Mapping, cross_site:
     if executor_path == CLIENT_API_EXECUTOR_PATH:
         if not script:
             raise JobSpecError(f"{name}: a Client API job needs its training script")
-        from pathlib import Path
-
         executor = {"task_script_path": Path(script).name, **dict(executor)}
     server_components, client_components = (), ()
     if tensorboard:
