@@ -175,3 +175,79 @@ def test_host_network_gives_each_participant_its_address_and_name_and_removes_ev
         assert out.stdout.strip() == net.host("srv.test").address
     assert not set(namespaces) & _namespaces()
     assert not (NETNS_ETC / namespaces[0]).exists()
+
+
+TLS_SERVER = """
+import socket, ssl, sys
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+context.load_verify_locations(sys.argv[3])
+context.verify_mode = ssl.CERT_REQUIRED
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("0.0.0.0", int(sys.argv[4])))
+listener.listen(8)
+print("listening", flush=True)
+while True:
+    conn, _ = listener.accept()
+    try:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(2)
+            tls.recv(1)
+    except (OSError, ssl.SSLError):
+        pass
+"""
+
+
+@NEEDS_ROOT
+@pytest.mark.slow
+def test_cross_host_faults_are_diagnosed_from_the_hospitals_own_host(tmp_path):
+    """A hospital on its own host that cannot reach the server: the checks a rehearsal runs there (and
+    preflight runs at a hospital) name the cause: port closed, link cut (firewall-like drop), and a kit
+    that names the server by another name than its certificate's."""
+    from test_reachability import PKI
+
+    from fedmed.deploy.federation import LocalFederation
+
+    port = 8002
+    net = HostNetwork({"srv.fedmed.test": "srv.fedmed.test", "hospital-01": "hospital-01.fedmed.test",
+                       "alias": "alias.fedmed.test"}, tag=f"d{os.getpid()}")
+    pki = PKI(tmp_path / "pki", server_name="srv.fedmed.test")
+    prod = tmp_path / "prod"
+    startup = prod / "hospital-01" / "startup"
+    startup.mkdir(parents=True)
+    for name in ("rootCA.pem", "client.crt", "client.key"):
+        shutil.copy(tmp_path / "pki" / name, startup / name)
+
+    def kit_targets(host):
+        (startup / "fed_client.json").write_text(json.dumps({
+            "servers": [{"name": "fedmed", "service": {"target": f"{host}:{port}"}}],
+            "client": {"fqsn": "hospital-01", "ssl_cert": "client.crt", "ssl_private_key": "client.key"}}))
+
+    with net:
+        federation = LocalFederation(prod, tmp_path / "logs", network=net)
+        kit_targets("srv.fedmed.test")
+        closed = federation.diagnose("hospital-01", timeout=2)
+        assert "OK   server name" in closed and "FAIL server port" in closed and "refused the connection" in closed
+        server = subprocess.Popen(net.command("srv.fedmed.test", [
+            sys.executable, "-c", TLS_SERVER, str(pki.server_cert), str(pki.server_key), str(pki.ca), str(port)]),
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "listening"
+            assert "FAIL" not in federation.diagnose("hospital-01", timeout=2)
+            # a kit provisioned for another name of the same machine (an alias on the server's address)
+            alias_hosts = (NETNS_ETC / net.host("hospital-01").namespace / "hosts")
+            alias_hosts.write_text(alias_hosts.read_text().replace(net.host("alias").address + " alias",
+                                                                   net.host("srv.fedmed.test").address + " alias"))
+            kit_targets("alias.fedmed.test")
+            wrong_name = federation.diagnose("hospital-01", timeout=2)
+            assert "OK   server port" in wrong_name and "FAIL server TLS" in wrong_name
+            assert "not for 'alias.fedmed.test'" in wrong_name and "another server name" in wrong_name
+            # the hospital's link cut: no answer at all, as behind a firewall that drops
+            kit_targets("srv.fedmed.test")
+            net.cut("hospital-01")
+            dropped = federation.diagnose("hospital-01", timeout=2)
+            assert "FAIL server port" in dropped and "no answer from srv.fedmed.test:8002" in dropped
+        finally:
+            server.kill()
+            server.wait()
