@@ -27,6 +27,7 @@ import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 CONTROLLER_PATH = "fedmed.flare.controller.FedAvgController"
@@ -43,20 +44,13 @@ CONTROLLER_ID = "fedavg"
 CROSS_SITE_ID = "cross_site_evaluation"
 DEFAULT_CROSS_SITE = {"model_file": "global_model.pt", "submit_timeout": 60, "validation_timeout": 3600}
 
-# HE (privacy mode "he"): FLARE's HE aggregator and shareable generator as server components
-HE_AGGREGATOR_ID = "he_aggregator"
-HE_GENERATOR_ID = "he_shareable_generator"
-HE_STEP_ID = "he_step"  # the controller's aggregation step (fedmed.flare.he.HEAggregation), named by aggregation_step_id
-HE_COMPONENTS = (
-    {"id": HE_STEP_ID, "path": "fedmed.flare.he.HEAggregation",
-     "args": {"aggregator_id": HE_AGGREGATOR_ID, "generator_id": HE_GENERATOR_ID}},
-    {"id": HE_AGGREGATOR_ID,
-     "path": "nvflare.app_opt.he.intime_accumulate_model_aggregator.HEInTimeAccumulateWeightedAggregator",
-     "args": {"expected_data_kind": "WEIGHT_DIFF", "weigh_by_local_iter": False}},
-    {"id": HE_GENERATOR_ID,
-     "path": "nvflare.app_opt.he.model_shareable_generator.HEModelShareableGenerator",
-     "args": {"tenseal_context_file": "server_context.tenseal"}},
-)
+# HE (privacy modes "he" / "dp_he": secure aggregation, fedmed.privacy.secagg / fedmed.flare.he):
+# the controller's aggregation step (named by aggregation_step_id) and the sites' protocol executor
+HE_MODES = ("he", "dp_he")
+HE_STEP_ID = "he_step"
+HE_STEP_PATH = "fedmed.flare.he.SecureAggregation"
+SECAGG_TASKS = ("secagg_keys", "secagg_shares", "secagg_unmask")
+SECAGG_EXECUTOR_PATH = "fedmed.flare.he.SecAggSiteExecutor"
 
 # ---- the settable keys, declared once ------------------------------------------------------------
 # ``--set KEY=VALUE`` (simulate, rehearse, job.py) may change exactly these. Wiring between
@@ -166,6 +160,7 @@ class JobSpec:
     server_result_filters: tuple[FilterChain, ...] = ()
     server_params: Mapping = field(default_factory=lambda: {"task_request_interval": 0.5})
     script: str | None = field(default=None, compare=False)  # where the script is read from, not what the job is
+    extra_executors: tuple[tuple[tuple[str, ...], Component], ...] = ()  # (tasks, executor) beside the main one (he: SECAGG_TASKS)
 
     def controller_args(self) -> dict:
         return copy.deepcopy(dict(self.controller))
@@ -186,7 +181,7 @@ class JobSpec:
         return copy.deepcopy(dict(self.controller.get("task") or {"name": "classification"}))
 
     def client_tasks(self) -> list[str]:
-        return list(EXECUTOR_TASKS)
+        return list(EXECUTOR_TASKS) + [task for tasks, _ in self.extra_executors for task in tasks]
 
     def filters(self, side: str, kind: str) -> tuple[FilterChain, ...]:
         return getattr(self, _filter_field(side, kind))
@@ -214,8 +209,6 @@ def fedavg_job(name: str, *, controller: Mapping, executor: Mapping, cross_site:
     if executor_path == CLIENT_API_EXECUTOR_PATH:
         if not script:
             raise JobSpecError(f"{name}: a Client API job needs its training script")
-        from pathlib import Path
-
         executor = {"task_script_path": Path(script).name, **dict(executor)}
     server_components, client_components = (), ()
     if tensorboard:
@@ -363,18 +356,29 @@ def with_components(spec: JobSpec, side: str, components: Iterable[Mapping | Com
     return dataclasses.replace(spec, **{name: tuple(c for c in existing if c.id not in new_ids) + new})
 
 
-def with_he(spec: JobSpec) -> JobSpec:
-    """The ``he`` variant: scope ``he``; the HE aggregation step with FLARE's HE aggregator and shareable
-    generator as server components; the controller's ``aggregation_step_id`` naming the step, its
-    plaintext ``aggregation`` / ``server_optimizer`` removed; no cross-site workflow (it needs a plaintext global model, which the server never has).
-    The controller refuses ``he`` with fewer than 3 sites (fedmed.flare.he)."""
+def with_he(spec: JobSpec, scope: str = "he", threshold: int = 0) -> JobSpec:
+    """The ``he`` (or ``dp_he``) variant: secure aggregation (fedmed.privacy.secagg). Scope ``scope``;
+    the controller's ``aggregation_step_id`` names the server step (``fedmed.flare.he.SecureAggregation``,
+    which takes over the job's ``server_optimizer``; a robust ``aggregation`` is dropped: the server
+    sees only the sum); the sites' executor for the protocol tasks; no cross-site workflow (it would
+    ask every site for its plaintext local model). Nothing is provisioned for it. The step and the
+    sites refuse rounds with fewer than 3 sites (fedmed.flare.he)."""
+    if scope not in HE_MODES:
+        raise JobSpecError(f"{spec.name}: with_he scope must be one of {', '.join(HE_MODES)}, got {scope!r}")
     controller = spec.controller_args()
-    for plaintext_only in ("aggregation", "server_optimizer"):
-        controller.pop(plaintext_only, None)
+    controller.pop("aggregation", None)
+    step_args = {}
+    optimizer = controller.pop("server_optimizer", None)
+    if optimizer:
+        step_args["server_optimizer"] = optimizer
+    if threshold:
+        step_args["threshold"] = int(threshold)
     controller["aggregation_step_id"] = HE_STEP_ID
     spec = spec.replace(controller=controller, cross_site=None)
-    spec = with_components(spec, "server", HE_COMPONENTS, replace=True)
-    return with_scope(spec, "he")
+    spec = with_components(spec, "server", [Component(HE_STEP_PATH, _frozen_copy(step_args), HE_STEP_ID)], replace=True)
+    extra = tuple(e for e in spec.extra_executors if e[1].path != SECAGG_EXECUTOR_PATH)
+    spec = dataclasses.replace(spec, extra_executors=extra + ((SECAGG_TASKS, Component(SECAGG_EXECUTOR_PATH, {})),))
+    return with_scope(spec, scope)
 
 
 def with_attacks(spec: JobSpec, attacks: Iterable[Mapping], task_name: str = "train") -> JobSpec:
@@ -410,7 +414,8 @@ def to_configs(spec: JobSpec) -> dict[str, dict]:
     if not spec.server_params:
         server.pop("server")
     client = {"format_version": 2,
-              "executors": [{"tasks": list(EXECUTOR_TASKS), "executor": {"path": spec.executor_path, "args": spec.executor_args()}}],
+              "executors": [{"tasks": list(EXECUTOR_TASKS), "executor": {"path": spec.executor_path, "args": spec.executor_args()}}]
+              + [{"tasks": list(tasks), "executor": {"path": e.path, "args": copy.deepcopy(dict(e.args))}} for tasks, e in spec.extra_executors],
               "components": [c.to_dict() for c in spec.client_components],
               "task_data_filters": _chains_json(spec.client_data_filters),
               "task_result_filters": _chains_json(spec.client_result_filters)}
@@ -434,10 +439,11 @@ def from_configs(meta: Mapping, server: Mapping, client: Mapping, script: str | 
     if controller is None:
         raise JobSpecError(f"{where}/app/config/config_fed_server.json: no workflow with path {CONTROLLER_PATH}")
     executors = client.get("executors", [])
-    entry = executors[0].get("executor", {}) if len(executors) == 1 else {}
-    if entry.get("path") not in EXECUTOR_PATHS:
+    entry = executors[0].get("executor", {}) if executors else {}
+    extra = [(tuple(e.get("tasks", [])), Component.from_dict(e.get("executor", {}))) for e in executors[1:]]
+    if entry.get("path") not in EXECUTOR_PATHS or any(e.path != SECAGG_EXECUTOR_PATH for _, e in extra):
         raise JobSpecError(f"{where}/app/config/config_fed_client.json: expected one executor with path "
-                           f"{' or '.join(EXECUTOR_PATHS)}")
+                           f"{' or '.join(EXECUTOR_PATHS)} (and, under he, {SECAGG_EXECUTOR_PATH} for {', '.join(SECAGG_TASKS)})")
 
     def chains(config: Mapping, kind: str) -> tuple[FilterChain, ...]:
         return tuple(FilterChain(tuple(c.get("tasks", [])), tuple(Component.from_dict(f) for f in c.get("filters", [])))
@@ -451,5 +457,5 @@ def from_configs(meta: Mapping, server: Mapping, client: Mapping, script: str | 
         client_components=tuple(Component.from_dict(c) for c in client.get("components", [])),
         client_data_filters=chains(client, "task_data_filters"), client_result_filters=chains(client, "task_result_filters"),
         server_data_filters=chains(server, "task_data_filters"), server_result_filters=chains(server, "task_result_filters"),
-        server_params=_frozen_copy(server.get("server") or {}), script=script,
+        server_params=_frozen_copy(server.get("server") or {}), script=script, extra_executors=tuple(extra),
     )

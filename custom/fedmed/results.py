@@ -207,7 +207,7 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
 
     from fedmed.bundle import write_bundle
     from fedmed.provenance import CARD_FILENAME, bundle_metadata
-    from fedmed.tasks import build_task
+    from fedmed.tasks import WindowedInference, build_task
     from fedmed.threshold import choose_threshold, final_site_metrics
 
     server_app_dir = Path(server_app_dir)
@@ -256,7 +256,7 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
         f"{len(metrics.get('sites', []))} sites for {metrics.get('num_rounds')} rounds",
         postprocessing=task.inference_postprocessing(),
         decision_threshold=threshold,
-        inference_config=task.inference_config() if hasattr(task, "inference_config") else None,  # e.g. sliding window
+        inference_config=task.inference_config() if isinstance(task, WindowedInference) else None,  # e.g. sliding window
         extra_metadata={"fedmed": {"rounds": metrics.get("num_rounds"), "sites": metrics.get("sites", []),
                                    "final_validation": {k: v for k, v in final.items() if k != "sites"}},
                         **bundle_metadata(source / CARD_FILENAME)},  # points to OUT/provenance.json

@@ -25,11 +25,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from fedmed.atomic import write_json
 from fedmed.jobfolder import JobFolder, JobFolderError, write_job_folder
-from fedmed.jobspec import JobSpec, JobSpecError, for_simulation, setting_targets, with_attacks, with_he, with_scope, with_settings
+from fedmed.jobspec import HE_MODES, JobSpec, JobSpecError, for_simulation, setting_targets, with_attacks, with_he, with_scope, with_settings
 from fedmed.site_config import SITE_CONFIG_FILE
 
 DEFAULT_JOB = "jobs/cxr_pneumonia_fedavg"
@@ -71,8 +71,8 @@ def plan_job(job: str | Path | JobSpec, options: RunOptions, door: str = "simula
 
     The simulated doors (``simulate``, ``simenv``) copy a privacy mode's site filters into the job
     (FLARE's simulator does not enforce site scopes) and may add simulated attacks; ``rehearse``
-    names the scope (real sites apply their own ``privacy.json``) and, for ``he``, wires FLARE's HE
-    components. Raises :class:`RunError` naming the option, key and reason.
+    names the scope (real sites apply their own ``privacy.json``) and, for ``he`` / ``dp_he``, adds
+    the secure-aggregation step and the sites' protocol executor. Raises :class:`RunError` naming the option, key and reason.
     """
     if door not in DOORS:
         raise RunError(f"unknown door {door!r}; one of {', '.join(DOORS)}")
@@ -96,7 +96,7 @@ def plan_job(job: str | Path | JobSpec, options: RunOptions, door: str = "simula
     for key, where in targets.items():
         log(f"--set {key}={json.dumps(settings[key])} ({', '.join(f'{c} argument {a}' for c, a in where)})")
     if options.privacy and door == "rehearse":
-        spec = with_he(spec) if options.privacy == "he" else with_scope(spec, options.privacy)
+        spec = with_he(spec, scope=options.privacy) if options.privacy in HE_MODES else with_scope(spec, options.privacy)
     elif options.privacy:
         from fedmed.privacy.simulation import with_privacy_mode
 
@@ -116,7 +116,27 @@ def plan_job(job: str | Path | JobSpec, options: RunOptions, door: str = "simula
         check_spec(spec, settings)
     except JobSpecError as exc:
         raise RunError(str(exc)) from exc
+    if door != "rehearse":
+        check_tolerance(spec, options.sites, log)
     return spec
+
+
+def check_tolerance(spec: JobSpec, num_sites: int, log: Callable[[str], None] | None = None) -> None:
+    """Refuse before any site is prepared when the job states a tolerance f (hostile sites tolerated)
+    that ``num_sites`` sites cannot support; the controller refuses the same at start
+    (:func:`fedmed.aggregation.resolve_tolerance`). A step component's own aggregation is not checked here."""
+    from fedmed.aggregation import ToleranceError, resolve_tolerance
+
+    aggregation = (spec.controller or {}).get("aggregation")
+    if not aggregation or (spec.controller or {}).get("aggregation_step_id"):
+        return
+    try:
+        f = resolve_tolerance(aggregation, num_sites)
+    except (ToleranceError, ValueError) as exc:
+        raise RunError(f"the job cannot start with {num_sites} sites: {exc}") from None
+    if log:
+        name = aggregation.get("name") if isinstance(aggregation, Mapping) else aggregation
+        log(f"tolerates f={f} hostile site(s) of {num_sites} ({name})")
 
 
 def start_output_folder(out: str | Path | None, default_name: str, force: bool = False) -> Path:
@@ -196,6 +216,11 @@ def _print_summary(metrics: dict, out_dir: Path, log: Callable[[str], None]) -> 
         for site, site_metrics in sorted(last["sites"].items()):
             log(f"    {site}: " + ", ".join(f"{k} {v:.4f}" for k, v in site_metrics.items()
                                            if k.startswith("val_") and isinstance(v, (int, float))))
+    from fedmed.rounds import participation_summary  # issue 18: the sites flagged or left out in most rounds
+
+    seen = participation_summary(metrics.get("participation") or {}, len(metrics.get("rounds", [])))
+    if seen:
+        log(f"  {seen}")
     log(f"  bundle: {out_dir / 'bundle'}\n  metrics: {out_dir / METRICS_FILE}\n"
         f"  TensorBoard: tensorboard --logdir {out_dir / 'tb_events'}")
 

@@ -1,8 +1,11 @@
 """``python -m fedmed simulate``: a simulated federation of hospitals on this machine.
 
-Prepares every simulated hospital's data (a seeded non-IID partition of an npz, or synthetic
-X-rays) and its ``local/fedmed_site.json``, runs the real FLARE simulator on the job folder, shows
-progress per round and writes the outputs (see :mod:`fedmed.results`) into ``--out``.
+Goes through the one runner (:mod:`fedmed.runner`): checks the job and its ``--set`` values before
+anything starts, prepares every simulated hospital's data (a seeded non-IID partition of an npz, or
+synthetic X-rays) and its ``local/fedmed_site.json``, runs the real FLARE simulator on the run's job
+folder (``OUT/job``) in its own process group, shows progress per round with an ETA, and writes the
+outputs (bundle, metrics with the external evaluation, report, provenance card) into ``--out``.
+``python jobs/<name>/job.py`` runs the same steps with FLARE's ``SimEnv`` (``engine="simenv"``).
 """
 
 from __future__ import annotations
@@ -208,6 +211,7 @@ def simulate(
     settings: dict | None = None,
     attacks: list[str] | None = None,
     engine: str = "simulator",
+    dry_run: bool = False,
 ) -> Path:
     """Run a simulated federation and return the output folder (:mod:`fedmed.runner`'s steps).
 
@@ -218,6 +222,8 @@ def simulate(
     ``engine``: ``simulator`` (FLARE's simulator in its own process group; ``simulate``) or
     ``simenv`` (the job's FLARE recipe executed in ``SimEnv``; ``python jobs/<name>/job.py``): the
     same job folder, sites and outputs either way.
+    ``dry_run``: check the job and its settings, write the run's job folder ``OUT/job`` and stop
+    (no data prepared, nothing started).
     While the run is in progress, and after it failed or was interrupted, ``out`` holds an
     ``INCOMPLETE`` marker; such a folder may be reused without ``force``.
     """
@@ -232,6 +238,9 @@ def simulate(
     spec = runner.plan_job(job, options, door="simulate" if engine == "simulator" else "simenv",
                            log=lambda line: runner.say("  " + line))
     out_dir = runner.start_output_folder(out, spec.name, force)
+    if dry_run:
+        print(f"  dry run: the job is checked and written to {runner.write_run_job(spec, out_dir)}; nothing started", flush=True)
+        return out_dir
     print(f"[1/3] preparing {num_sites} simulated hospitals ({'data ' + data if data else 'synthetic data'}, "
           f"Dirichlet alpha {alpha}, seed {seed})", flush=True)
     site_configs, summary = runner.prepare_sites(spec, num_sites, out_dir, data, alpha, seed)
@@ -293,11 +302,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, sites_default: int = 5) -
     parser.add_argument("--seed", type=int, default=0, help="partition / synthetic-data seed (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="simulator threads (default: one per site)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the job and its --set values, write the run's job folder to OUT/job and stop (nothing runs)")
     parser.add_argument("--baselines", action="store_true",
                         help="also train each site's local-only model and a pooled model with the same partition and budget")
-    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he"],
+    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he", "dp_he"],
                         help="privacy mode every simulated hospital applies (its scope's filters from --privacy-file); "
-                             "he needs HE kits: use rehearse --privacy he")
+                             "he / dp_he run secure aggregation (at least 3 sites)")
     parser.add_argument("--privacy-file", default=None,
                         help="the hospitals' privacy.json (default workspace_templates/client/local/privacy.json)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -310,7 +321,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, sites_default: int = 5) -
     parser.add_argument("--attack", action="append", default=[], metavar="SITE:KIND=VALUE",
                         help="simulate a hostile hospital, repeatable: KIND scale (multiply its update; negative flips it), "
                              "samples (claimed sample count), nan (NaN in its update), metric (claimed validation "
-                             "AUC/accuracy/Dice); e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9")
+                             "AUC/accuracy/Dice), delay (a slow hospital: hold each training reply VALUE seconds); "
+                             "e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9 --attack site-4:delay=60")
 
 
 def main(args: argparse.Namespace, spec: JobSpec | None = None, engine: str = "simulator") -> int:
@@ -324,7 +336,7 @@ def main(args: argparse.Namespace, spec: JobSpec | None = None, engine: str = "s
     try:
         simulate(spec if spec is not None else args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed,
                  args.threads, args.force, args.baselines, args.privacy, args.privacy_file, settings=settings,
-                 attacks=getattr(args, "attack", None), engine=engine)
+                 attacks=getattr(args, "attack", None), engine=engine, dry_run=getattr(args, "dry_run", False))
     except KeyboardInterrupt:
         print(f"\ninterrupted: every process this command started was stopped; the output folder is marked "
               f"{INCOMPLETE_MARKER} (rerun with the same --out to replace it)", file=sys.stderr)

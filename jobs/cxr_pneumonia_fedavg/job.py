@@ -23,7 +23,7 @@ SPEC = fedavg_job(
     controller={  # fedmed.flare.controller.FedAvgController: rounds, sites, network, task, aggregation
         "num_rounds": 20, "min_clients": 2, "round_timeout": 3600, "wait_after_min_clients": 30, "seed": 0,
         "job_name": "cxr_pneumonia_fedavg",
-        "aggregation": {"name": "trimmed_mean", "args": {"trim_fraction": 0.2, "norm_multiplier": 2.0}},
+        "aggregation": {"name": "geometric_median", "args": {"f": "auto", "norm_multiplier": 2.0}},
         "task": {"name": "classification", "args": {"num_classes": 2, "image_size": 28, "class_names": ["normal", "pneumonia"],
                                                     "augmentation": AUGMENTATION}},
         "network": {"name": "cxr_cnn", "args": {"in_channels": 1, "num_classes": 2, "channels": [32, 64, 128]}},

@@ -23,7 +23,7 @@ UNET = {"name": "unet", "args": {"spatial_dims": 3, "in_channels": 1, "out_chann
                                  "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance"}}
 CONTROLLER = {"num_rounds": 10, "min_clients": 2, "round_timeout": 3600, "wait_after_min_clients": 30, "seed": 0,
               "job_name": "prostate_seg_fedavg",
-              "aggregation": {"name": "trimmed_mean", "args": {"trim_fraction": 0.2, "norm_multiplier": 2.0}},
+              "aggregation": {"name": "geometric_median", "args": {"f": "auto", "norm_multiplier": 2.0}},
               "task": TASK, "network": UNET}
 SPEC = fedavg_job("prostate_seg_fedavg", controller=CONTROLLER,
                   executor={"local_epochs": 2, "lr": 0.01, "batch_size": 2, "fedprox_mu": 0.0, "seed": 0, "lr_schedule": "cosine"})

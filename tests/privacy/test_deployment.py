@@ -4,8 +4,9 @@
 - under ``dp`` sites train with record-level DP-SGD: no training loss leaves, counts and validation
   metrics are coarsened, the server's ``privacy_ledger.json`` recomputes with Opacus' accountant, a
   site whose budget is spent stops contributing and says why, and a later job continues the ledger;
-- under ``he`` the server holds only ciphertext per site and the aggregated model equals
-  plaintext FedAvg within CKKS tolerance;
+- under ``he`` (secure aggregation, no provisioned keys) the server receives only masked vectors,
+  never holds enough shares to unmask one site, and the aggregated model equals plaintext FedAvg
+  within the fixed-point tolerance;
 - ``compressed`` halves the bytes per round.
 """
 
@@ -19,9 +20,10 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from fedmed.flare.he import ENCRYPTED_MODEL_FILE, decrypt_global_model, he_job
+from fedmed.flare.he import AUDIT_FILE, he_job
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.privacy.scopes import template_privacy_file
+from fedmed.threshold import choose_threshold, final_site_metrics
 
 from loopback import LoopbackFederation, tiny_job
 
@@ -67,6 +69,85 @@ def _dp_job(dest: Path, num_rounds: int) -> Path:
     return job
 
 
+NUM_TRAIN, NUM_VAL = 53, 29  # distinctive: neither may appear in anything that leaves a dp site
+PUBLIC_TRAIN_SIZE = 64  # ceil(53 / batch 16) x 16: what the guarantee declares public
+RECEIVED_LOG = "received_results.jsonl"
+
+
+def _recording_server_privacy(path: Path) -> Path:
+    """The server's template privacy.json with a recorder of every result arriving under dp."""
+    policy = json.loads(template_privacy_file("server").read_text())
+    for scope in policy["scopes"]:
+        if scope["name"] == "dp":
+            scope.setdefault("task_result_filters", []).insert(
+                0, {"path": "fedmed.flare.filters.ReceivedResultLog", "args": {"log_file": RECEIVED_LOG}})
+    path.write_text(json.dumps(policy, indent=2))
+    return path
+
+
+# what the dp guarantee covers (docs/privacy.md, "What leaves a dp site"): every key of every message
+DP_UPDATE_META = {"num_samples", "NUM_STEPS_CURRENT_ROUND", "site", "round", "privacy_scope", "metrics", "privacy", "transfer"}
+DP_UPDATE_METRICS = {"val_score_histogram", "val_dp_epsilon", "learning_rate", "privacy_epsilon", "upload_bytes"}
+DP_PRIVACY_META = {"scope", "unit", "mechanism", "noise_multiplier", "sample_rate", "max_grad_norm", "steps", "public_train_size",
+                   "accountant", "delta", "epsilon", "budget", "history", "validation"}
+DP_VALIDATE_DATA = {"val_score_histogram", "val_dp_epsilon"}
+DP_VALIDATE_META = {"site", "model_name"}
+
+
+def _leaves(value, path=""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def _check_no_exact_counts(where: str, value) -> None:
+    import re
+
+    for path, leaf in _leaves(value):
+        if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+            assert leaf not in (NUM_TRAIN, NUM_VAL), f"{where}{path} = {leaf}: an exact count left the dp site"
+        if isinstance(leaf, str):
+            assert not re.search(rf"\b({NUM_TRAIN}|{NUM_VAL})\b", leaf), f"{where}{path} = {leaf!r}: an exact count left the dp site"
+
+
+def check_what_left_a_dp_site(records: list[dict], site: str) -> dict:
+    """Fail on anything in a dp site's results that the guarantee does not cover; count what was seen."""
+    seen = {"train": 0, "validate": 0, "errors": 0}
+    for record in (r for r in records if r["site"] == site):
+        where = f"{site} {record['task']} result"
+        _check_no_exact_counts(where, record)
+        assert set(record["body_keys"]) <= {"DXO"}, f"{where}: body {record['body_keys']}"
+        if record["return_code"] != "OK":
+            seen["errors"] += 1
+            assert record["kind"] is None and record["data"] is None, f"{where}: an error reply carried data"
+            continue
+        if record["task"] == "train":
+            seen["train"] += 1
+            assert record["kind"] == "WEIGHT_DIFF"
+            assert all(set(d) == {"array", "shape"} and d["array"] == "float32" for d in record["data"].values())
+            meta = record["meta"]
+            assert set(meta) <= DP_UPDATE_META, f"{where}: meta {sorted(set(meta) - DP_UPDATE_META)}"
+            assert meta["num_samples"] == meta["NUM_STEPS_CURRENT_ROUND"] == PUBLIC_TRAIN_SIZE
+            assert set(meta["metrics"]) <= DP_UPDATE_METRICS, f"{where}: metrics {sorted(set(meta['metrics']) - DP_UPDATE_METRICS)}"
+            assert set(meta["privacy"]) <= DP_PRIVACY_META, f"{where}: privacy {sorted(set(meta['privacy']) - DP_PRIVACY_META)}"
+            assert set(meta["transfer"]) == {"bytes", "tensors"}
+        elif record["task"] == "validate":
+            seen["validate"] += 1
+            assert record["kind"] == "METRICS"
+            assert set(record["data"]) <= DP_VALIDATE_DATA and set(record["meta"]) <= DP_VALIDATE_META, where
+        else:
+            raise AssertionError(f"{where}: task {record['task']!r} is not one a dp site answers with data")
+        if "val_score_histogram" in (record["meta"] or {}).get("metrics", record["data"]):
+            histogram = (record["meta"] or {}).get("metrics", record["data"])
+            assert histogram["val_dp_epsilon"] > 0 and len(histogram["val_score_histogram"][0]) == 20
+    return seen
+
+
 def test_dp_only_site_refuses_standard_and_dp_sgd_ledger_budget_and_what_leaves(tmp_path):
     fed = LoopbackFederation(
         tmp_path / "fed",
@@ -74,6 +155,7 @@ def test_dp_only_site_refuses_standard_and_dp_sgd_ledger_budget_and_what_leaves(
             "site-1": _dp_policy(tmp_path / "site1_privacy.json", 8.0, only_dp=True),
             "site-2": _dp_policy(tmp_path / "site2_privacy.json", 2.0, only_dp=False),
         },
+        num_train=NUM_TRAIN, num_val=NUM_VAL, server_privacy=_recording_server_privacy(tmp_path / "server_privacy.json"),
     )
     fed.provision()
     # site-2 spent its budget in earlier jobs: its ledger already holds steps worth more than epsilon 2
@@ -97,6 +179,8 @@ def test_dp_only_site_refuses_standard_and_dp_sgd_ledger_budget_and_what_leaves(
         metrics = json.loads((_server_out(result) / "metrics.json").read_text())
         server_ledger = json.loads((_server_out(result) / "privacy_ledger.json").read_text())
         ledger_after_job1 = json.loads((fed.kits["site-1"] / "privacy_ledger.json").read_text())
+        received = [json.loads(line) for line in (_server_out(result) / RECEIVED_LOG).read_text().splitlines()]
+        job_result = result
 
         # 3. a later job at site-1 (a fresh job process) continues the same ledger
         _, meta, result = fed.run_job(_dp_job(tmp_path / "job_dp2", 1), timeout=300)
@@ -105,16 +189,46 @@ def test_dp_only_site_refuses_standard_and_dp_sgd_ledger_budget_and_what_leaves(
     finally:
         fed.stop()
 
-    # nothing unaccounted left site-1: no training loss, counts rounded, validation coarsened
+    # every message that left the dp sites, as the server received it: only what the guarantee covers
+    seen = check_what_left_a_dp_site(received, "site-1")
+    assert seen["train"] == 2 and seen["validate"] >= 1  # two rounds, the final validation
+    seen2 = check_what_left_a_dp_site(received, "site-2")
+    assert seen2["errors"] >= 1 and seen2["train"] == 0
+    # TensorBoard events from the dp sites: only the public numbers and the DP epsilon of each release
+    for tb_site in (job_result / "workspace").rglob("tb_events/site-*"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tb_site))
+        events.Reload()
+        assert set(events.Tags()["scalars"]) <= {"learning_rate", "privacy_epsilon", "val_dp_epsilon"}, tb_site
+        for tag in events.Tags()["scalars"]:
+            _check_no_exact_counts(f"{tb_site} {tag}", [e.value for e in events.Scalars(tag)])
+    # site logs: none reached the server (no log streamer; the site's own log stays at the site)
+    marker = "trained with DP-SGD noise multiplier"
+    assert marker in fed.site_log("site-1") or any(marker in p.read_text(errors="replace") for p in fed.kits["site-1"].rglob("log.txt"))
+    server_files = [p for p in (job_result / "workspace").rglob("*") if p.is_file() and p.suffix in (".txt", ".log", "")]
+    assert not any(marker in p.read_text(errors="replace") for p in server_files), "a dp site's log reached the server"
+    # the dp site's own log at INFO holds no exact counts either
+    for log in fed.kits["site-1"].rglob("log.txt"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "INFO" in line and "site site-1" in line:  # fedmed's messages (the timestamp before them is not checked)
+                _check_no_exact_counts(f"{log} INFO", line[line.index("site site-1"):])
+
     rounds = metrics["rounds"]
     assert [r["contributors"] for r in rounds] == [["site-1"], ["site-1"]]
     for r in rounds:
         reported = r["sites"]["site-1"]
         assert "train_loss" not in reported and "train_seconds" not in reported
-        assert reported["num_samples"] % 10 == 0
-    for evaluation in metrics["evaluations"]:
+        assert reported["num_samples"] == PUBLIC_TRAIN_SIZE
+    for evaluation in metrics["evaluations"]:  # the server derived AUC from the noised histogram
         for site_metrics in evaluation["sites"].values():
-            assert site_metrics["val_auc"] == round(site_metrics["val_auc"], 2) and site_metrics["num_val_samples"] % 10 == 0
+            assert site_metrics["val_dp_epsilon"] == 1.0 and 0 <= site_metrics["val_auc"] <= 1
+    assert choose_threshold(final_site_metrics(metrics["evaluations"]))["method"] == "youden_j_on_dp_site_validation"
+    # the validation account: each query charged, recomputable from its queries
+    validation = server_ledger["sites"]["site-1"]["validation"]
+    assert validation["mechanism"] == "discrete-laplace-histogram" and validation["delta"] == 0.0
+    assert validation["epsilon"] == pytest.approx(sum(q["epsilon"] * q["count"] for q in validation["queries"]))
+    assert validation["epsilon"] >= 2.0  # the two rounds' entering models (the final validation came after this update)
 
     # the budget: site-2 stopped contributing, with the reason in the job result and its log
     assert "budget" in rounds[0]["failed"]["site-2"] and "stops contributing" in rounds[0]["failed"]["site-2"]
@@ -163,8 +277,8 @@ def bytes_per_round(metrics):
     return [sum(s["upload_bytes"] for s in r["sites"].values()) for r in metrics["rounds"]]
 
 
-def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
-    fed = LoopbackFederation(tmp_path / "fed", sites=("site-1", "site-2", "site-3"), he=True)  # he refuses fewer than 3 sites
+def test_he_secure_aggregation_and_compressed_bytes(tmp_path):
+    fed = LoopbackFederation(tmp_path / "fed", sites=("site-1", "site-2", "site-3"))  # he refuses fewer than 3 sites; no HE kits
     fed.provision()
     try:
         fed.start()
@@ -191,23 +305,23 @@ def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
         assert meta["status"] == "FINISHED:COMPLETED", meta
         int8 = json.loads((_server_out(result) / "metrics.json").read_text())
 
-        # dp + he: DP-SGD at every site, then CKKS: the server sees neither a plaintext nor a noised update
+        # dp + he: DP-SGD at every site, then masked: the server sees neither a plaintext nor a noised update
         dp_he = he_job(tiny_job(tmp_path / "job_dp_he_base", num_rounds=1), tmp_path / "job_dp_he")
         dp_he_meta = json.loads((dp_he / "meta.json").read_text())
         dp_he_meta["scope"] = "dp_he"
         (dp_he / "meta.json").write_text(json.dumps(dp_he_meta))
         _, meta, result = fed.run_job(dp_he, timeout=300)
         assert meta["status"] == "FINISHED:COMPLETED", meta
-        dp_he_audit = json.loads((_server_out(result) / "he_audit.json").read_text())["records"]
+        dp_he_audit = json.loads((_server_out(result) / AUDIT_FILE).read_text())["rounds"]
         dp_he_metrics = json.loads((_server_out(result) / "metrics.json").read_text())
     finally:
         fed.stop()
 
     # compressed_int8 sends exactly a quarter of the tensor bytes
     assert [4 * b for b in bytes_per_round(int8)] == bytes_per_round(standard)
-    # dp_he: ciphertext only from every site, DP-SGD charged to each site's ledger, no training loss
-    assert sorted(r["site"] for r in dp_he_audit if r["task"] == "train") == ["site-1", "site-2", "site-3"]
-    assert all(r["tensors"] == r["ciphertext_tensors"] > 0 and r["server_can_decrypt"] is False for r in dp_he_audit)
+    # dp_he: masked updates from every site, DP-SGD charged to each site's ledger, no training loss
+    assert [r["survivors"] for r in dp_he_audit] == [["site-1", "site-2", "site-3"]]
+    assert all(r["single_site_unmaskable"] == [] for r in dp_he_audit)
     for site in fed.sites:
         ledger = json.loads((fed.kits[site] / "privacy_ledger.json").read_text())
         assert ledger["unit"] == "record" and len(ledger["entries"]) == 1 and 0 < ledger["epsilon"] <= 8.0
@@ -220,17 +334,19 @@ def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
     assert [2 * b for b in bytes_per_round(compressed)] == bytes_per_round(standard)
     assert all(t.dtype == torch.float32 for t in compressed_model.values())
 
-    # he: every site's update reached the server as ciphertext only, with no secret key
-    audit = json.loads((he_out / "he_audit.json").read_text())["records"]
-    assert sorted(r["site"] for r in audit if r["task"] == "train") == ["site-1", "site-2", "site-3"]
-    for record in audit:
-        assert record["tensors"] == record["ciphertext_tensors"] > 0 and record["server_can_decrypt"] is False
-    assert not (he_out / "global_model.pt").exists()  # no plaintext global model on the server
-    with pytest.raises(ValueError, match="no secret key"):
-        decrypt_global_model(he_out / ENCRYPTED_MODEL_FILE, fed.kits["localhost"] / "startup" / "server_context.tenseal")
+    # he: no kit holds a key for it (nothing provisioned); every site's update arrived masked, and the
+    # server received seed shares (t=2 of 3) only for sites whose masked update arrived, key shares for none
+    assert not [p for kit in fed.kits.values() for p in kit.rglob("*.tenseal")]
+    audit = json.loads((he_out / AUDIT_FILE).read_text())["rounds"]
+    assert [(r["threshold"], r["survivors"], r["dropped"]) for r in audit] == [(2, ["site-1", "site-2", "site-3"], [])]
+    assert audit[0]["single_site_unmaskable"] == []
+    assert all(v["s_shares_of"] == [] for v in audit[0]["shares_received"].values())
+    he_metrics = json.loads((he_out / "metrics.json").read_text())
+    total = sum(size for size in (np.asarray(v).size for v in state_to_numpy(build_network(_network(job), seed=0)).values()))
+    assert [r["sites"][s]["upload_bytes"] for r in he_metrics["rounds"] for s in fed.sites] == [8 * total] * 3  # one uint64 vector
 
-    # a hospital decrypts the aggregate: it equals plaintext FedAvg within CKKS tolerance
-    decrypted = decrypt_global_model(he_out / ENCRYPTED_MODEL_FILE, fed.kits["site-1"] / "startup" / "client_context.tenseal")
+    # the server learns the aggregate (the new global model): it equals plaintext FedAvg within fixed-point tolerance
+    decrypted = {k: v.numpy() for k, v in torch.load(he_out / "global_model.pt", map_location="cpu", weights_only=True).items()}
     reference = _fedavg_reference(job, fed)
     initial = state_to_numpy(build_network(_network(job), seed=0))
     moved = max(float(np.max(np.abs(reference[k] - initial[k]))) for k in reference)

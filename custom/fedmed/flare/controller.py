@@ -1,14 +1,22 @@
 """FLARE Controller: scatter-gather rounds run by the pure round engine (:mod:`fedmed.rounds`).
 
 A thin orchestration layer. Every round the global model goes to every connected site; the round
-closes when all answered, or ``min_clients`` answered and ``wait_after_min_clients`` seconds passed,
-or ``round_timeout`` expired. The replies go to :class:`fedmed.rounds.RoundEngine`, which checks
+closes by :class:`fedmed.deadline.DeadlinePolicy`: when all answered, or once the sites the
+tolerance ``f`` needs answered (waited for up to 4x the median reply time) and a grace that adapts
+to the median site's reply time passed (at most ``wait_after_min_clients`` s; never before
+``min_clients`` answered), or, when a site missed
+rounds in a row, once it answered or its catch-up limit passed; ``round_timeout`` bounds every
+round. Sites left out are named in the log each round and counted in ``metrics.json``
+``participation``. At start the job's tolerance ``f`` (``aggregation.args.f``: hostile sites
+tolerated; default the most the rule supports with the sites connected) is fixed; a job stating an
+``f`` its sites cannot support stops before round 1, naming f and the site count. The replies go to :class:`fedmed.rounds.RoundEngine`, which checks
 every update and its metrics, leaves out (and names) the sites that failed, stops the job below
 ``min_clients``, keeps the best model on the median of the sites' key metric, and runs the
 aggregation step this controller passes it:
 
 - plaintext (the default): :class:`fedmed.rounds.PlaintextAggregation` with the job's
-  ``aggregation`` (``fedavg``, or robust ``clipped_fedavg`` / ``trimmed_mean`` / ``median``, see
+  ``aggregation`` (``fedavg``, or robust ``clipped_fedavg`` / ``trimmed_mean`` / ``median`` /
+  ``geometric_median`` / ``multi_krum``, see
   :func:`fedmed.aggregation.check_aggregation_spec`) and ``server_optimizer``; a round whose new
   model would hold NaN/Inf is rejected, the previous model kept and the sites named;
 - any other step (``aggregation_step_id`` names a server component implementing
@@ -46,12 +54,15 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.widgets.info_collector import InfoCollector
 
-from fedmed.aggregation import DEFAULT_AGGREGATION, check_aggregation_spec
+from fedmed.aggregation import DEFAULT_AGGREGATION, ToleranceError, check_aggregation_spec
 from fedmed.atomic import atomic_path, write_json
+from fedmed.deadline import DeadlinePolicy
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, state_to_numpy
-from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
+from fedmed.progress import STATS_GROUP, job_progress
+from fedmed.provenance import CARD_FILENAME, CardSigner, ProvenanceRecorder
 from fedmed.results import (
     BEST_MODEL_FILE,
     GLOBAL_MODEL_FILE,
@@ -104,7 +115,8 @@ class FedAvgController(Controller):
         num_rounds: federated rounds.
         min_clients: fewest sites whose valid update a round needs; fewer stops the job.
         round_timeout: seconds a round may take before it closes with whoever answered.
-        wait_after_min_clients: seconds to wait for late sites once ``min_clients`` answered.
+        wait_after_min_clients: most seconds to wait for late sites once the quorum answered (the
+            grace is 0.5 x the median site's reply time, within [2 s, this]; fedmed.deadline).
         network: network spec ``{"name": ..., "args": {...}}`` (see fedmed.networks); sent to sites.
         task: task spec ``{"name": "classification"|"segmentation", "args": {...}}``; sent to sites.
         seed: seeds the initial global model.
@@ -112,9 +124,10 @@ class FedAvgController(Controller):
         final_validation: after the last round, validate the final global model at every site.
         allow_partial_updates: accept updates lacking some keys (a privacy filter removed them).
         job_name: name written into the outputs and the bundle.
-        aggregation: ``{"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median", "args": {...}}``
-            (default ``{"name": "trimmed_mean"}``: norms bounded at 2 x the round's median, then a
-            coordinate-wise 20 % trimmed mean; see fedmed.aggregation.check_aggregation_spec).
+        aggregation: ``{"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median"|"geometric_median"|"multi_krum",
+            "args": {"f": ..., ...}}`` (default ``{"name": "geometric_median"}``: norms bounded at 2 x the
+            round's median, then the geometric median; ``f``, the hostile sites tolerated, defaults to
+            the most the rule supports with the sites connected; see fedmed.aggregation.check_aggregation_spec).
         server_optimizer: ``{"name": "fedavg"|"fedavgm"|"fedadam"|"fedyogi", "args": {...}}``
             (default ``{"name": "fedavg"}``: global model + aggregated update; fedmed.server_optim).
         aggregation_step_id: id of a server component implementing :class:`fedmed.rounds.ServerStep`
@@ -156,10 +169,14 @@ class FedAvgController(Controller):
         self.resumed_from: str | None = None
         self._fl_ctx: FLContext | None = None  # control_flow's context and abort signal, for exchange()
         self._abort: Signal | None = None
+        self.refusal: str | None = None  # why the job cannot start (too few sites for its tolerance f)
+        self.deadline: DeadlinePolicy | None = None
+        self._train_started: float | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start_controller(self, fl_ctx: FLContext) -> None:
+        self._started = time.time()
         task = build_task(self.task_spec)  # fails fast on a bad task spec
         model = build_network(self.network, seed=self.seed)
         self.reference_state = model.state_dict()
@@ -175,6 +192,7 @@ class FedAvgController(Controller):
                                    sites=lambda: [c.name for c in fl_ctx.get_engine().get_clients()], platform=fl_ctx)
         self.global_model = self.step.create(weights, self.context)
         self.engine = RoundEngine(self.step, self.job_name, task.key_metric, self.num_rounds, self.min_clients)
+        self.deadline = self._deadline_policy()
         settings = self.step.settings()
         plain = self.step.plaintext(self.global_model)
         if plain is not None:
@@ -184,6 +202,8 @@ class FedAvgController(Controller):
             self.provenance = ProvenanceRecorder(self.job_name, self.network, {"method": method, "weighting": weighting,
                                                                                **settings, "min_clients": self.min_clients})
             self.provenance.record_initial_model(plain)
+            # a deployed server signs the card with its kit's key (the project's PKI); the simulator has none: unsigned
+            self.provenance.signer = CardSigner.from_startup_kit(workspace.get_startup_kit_dir())
         write_json(
             self.out_dir / RUN_CONFIG_FILE,
             {
@@ -197,6 +217,7 @@ class FedAvgController(Controller):
                 "aggregation_spec": settings.get("aggregation"),
                 "server_optimizer": settings.get("server_optimizer"),
                 "aggregation_step": settings,
+                "tolerance_f": getattr(self.step, "tolerance", None),
                 "seed": self.seed,
             },
             default=float,
@@ -210,7 +231,7 @@ class FedAvgController(Controller):
 
     def _build_step(self, fl_ctx: FLContext) -> ServerStep:
         if not self.aggregation_step_id:
-            return PlaintextAggregation(self.aggregation, self.server_optimizer, self.allow_partial_updates)
+            return self._plaintext_step(fl_ctx)
         step = fl_ctx.get_engine().get_component(self.aggregation_step_id)
         missing = [name for name in _STEP_METHODS if not callable(getattr(step, name, None))]
         if step is None or missing:
@@ -220,10 +241,47 @@ class FedAvgController(Controller):
                             + "; check the server config's components")
         return step
 
+    def _plaintext_step(self, fl_ctx: FLContext) -> PlaintextAggregation:
+        """The plaintext step with the job's tolerance f fixed for the sites present; with too few
+        sites for the stated f the job is refused (``self.refusal``, raised in ``control_flow``)."""
+        num_sites = len(fl_ctx.get_engine().get_clients())
+        try:
+            step = PlaintextAggregation(self.aggregation, self.server_optimizer, self.allow_partial_updates, num_sites=num_sites)
+        except ToleranceError as exc:
+            self.refusal = f"refused to start: {exc}"
+            self.log_error(fl_ctx, f"[fedmed] {self.refusal}")
+            return PlaintextAggregation(self.aggregation, self.server_optimizer, self.allow_partial_updates)
+        self.log_info(fl_ctx, f"[fedmed] tolerates f={step.tolerance} hostile site(s) of {num_sites} "
+                              f"({self.aggregation['name']}); every round needs {max(step.min_sites, self.min_clients)} contributing site(s)")
+        return step
+
+    def _deadline_policy(self) -> DeadlinePolicy:
+        """The round deadline (fedmed.deadline): at least ``min_clients`` answers (or what a stated f
+        needs), patience for the answers the job's tolerance f needs, then an adaptive grace."""
+        from fedmed.aggregation import sites_needed
+
+        floor = max(self.min_clients, getattr(self.step, "min_sites", 1))
+        tolerance = getattr(self.step, "tolerance", None)
+        spec = getattr(self.step, "spec", None) or {}
+        target = (sites_needed(spec.get("name", ""), tolerance) or 1) if tolerance else floor
+        return DeadlinePolicy(floor, max_grace=self.wait_after_min_clients, round_timeout=self.round_timeout,
+                              target_sites=max(floor, target))
+
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
 
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Answer FLARE's ``show_stats`` admin command with the job's progress (``python -m fedmed watch``)."""
+        super().handle_event(event_type, fl_ctx)
+        if event_type == InfoCollector.EVENT_TYPE_GET_STATS and self.engine is not None:
+            collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
+            if collector is not None:
+                collector.add_info(group_name=STATS_GROUP,
+                                   info=job_progress(self.engine.metrics, time.time() - self._started))
+
     def process_result_of_unknown_task(self, client, task_name, client_task_id, result, fl_ctx) -> None:
+        if task_name == self.train_task_name and self.deadline is not None and self._train_started is not None:
+            self.deadline.record_late(client.name, time.time() - self._train_started)
         self.log_warning(fl_ctx, f"ignored a late result for task '{task_name}' from {client.name}")
 
     # ---- the federation ---------------------------------------------------------------------
@@ -246,15 +304,53 @@ class FedAvgController(Controller):
         )
         return collect_replies(task, clients)
 
-    def exchange(self, task_name: str, kind: str, data, meta, targets=None):
-        """:class:`fedmed.rounds.Exchange` for the step: one extra task, every targeted site must answer
-        (the round timeout bounds the wait); ({site: SiteReply}, {site: error})."""
+    def _broadcast_train(self, dxo: DXO, fl_ctx: FLContext, abort_signal: Signal):
+        """Send a training round to every connected site and close it by the deadline policy
+        (fedmed.deadline): all answered, or the quorum plus an adaptive grace, or a due catch-up.
+        Returns ({site: DXO}, {site: error message}, notes naming the sites left out)."""
+        clients = fl_ctx.get_engine().get_clients()
+        if len(clients) < self.min_clients:
+            return {}, {"(federation)": f"only {len(clients)} site(s) connected, min_clients is {self.min_clients}"}, []
+        names = [c.name for c in clients]
+        waiting_for = self.deadline.waits_for(names)
+        if waiting_for:
+            self.log_info(fl_ctx, f"[fedmed] this round waits for {', '.join(waiting_for)} (left out of "
+                                  f"{', '.join(str(self.deadline.missed[s]) for s in waiting_for)} round(s) in a row), at most "
+                                  f"{max(self.deadline.catch_up_limit(s) for s in waiting_for):.0f} s")
+        task = Task(name=self.train_task_name, data=dxo.to_shareable(), timeout=self.round_timeout)
+        self.broadcast(task=task, fl_ctx=fl_ctx, targets=clients, min_responses=len(clients), wait_time_after_min_received=0)
+        started = task.schedule_time or time.time()
+        self._train_started = started
+
+        def answered() -> dict:
+            return {ct.client.name: ct.result_received_time - started for ct in list(task.client_tasks) if ct.result_received_time}
+
+        while task.completion_status is None:
+            if abort_signal.triggered:
+                self.cancel_task(task, fl_ctx=fl_ctx)
+                break
+            if self.deadline.should_close(time.time() - started, answered(), names, waiting_for):
+                self.cancel_task(task, fl_ctx=fl_ctx)
+                break
+            time.sleep(0.1)
+        retire_by = time.time() + 10
+        while task.is_standing and time.time() < retire_by:  # let FLARE's task monitor retire the task
+            time.sleep(0.05)
+        times = answered()
+        answers, errors = collect_replies(task, clients)
+        notes = self.deadline.record_round({s: t for s, t in times.items() if s in answers}, sorted(s for s in errors if s in names), waiting_for)
+        return answers, errors, notes
+
+    def exchange(self, task_name: str, kind: str, data, meta, targets=None, min_responses=None):
+        """:class:`fedmed.rounds.Exchange` for the step: one extra task; waits for every targeted site,
+        or for ``wait_after_min_clients`` seconds once ``min_responses`` answered (the round timeout
+        bounds the wait); ({site: SiteReply}, {site: error})."""
         if self._fl_ctx is None:
             raise RuntimeError("exchange() runs only inside the controller's rounds")
         wanted = list(targets) if targets is not None else None
         n = len(wanted) if wanted is not None else len(self._fl_ctx.get_engine().get_clients())
         answers, errors = self._broadcast(task_name, DXO(data_kind=kind, data=dict(data), meta=dict(meta)), self._fl_ctx,
-                                          self._abort, targets=wanted, min_responses=n)
+                                          self._abort, targets=wanted, min_responses=min(n, min_responses or n))
         return {site: SiteReply(dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}, errors
 
     def _model_dxo(self, round_num: int | None, model_name: str, extra_meta: dict | None = None) -> DXO:
@@ -280,6 +376,9 @@ class FedAvgController(Controller):
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         self._fl_ctx, self._abort = fl_ctx, abort_signal
         self.context.platform = fl_ctx
+        if self.refusal:
+            self._fail(fl_ctx, self.refusal)
+            return
         try:
             self._run(abort_signal, fl_ctx)
         except RoundFailed as exc:
@@ -297,9 +396,11 @@ class FedAvgController(Controller):
             round_meta = self.step.open_round(round_num, self.context)  # raises RoundFailed when the round cannot run
             if abort_signal.triggered:
                 return
-            answers, errors = self._broadcast(self.train_task_name, self._model_dxo(round_num, "global", round_meta), fl_ctx, abort_signal)
+            answers, errors, deadline_notes = self._broadcast_train(self._model_dxo(round_num, "global", round_meta), fl_ctx, abort_signal)
             if abort_signal.triggered:
                 return
+            for note in deadline_notes:
+                self.log_warning(fl_ctx, f"[fedmed] round {round_num}: {note}")
             replies = {site: self.step.receive(site, dxo.data_kind, dxo.data, dxo.meta) for site, dxo in answers.items()}
             outcome = engine.run_round(round_num, self.global_model, replies, errors)
             for site, message in outcome.record["failed"].items():
@@ -327,6 +428,9 @@ class FedAvgController(Controller):
                 f"sites answered ({', '.join(outcome.record['contributors'])}); median validation {engine.key_metric} "
                 f"of the global model entering the round: {score if score is None else round(score, 4)}; "
                 + (f"bounded: {', '.join(bounded)}; " if bounded else "")
+                + (f"outliers: {', '.join(sorted(outcome.record['aggregation']['outliers']))}; "
+                   if outcome.record.get("aggregation", {}).get("outliers") else "")
+                + (f"left out: {', '.join(outcome.record['left_out'])}; " if outcome.record.get("left_out") else "")
                 + ("" if outcome.accepted else "ROUND REJECTED, previous model kept; ")
                 + f"{time.time() - started:.1f} s",
             )
@@ -347,7 +451,9 @@ class FedAvgController(Controller):
         engine.finish()
         self._save_metrics()
         self._save_resume_state(fl_ctx)
-        self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model {engine.metrics['best']}")
+        seen = engine.participation_line()
+        self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model {engine.metrics['best']}; "
+                              + (seen if seen else "no site flagged or left out in most rounds"))
 
     # ---- resume -------------------------------------------------------------------------------
 
@@ -361,6 +467,7 @@ class FedAvgController(Controller):
             "job_id": fl_ctx.get_job_id(),
             "fingerprint": self._fingerprint(),
             "engine": self.engine.state_dict(),
+            "deadline": self.deadline.state_dict() if self.deadline else {},
             "global_model": dict(plain),
             "provenance": {name: getattr(self.provenance, name) for name in _PROVENANCE_FIELDS},
         }
@@ -393,6 +500,8 @@ class FedAvgController(Controller):
             raise ValueError(f"resuming job {previous_job}: its saved state ({source}) was made by another configuration "
                              f"({state['fingerprint']}); submit the original job again instead")
         self.engine.load_state_dict(state["engine"])
+        if self.deadline is not None:
+            self.deadline.load_state_dict(state.get("deadline") or {})
         self.global_model = self.step.restore({k: np.asarray(v) for k, v in state["global_model"].items()}, self.context)
         for name in _PROVENANCE_FIELDS:
             setattr(self.provenance, name, state["provenance"][name])

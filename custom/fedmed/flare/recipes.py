@@ -102,6 +102,8 @@ class FedMedRecipe(Recipe):
         for component in spec.server_components:
             job.to_server(configured(component.path, dict(component.args)), id=component.id)
         job.to_clients(configured(spec.executor_path, spec.executor_args()), tasks=list(EXECUTOR_TASKS))
+        for tasks, executor in spec.extra_executors:  # he: the sites' secure-aggregation protocol executor
+            job.to_clients(configured(executor.path, dict(executor.args)), tasks=list(tasks))
         for component in spec.client_components:
             job.to_clients(configured(component.path, dict(component.args)), id=component.id)
         super().__init__(job)
@@ -177,11 +179,9 @@ def check_spec(spec: JobSpec, settings: dict | None = None) -> None:
         raise blame("task", exc) from exc
     if spec.executor_path == EXECUTOR_PATH:
         try:
-            from fedmed.training import LocalTrainer
+            from fedmed.training import TrainerSettings
 
-            trainer_keys = [n for n in inspect.signature(LocalTrainer.__init__).parameters
-                            if n not in ("self", "task", "train_dataset", "val_dataset")]
-            LocalTrainer(task, [None], [], **{k: v for k, v in executor.items() if k in trainer_keys})
+            TrainerSettings.from_mapping({k: v for k, v in executor.items() if k in TrainerSettings.keys()}, "executor args")
         except Exception as exc:
             raise blame("executor", exc) from exc
     try:
@@ -200,7 +200,8 @@ def run_job_script(spec: JobSpec, argv: list[str], description: str = "") -> int
     """The command line of every ``jobs/<name>/job.py``.
 
     ``--export DIR``: write the job folder into DIR through the one writer (``--export jobs/<name>``
-    regenerates the committed folder); ``--export --export-dir ROOT``: FLARE's own exporter and
+    regenerates the committed folder; with ``--set`` / ``--rounds`` a changed job, checked first, e.g.
+    a deployed job with other settings); ``--export --export-dir ROOT``: FLARE's own exporter and
     convention, ROOT/<name>/. ``--env prod --startup-kit KIT``: submit to a running FLARE system
     (ProdEnv) and wait. Otherwise (``--env sim``, the default) run the job in FLARE's ``SimEnv``
     through the same runner as ``python -m fedmed simulate`` (:mod:`fedmed.runner`): the same
@@ -225,7 +226,14 @@ def run_job_script(spec: JobSpec, argv: list[str], description: str = "") -> int
     simulate_cli.add_run_arguments(parser, sites_default=2)
     args = parser.parse_args(argv)
 
-    if args.export is not None:
+    if args.export is not None:  # --set / --rounds change the exported job (checked first); nothing else applies
+        from fedmed.jobfolder import parse_assignments
+        from fedmed.jobspec import with_settings
+
+        settings = {**parse_assignments(args.settings), **({"num_rounds": args.rounds} if args.rounds else {})}
+        spec = with_settings(spec, settings)
+        if settings:
+            check_spec(spec, settings)
         if args.export:
             folder = export_job_folder(spec, args.export)
             print(f"job folder written: {folder.path}")

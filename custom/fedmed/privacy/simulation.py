@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedmed.jobfolder import JobFolder
-from fedmed.jobspec import JobSpec, with_filters, with_scope
+from fedmed.jobspec import HE_MODES, JobSpec, with_filters, with_he, with_scope
 from fedmed.privacy.scopes import MODES, SIMULATABLE_MODES, ScopeError, get_scope, template_privacy_file
 
 
@@ -23,20 +23,20 @@ def with_privacy_mode(spec: JobSpec, mode: str, client_privacy_file: str | Path 
     server scope's filters on the server, and meta scope ``mode``; with a summary
     ``{"mode", "client_privacy_file", "server_privacy_file", "client_filters", "server_filters", "tasks"}``.
 
-    Raises :class:`ScopeError` for an unknown mode, ``he`` (needs HE-built kits: use
-    ``rehearse --privacy he``), or a policy that does not allow the mode.
+    ``he`` / ``dp_he`` also get the secure-aggregation step and the sites' protocol executor
+    (:func:`fedmed.jobspec.with_he`; nothing is provisioned for them). Raises :class:`ScopeError`
+    for an unknown mode or a policy that does not allow the mode.
     """
     if mode not in MODES:
         raise ScopeError(f"unknown privacy mode '{mode}'; choose one of {', '.join(MODES)}")
     if mode not in SIMULATABLE_MODES:
-        raise ScopeError(
-            f"privacy mode '{mode}' needs HE-built startup kits (TenSEAL keys) and is not available in the FLARE "
-            "simulator; try it in a real deployment on this machine: python -m fedmed rehearse --privacy he"
-        )
+        raise ScopeError(f"privacy mode '{mode}' is not available in the FLARE simulator")
     client_file = Path(client_privacy_file) if client_privacy_file else template_privacy_file("client")
     server_file = Path(server_privacy_file) if server_privacy_file else template_privacy_file("server")
     client_scope = get_scope(client_file, mode)  # raises naming the file when the sites do not allow it
     server_scope = get_scope(server_file, mode)
+    if mode in HE_MODES:
+        spec = with_he(spec, scope=mode)
     tasks = spec.client_tasks()
     for side, scope in (("client", client_scope), ("server", server_scope)):
         for kind in ("task_data_filters", "task_result_filters"):

@@ -102,6 +102,7 @@ class RunData:
     files: dict[str, Path] = field(default_factory=dict)
     external: dict[str, Any] = field(default_factory=dict)  # metrics.json 'external': models on held-out hospitals
     decision_threshold: dict[str, Any] = field(default_factory=dict)  # metrics.json 'decision_threshold'
+    metrics_doc: Any = None  # metrics.json as read (participation, rounds) for sections that need more of it
 
     def primary_metric(self) -> str:
         for metric in ("val_auc", "val_dice"):
@@ -222,6 +223,7 @@ def load_run(path: str | os.PathLike) -> RunData:
 
     if "metrics.json" in files:
         metrics_doc = _read_json(files["metrics.json"])
+        data.metrics_doc = metrics_doc
         data.curves = learning_curves(metrics_doc, str(files["metrics.json"]))
         external = metrics_doc.get("external") if isinstance(metrics_doc, Mapping) else None
         if isinstance(external, Mapping) and isinstance(external.get("results"), Mapping):

@@ -81,6 +81,11 @@ def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Secti
     )
 
     sections.append(verdict_section(data, verdict(data, metric), summary))
+    from fedmed.report.participation import participation_section  # issue 18: hostile or absent hospitals, first screen
+
+    taking_part = participation_section(data.metrics_doc, summary)
+    if taking_part is not None:
+        sections.append(taking_part)
     if data.external:
         sections.append(external_section(data.external, summary))
 
