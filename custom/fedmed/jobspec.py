@@ -239,14 +239,6 @@ def settable_keys(spec: JobSpec) -> dict[str, list[tuple[str, str]]]:
     return keys
 
 
-def describe_settings(spec: JobSpec | None = None) -> str:
-    """One line per settable key (``--set`` help)."""
-    executor_keys = CLIENT_API_SETTINGS if spec is not None and spec.executor_path == CLIENT_API_EXECUTOR_PATH else EXECUTOR_SETTINGS
-    lines = [f"  {k} (executor): {v}" for k, v in executor_keys.items()]
-    lines += [f"  {k} (controller): {v}" for k, v in CONTROLLER_SETTINGS.items()]
-    return "\n".join(lines)
-
-
 def setting_targets(spec: JobSpec, settings: Mapping[str, Any]) -> dict[str, list[tuple[str, str]]]:
     """Where each key of ``settings`` goes; an unknown key raises listing the valid ones."""
     valid = settable_keys(spec)
