@@ -205,6 +205,14 @@ def run_simulator(job_dir: Path, workspace: Path, sites: list[str], threads: int
                         signal.signal(sig, handler)
 
 
+def _children_cpu_seconds() -> float:
+    """CPU time (user + system) of this command's finished child processes (the simulator and its sites)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -303,9 +311,10 @@ def simulate(
     threads = threads or num_sites
     print(f"[2/3] FLARE simulator: {num_sites} sites x {args.get('num_rounds')} rounds "
           f"(job {job_dir.name}; log {out_dir / 'simulator.log'})", flush=True)
-    started = time.time()
+    started, cpu = time.time(), _children_cpu_seconds()
     rc = run_simulator(run_job, workspace, site_names, threads, out_dir / "simulator.log", args.get("num_rounds"))
-    print(f"  simulator finished in {time.time() - started:.0f} s (exit code {rc})", flush=True)
+    print(f"  simulator finished in {time.time() - started:.0f} s wall, {_children_cpu_seconds() - cpu:.0f} s CPU "
+          f"(exit code {rc})", flush=True)
 
     print(f"[3/3] writing outputs to {out_dir}", flush=True)
     server_app = workspace / "server" / "simulate_job" / "app_server"
@@ -313,6 +322,7 @@ def simulate(
         metrics = export_run_outputs(server_app, out_dir)
     except ResultsError as exc:
         error = _server_error(server_app)
+        _report_unfinished_run(out_dir)
         raise SimulationError(f"the federated run failed: {error or exc}. Logs: {out_dir / 'simulator.log'}, {workspace}/*/log.txt") from exc
     _print_summary(metrics, out_dir)
     _baselines_and_report(run_job, site_configs, args.get("num_rounds"), out_dir, baselines)
@@ -332,9 +342,21 @@ def _baselines_and_report(run_job: Path, site_configs: dict, rounds, out_dir: Pa
                     federated_model=out_dir / "models" / "global_model.pt", log=lambda line: print(line, flush=True),
                     external=external_sets(out_dir))
     evaluate_run(out_dir, log=lambda line: print("  " + line, flush=True))
+    (out_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)  # every output is in place: the report may call the run finished
     build_report(out_dir, log=lambda line: print("  " + line, flush=True))
     print(f"  report: {out_dir / 'report' / 'report.html'}\n  provenance card: {out_dir / 'provenance.json'} "
           f"(python -m fedmed verify-provenance {out_dir})", flush=True)
+
+
+def _report_unfinished_run(out_dir: Path) -> None:
+    """A failed run still gets its report (OUT/report/), which says so in its first line."""
+    from fedmed.report import ReportError, build_report
+
+    try:
+        build_report(out_dir, log=lambda line: None)
+        print(f"  report of the failed run: {out_dir / 'report' / 'report.md'}", flush=True)
+    except (ReportError, OSError, ValueError) as exc:
+        print(f"  no report of the failed run: {exc}", flush=True)
 
 
 def _server_error(server_app: Path) -> str | None:
@@ -351,6 +373,10 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
 
     key = metrics["key_metric"]
     evaluations = metrics.get("evaluations", [])
+    release = metrics.get("release") or {}
+    if release:
+        print(f"  release gate: released model version {release.get('version')} of {metrics.get('num_rounds')} "
+              f"({release.get('action')}): {release.get('reason')}", flush=True)
     if evaluations:
         first, last = evaluations[0], evaluations[-1]
         print(f"  mean validation {key}: initial model {first.get('mean_' + key):.4f} -> "

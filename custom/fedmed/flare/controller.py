@@ -14,9 +14,17 @@ aggregation step this controller passes it:
 - ``he`` (``he_aggregator_id`` / ``he_shareable_generator_id`` set): :class:`fedmed.flare.he.HEAggregation`,
   FLARE's HE aggregator over CKKS ciphertext; it refuses a round with fewer than 3 contributing sites.
 
+Release gate (:mod:`fedmed.release`): after the final validation the controller decides which
+version it releases, on the median over sites of the key metric: the final model, or (rolled back)
+the best version when the final one scores below the initial model or more than
+``release_tolerance`` below the best; when no trained version beats the initial model the job fails
+naming the collapse. ``metrics.json``'s ``release`` block, the last ``[fedmed]`` line and the
+provenance card's release record say which version and why.
+
 Outputs in the server's app folder, ``fedmed/``: ``run_config.json``, ``global_model.pt`` (every
-round), ``best_global_model.pt``, ``metrics.json``, ``provenance.json`` (plaintext modes), and
-``resume_state.npz`` (the controller's state after the last completed round).
+round; after the gate, the released model), ``final_global_model.pt`` (only after a rollback: the
+final model that was not released), ``best_global_model.pt``, ``metrics.json``, ``provenance.json``
+(plaintext modes), and ``resume_state.npz`` (the controller's state after the last completed round).
 
 Resume after a server crash: when the job's meta names ``fedmed_resume_of: <job id>`` (set by
 :class:`fedmed.flare.resume.ResumeInterruptedJobs` when a restarted server re-submits a job that
@@ -27,6 +35,7 @@ on from the first round that had not completed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -46,9 +55,11 @@ from fedmed.aggregation import DEFAULT_AGGREGATION, check_aggregation_spec
 from fedmed.atomic import atomic_path, write_json
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, numpy_to_state, state_to_numpy
-from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder
+from fedmed.provenance import CARD_FILENAME, ProvenanceRecorder, load_model_weights
+from fedmed.release import COLLAPSE, DEFAULT_RELEASE_TOLERANCE, FINAL, ROLLBACK, check_tolerance, decide_release
 from fedmed.results import (
     BEST_MODEL_FILE,
+    FINAL_MODEL_FILE,
     GLOBAL_MODEL_FILE,
     METRICS_FILE,
     RUN_CONFIG_FILE,
@@ -84,6 +95,7 @@ class FedAvgController(Controller):
         server_optimizer: dict | None = None,
         he_aggregator_id: str = "",
         he_shareable_generator_id: str = "",
+        release_tolerance: float = DEFAULT_RELEASE_TOLERANCE,
     ):
         """Args (the server config's ``args``):
         num_rounds: federated rounds.
@@ -106,6 +118,9 @@ class FedAvgController(Controller):
             generator components; when set, rounds run under homomorphic encryption (privacy mode
             ``he``, see fedmed.flare.he): the server aggregates ciphertext only, at least 3 sites
             must contribute to every round, and ``aggregation`` / ``server_optimizer`` must be unset.
+        release_tolerance: the release gate's tolerance (default 0.02): the final model is released
+            when it scores at most this much below the best version (median over sites of the key
+            metric) and not below the initial model; otherwise the best version is (fedmed.release).
         """
         super().__init__()
         if num_rounds < 1:
@@ -128,6 +143,8 @@ class FedAvgController(Controller):
         self.network = network or DEFAULT_NETWORK
         self.task_spec = task or DEFAULT_TASK
         self.seed = seed
+        self.release_tolerance = check_tolerance(release_tolerance, "FedAvgController args.release_tolerance")
+        self.best_weights = None  # plaintext: the best version's weights (for a rollback)
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
         self.final_validation = final_validation
@@ -275,7 +292,7 @@ class FedAvgController(Controller):
             for note in outcome.notes:
                 self.log_warning(fl_ctx, f"[fedmed] round {round_num}: {note}")
             if outcome.entering_model_is_best:
-                self._save_model(BEST_MODEL_FILE)  # the model that entered this round, before it is replaced
+                self._save_best()  # the model that entered this round, before it is replaced
             if not outcome.accepted:
                 self.log_error(fl_ctx, f"[fedmed] {outcome.record['rejected']['reason']}")
             self.global_model = outcome.model
@@ -306,16 +323,62 @@ class FedAvgController(Controller):
             for site, message in failed.items():
                 self.log_warning(fl_ctx, f"[fedmed] final validation: left out {site}: {message}")
             if improved:
-                self._save_model(BEST_MODEL_FILE)
+                self._save_best()
             if evaluation is not None:
                 self.log_info(fl_ctx, f"[fedmed] final global model{' (decrypted at the sites)' if self.he else ''}: median validation "
                                       f"{engine.key_metric} {evaluation[f'median_{engine.key_metric}']} over {len(evaluation['sites'])} sites")
         if abort_signal.triggered:
             return
+        decision = self._release(fl_ctx)
         engine.finish()
         self._save_metrics()
         self._save_resume_state(fl_ctx)
-        self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model {engine.metrics['best']}")
+        self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; {decision.status_line()}")
+
+    # ---- release gate -------------------------------------------------------------------------
+
+    def _save_best(self) -> None:
+        self._save_model(BEST_MODEL_FILE)
+        if not self.he:
+            self.best_weights = {k: np.array(v, copy=True) for k, v in self.global_model.items()}
+
+    def _release(self, fl_ctx: FLContext):
+        """Decide the released version (fedmed.release) and make ``global_model.pt`` and the provenance
+        card that version. A collapse raises RoundFailed (the job fails, nothing is released)."""
+        engine = self.engine
+        decision = decide_release(engine.metrics["evaluations"], engine.key_metric, self.num_rounds, self.release_tolerance)
+        engine.metrics["release"] = decision.as_dict()
+        if decision.action == COLLAPSE:
+            raise engine.fail(f"release gate: {decision.reason}; no model is released (metrics.json 'release')")
+        if decision.action == ROLLBACK and self.he:  # the server holds no plaintext model to release instead
+            if decision.initial is not None and decision.final is not None and decision.final < decision.initial:
+                raise engine.fail(f"release gate: {decision.reason}; under he the server cannot roll back, no model is released")
+            decision = dataclasses.replace(decision, action=FINAL, version=self.num_rounds, reason=(
+                decision.reason.split("; rolled back")[0] + "; NOT rolled back: under he the server holds no plaintext "
+                "model, the final one is released"))
+            engine.metrics["release"] = decision.as_dict()
+        elif decision.action == ROLLBACK:
+            self._roll_back(decision.version)
+            engine.metrics["release"]["final_model_file"] = FINAL_MODEL_FILE
+            self.log_warning(fl_ctx, f"[fedmed] release gate: {decision.reason}")
+        engine.metrics["release"]["model_file"] = GLOBAL_MODEL_FILE
+        if self.provenance is not None:
+            self.provenance.write(self.out_dir / CARD_FILENAME, released_model_file=GLOBAL_MODEL_FILE,
+                                  released_weights=self.global_model, release=engine.metrics["release"])
+        return decision
+
+    def _roll_back(self, version: int) -> None:
+        """``global_model.pt`` becomes the best version; the final model is kept as ``final_global_model.pt``."""
+        best = self.engine.metrics.get("best") or {}
+        if best.get("model_version") != version:
+            raise self.engine.fail(f"release gate: the best version is {version}, the round engine kept "
+                                   f"{best.get('model_version')}; not releasing a model that was not kept")
+        weights = self.best_weights
+        if weights is None:  # a resumed run: the best version was kept on disk
+            weights = {k: v.numpy() for k, v in load_model_weights(self.out_dir / BEST_MODEL_FILE).items()}
+        shutil.copy2(self.out_dir / GLOBAL_MODEL_FILE, self.out_dir / FINAL_MODEL_FILE)
+        self.global_model = weights
+        self._save_model(GLOBAL_MODEL_FILE)
 
     # ---- resume -------------------------------------------------------------------------------
 
