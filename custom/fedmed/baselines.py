@@ -13,8 +13,9 @@ up to ``num_rounds`` calls of :meth:`fedmed.training.LocalTrainer.train`, each a
 exactly as a site does in the federation: at most ``num_rounds x local_epochs`` epochs over the
 model's training data. FedProx is a federated regulariser and is off for the baselines.
 
-Time (issue 17): the models train in parallel worker processes with one torch thread each (on a
-loaded 2-core machine, torch's 2 threads in one process ran 5-8x slower than one), and each stops
+Time (issue 17): the models train in parallel worker processes, one per model as the FLARE
+simulator runs one process per site, with one torch thread each (on a loaded 2-core machine,
+torch's 2 threads in one process ran 5-8x slower than one thread), and each stops
 early after ``patience`` round-equivalents without a better score on its own validation data,
 keeping its best weights. Early stopping can only flatter a baseline on its own validation data,
 so "the federation beats local-only" stays a conservative claim; progress lines carry an ETA.
@@ -428,7 +429,8 @@ def run_for_job(
     ``federated_model`` (a state_dict .pt, e.g. ``OUT/models/global_model.pt``) is evaluated
     beside the baselines on all sites' validation data; ``external`` ({name: path} of external
     sets written by ``simulate``) adds every baseline model's external-data figures. ``workers``
-    (default: the machine's CPU count) worker processes train the models in parallel."""
+    worker processes train the models in parallel (default: one per model, as the simulator runs
+    one process per site)."""
     settings = job_settings(job_dir)
     task = build_task(settings["task"])
     datasets = {}
@@ -455,7 +457,7 @@ def run_for_job(
         task, settings["network"], datasets, rounds, settings["trainer_args"], settings["network_seed"],
         federated_weights=federated_weights, log=log,
         external={name: task.load_external(path) for name, path in (external or {}).items()},
-        workers=workers if workers is not None else (os.cpu_count() or 1), patience=patience,
+        workers=workers if workers is not None else len(datasets) + 1, patience=patience,
     )
     write_baselines(doc, out_path)
     log(f"  [baselines] done in {time.perf_counter() - started:.0f} s wall, {_cpu_seconds() - cpu:.0f} s CPU "

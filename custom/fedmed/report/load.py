@@ -137,10 +137,11 @@ def run_status(root: Path, metrics_doc: Any) -> RunStatus:
 
 
 def _job_meta(root: Path) -> dict | None:
-    """A downloaded job's meta.json (its status), in ``root`` or up to 4 folders above it."""
+    """A downloaded job's meta.json (its status): the one beside the job's ``workspace/`` or ``job/``
+    folder (FLARE leaves a stale copy inside ``workspace/``), in ``root`` or up to 4 folders above it."""
     for folder in (root, *list(root.resolve().parents)[:4]):
         path = folder / "meta.json"
-        if path.is_file():
+        if path.is_file() and ((folder / "workspace").is_dir() or (folder / "job").is_dir()):
             try:
                 meta = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
