@@ -127,11 +127,11 @@ def test_norm_is_computed_on_the_named_keys_only_and_other_keys_are_kept():
 
 def test_trimmed_mean_drops_the_extremes_per_coordinate():
     ups = [{"x": np.array([v])} for v in (1.0, 2.0, 3.0, 4.0, 1000.0)]
-    assert trimmed_mean(ups, 0.2)["x"][0] == pytest.approx(3.0)
+    assert trimmed_mean(ups, 1)["x"][0] == pytest.approx(3.0)  # f=1: the largest and smallest dropped
     assert coordinate_median(ups)["x"][0] == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("spec", ["clipped_fedavg", "trimmed_mean", "median"])
+@pytest.mark.parametrize("spec", ["clipped_fedavg", "trimmed_mean", "median", "geometric_median", "multi_krum"])
 def test_each_attack_kind_is_bounded_by_the_robust_aggregators(spec):
     contributions, direction = _honest(4)
     clean, _ = aggregate_updates(contributions, spec)
@@ -156,10 +156,16 @@ def test_plain_fedavg_is_not_robust_which_is_why_it_is_not_the_default():
 def test_aggregation_spec_errors_name_the_key():
     with pytest.raises(ValueError, match="unknown aggregator 'krum'"):
         check_aggregation_spec({"name": "krum"})
+    with pytest.raises(ValueError, match="trim_fraction: replaced by f"):
+        check_aggregation_spec({"name": "trimmed_mean", "args": {"trim_fraction": 0.2}})
+    with pytest.raises(ValueError, match=r"args.f: .*whole number"):
+        check_aggregation_spec({"name": "median", "args": {"f": 1.5}})
+    with pytest.raises(ValueError, match="fedavg tolerates no hostile site"):
+        check_aggregation_spec({"name": "fedavg", "args": {"f": 1}})
     with pytest.raises(ValueError, match="norm_multiplier"):
         check_aggregation_spec({"name": "clipped_fedavg", "args": {"norm_multiplier": 0.5}})
     with pytest.raises(ValueError, match="unknown key"):
-        check_aggregation_spec({"name": "median", "args": {"trim_fraction": 0.1}})
+        check_aggregation_spec({"name": "fedavg", "args": {"norm_multiplier": 2.0}})
     with pytest.raises(ValueError, match="max_samples.site-1"):
         check_aggregation_spec({"name": "fedavg", "args": {"max_samples": {"site-1": -1}}})
 

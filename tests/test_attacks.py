@@ -45,3 +45,31 @@ def test_nan_poisons_the_update_and_metric_claims_the_key_metrics_only():
     _, meta = apply_attack(parse_attack("s:metric=1e9"), original_update, original_meta)
     assert meta["metrics"]["val_auc"] == meta["metrics"]["val_accuracy"] == 1e9
     assert meta["metrics"]["val_loss"] == 0.5 and original_meta["metrics"]["val_auc"] == 0.7  # the input is not changed
+
+
+@pytest.mark.unit
+def test_delay_holds_the_reply_at_the_named_site_only_and_leaves_the_update_honest():
+    import time
+
+    from nvflare.apis.dxo import DXO, DataKind, from_shareable
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+
+    from fedmed.attacks import reply_delay
+    from fedmed.flare.attack_filter import SimulatedAttackFilter
+
+    attack = parse_attack("site-4:delay=0.3")
+    assert (attack.kind, attack.value, reply_delay([attack])) == ("delay", 0.3, 0.3)
+    update, meta = apply_attack(attack, *_reply())
+    assert np.all(update["w"] == 1) and meta["simulated_attack"] == "delay=0.3"
+    with pytest.raises(AttackSyntaxError, match="delay must be between 0 and 86400"):
+        parse_attack("site-4:delay=-1")
+    attack_filter = SimulatedAttackFilter([attack.to_dict()])
+    for site, least, most in (("site-4", 0.3, 5.0), ("site-1", 0.0, 0.2)):
+        ctx = FLContext()
+        ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+        shareable = DXO(DataKind.WEIGHT_DIFF, {"w": np.ones(2, dtype=np.float32)}, {"num_samples": 5}).to_shareable()
+        started = time.perf_counter()
+        out = from_shareable(attack_filter.process(shareable, ctx))
+        assert least <= time.perf_counter() - started < most
+        assert np.all(out.data["w"] == 1)

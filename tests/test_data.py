@@ -70,7 +70,7 @@ def test_no_image_of_an_external_set_reaches_any_site():
     rng = np.random.default_rng(3)
     pool.test = data.ImageSplit(rng.random((50, 1, 28, 28)).astype(np.float32), rng.integers(0, 2, 50))
     fed = data.partition_sites(pool, 3, alpha=0.5, seed=1)
-    assert sorted(fed.external) == ["external-test", "external-val"]
+    assert sorted(fed.external) == ["external-test", "external-val", "external-val-acq"]
     # by provenance: site rows come from the pool's train split only, each row at most once
     rows = np.concatenate([np.concatenate([r["train"], r["val"]]) for r in fed.provenance["sites"].values()])
     assert len(rows) == len(np.unique(rows)) == 600 and rows.max() < 600

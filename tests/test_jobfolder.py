@@ -1,10 +1,12 @@
-"""fedmed.jobfolder: the one reader/writer of job folders, and simulate's --set overrides through it."""
+"""fedmed.jobfolder: the one writer and the reader of job folders, and its wrappers kept for older callers."""
 
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.unit
 
 from fedmed.jobfolder import JobFolder, JobFolderError, parse_assignments, parse_value
 
@@ -93,14 +95,15 @@ def test_baselines_read_the_job_through_jobfolder(tmp_path):
         baselines.job_settings(broken)
 
 
-def test_check_components_refuses_a_bad_setting_naming_it(job_copy):
-    job_copy.check_components()  # the committed settings build
-    job_copy.apply_settings({"num_rounds": 0})
-    with pytest.raises(JobFolderError, match="controller FedAvgController refuses its args: ValueError: num_rounds must be >= 1"):
-        job_copy.check_components()
-    job_copy.apply_settings({"num_rounds": 2, "network": {"name": "no_such_net"}})
-    with pytest.raises(JobFolderError, match="network or task spec does not build"):
-        job_copy.check_components()
+def test_the_folder_reads_back_as_a_spec_and_wrappers_write_through_the_one_writer(job_copy):
+    from fedmed.jobfolder import read_job_spec, write_job_folder
+
+    spec = job_copy.spec()
+    assert spec == read_job_spec(JOB) and spec.name == "cxr_pneumonia_fedavg"
+    job_copy.apply_settings({"lr": 0.05})
+    assert job_copy.spec().executor["lr"] == 0.05 and spec.executor["lr"] != 0.05  # the spec is a value
+    write_job_folder(spec, job_copy.path)
+    assert (job_copy.path / "app/config/config_fed_client.json").read_bytes() == (JOB / "app/config/config_fed_client.json").read_bytes()
 
 
 def test_a_dotted_key_changes_one_entry_of_a_dict_setting(job_copy):

@@ -7,7 +7,7 @@ import fedmed
 
 PACKAGE = Path(fedmed.__file__).parent
 ADAPTER_PACKAGES = {"flare", "deploy"}
-GLUE_MODULES = {"simulate.py"}  # runs the simulator and the allow-list, by design
+GLUE_MODULES = {"simulate.py", "runner.py"}  # run the simulator, the allow-list and the recipe checks, by design
 
 
 def _imports(path: Path):

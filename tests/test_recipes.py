@@ -1,4 +1,6 @@
-"""FLARE 2.9 recipes: every jobs/<name>/job.py exports exactly the committed job folder; a recipe runs in SimEnv."""
+"""Job specs, the one writer and FLARE 2.9 recipes: every jobs/<name>/job.py spec writes exactly the committed job
+folder, byte for byte; FLARE's own exporter writes the same for the recipe of every spec; a job.py run writes what
+simulate writes."""
 
 import importlib.util
 import json
@@ -52,19 +54,58 @@ def test_every_job_folder_has_a_job_py():
     assert folders and [s.parent for s in JOB_SCRIPTS] == folders
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("script", JOB_SCRIPTS, ids=[s.parent.name for s in JOB_SCRIPTS])
-def test_job_py_exports_the_committed_job_folder(script, tmp_path):
-    from fedmed.flare.recipes import export_job_folder
+def test_job_py_spec_writes_the_committed_job_folder_byte_for_byte(script, tmp_path):
+    from fedmed.jobfolder import read_job_spec, write_job_folder
 
-    recipe = _load_job_module(script).build_recipe()
-    assert recipe.name == script.parent.name
-    exported = export_job_folder(recipe, tmp_path / script.parent.name)
-    committed = _folder_contents(script.parent)
-    differences = _differences(_folder_contents(exported.path), committed)
+    spec = _load_job_module(script).SPEC
+    assert spec.name == script.parent.name
+    written = write_job_folder(spec, tmp_path / script.parent.name)
+    differences = _differences(_folder_contents(written.path), _folder_contents(script.parent))
     assert differences == [], (
-        f"{script.parent.name}: the committed job folder differs from its job.py; change the settings in job.py, then "
+        f"{script.parent.name}: the committed job folder differs from its job.py; change the spec in job.py, then "
         f"python {script.relative_to(REPO)} --export {script.parent.relative_to(REPO)}"
     )
+    for path in sorted(p for p in (tmp_path / script.parent.name).rglob("*") if p.is_file()):
+        rel = path.relative_to(tmp_path / script.parent.name)
+        assert path.read_bytes() == (script.parent / rel).read_bytes(), f"{rel} differs in formatting"
+    assert read_job_spec(script.parent) == spec  # reading a job folder gives the spec back
+
+
+def _flare_export(spec, root):
+    from fedmed.flare.recipes import recipe_from_spec
+
+    recipe_from_spec(spec).export(str(root))  # FLARE's own exporter: root/<name>/
+    return root / spec.name
+
+
+def _sorted_tasks(contents):
+    for name, config in contents.items():
+        if isinstance(config, dict):
+            for kind in ("task_data_filters", "task_result_filters"):
+                for chain in config.get(kind, []):
+                    chain["tasks"] = sorted(chain["tasks"])  # FLARE exports a chain's task set in any order
+    return contents
+
+
+@pytest.mark.parametrize("script", JOB_SCRIPTS, ids=[s.parent.name for s in JOB_SCRIPTS])
+def test_flares_exporter_writes_what_the_one_writer_writes(script, tmp_path):
+    """The recipe (FLARE's Recipe API: components, filters) is the spec as FLARE objects: its export equals our folder,
+    for every job and for a job with every variant (privacy filters, HE components, a simulated attack)."""
+    from fedmed.jobfolder import write_job_folder
+    from fedmed.jobspec import with_attacks, with_he, with_settings
+    from fedmed.privacy.simulation import with_privacy_mode
+
+    spec = _load_job_module(script).SPEC
+    variants = [spec]
+    if script.parent.name == "cxr_pneumonia_fedavg":
+        dp, _ = with_privacy_mode(with_settings(spec, {"lr": 0.01}), "dp")
+        variants += [with_attacks(dp, [{"site": "site-2", "kind": "scale", "value": -10.0}]), with_he(spec)]
+    for i, variant in enumerate(variants):
+        ours = _sorted_tasks(_folder_contents(write_job_folder(variant, tmp_path / f"ours{i}").path))
+        flare = _sorted_tasks(_folder_contents(_flare_export(variant, tmp_path / f"flare{i}")))
+        assert _differences(flare, ours) == [], f"variant {i}"
 
 
 def test_job_py_command_line_export_keeps_readme_and_job_py(tmp_path):
@@ -75,10 +116,7 @@ def test_job_py_command_line_export_keeps_readme_and_job_py(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (job / "README.md").read_text() == "keep me"
-    from fedmed.flare.recipes import export_job_folder
-
-    in_process = export_job_folder(_load_job_module(REPO / "jobs/cxr_pneumonia_fedavg/job.py").build_recipe(), tmp_path / "in_process")
-    assert _folder_contents(job) == _folder_contents(in_process.path)
+    assert _folder_contents(job) == _folder_contents(REPO / "jobs/cxr_pneumonia_fedavg")
     # FLARE's own convention writes ROOT/<name>/
     root = tmp_path / "root"
     result = subprocess.run([sys.executable, str(REPO / "jobs/cxr_pneumonia_fedavg/job.py"), "--export", "--export-dir", str(root)],
@@ -90,11 +128,12 @@ def test_job_py_command_line_export_keeps_readme_and_job_py(tmp_path):
 def test_recipes_are_flare_recipes_and_check_their_settings(tmp_path):
     from nvflare.recipe.spec import Recipe
 
-    from fedmed.flare.recipes import ClassificationFedAvgRecipe, RecipeError, SegmentationFedProxRecipe, configured
+    from fedmed.flare.recipes import RecipeError, configured, recipe_from_spec
+    from fedmed.jobspec import with_settings
 
-    module = _load_job_module(REPO / "jobs/cxr_pneumonia_fedavg/job.py")
-    recipe = module.build_recipe({"num_rounds": 3})
-    assert isinstance(recipe, Recipe) and isinstance(recipe, ClassificationFedAvgRecipe)
+    spec = _load_job_module(REPO / "jobs/cxr_pneumonia_fedavg/job.py").SPEC
+    recipe = recipe_from_spec(with_settings(spec, {"num_rounds": 3}))
+    assert isinstance(recipe, Recipe)
     recipe.export(str(tmp_path))  # FLARE's Recipe.export: tmp/<name>/
     server = JobFolder(tmp_path / "cxr_pneumonia_fedavg").load_server()
     assert server["workflows"][0]["args"]["num_rounds"] == 3
@@ -102,45 +141,49 @@ def test_recipes_are_flare_recipes_and_check_their_settings(tmp_path):
     with pytest.raises(RecipeError, match=r"unknown argument\(s\) learning_rate; valid: .*\blr\b"):
         configured("fedmed.flare.executor.FedMedExecutor", {"learning_rate": 0.1})
     with pytest.raises(RecipeError, match="num_rounds must be >= 1"):
-        module.build_recipe({"num_rounds": 0})
-    seg = _load_job_module(REPO / "jobs/prostate_seg_fedprox/job.py")
-    with pytest.raises(RecipeError, match="fedprox_mu"):
-        SegmentationFedProxRecipe(name="x", controller_args=seg.CONTROLLER_ARGS, executor_args={**seg.EXECUTOR_ARGS, "fedprox_mu": 0.0})
-    with pytest.raises(RecipeError, match="expected 'classification'"):
-        ClassificationFedAvgRecipe(name="x", controller_args=seg.CONTROLLER_ARGS, executor_args={})
+        recipe_from_spec(with_settings(spec, {"num_rounds": 0}))
 
 
 @pytest.mark.slow
-def test_a_recipe_runs_in_sim_env_with_two_sites_one_round(tmp_path):
-    workspace = tmp_path / "ws"
+def test_job_py_runs_in_sim_env_and_writes_what_simulate_writes(tmp_path):
+    """python jobs/cxr_pneumonia_fedavg/job.py (FLARE's SimEnv) goes through the runner simulate uses: bundle,
+    metrics.json with the external evaluation, report, provenance card, the run's job folder."""
+    out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, str(REPO / "jobs/cxr_pneumonia_fedavg/job.py"), "--sites", "2", "--rounds", "1",
-                             "--workspace", str(workspace)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+                             "--out", str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    metrics = json.loads((workspace / "outputs" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] is True and [r["contributors"] for r in metrics["rounds"]] == [["site-1", "site-2"]]
-    assert (workspace / "outputs" / "bundle" / "models" / "model.pt").is_file()
-    site_config = json.loads((workspace / "cxr_pneumonia_fedavg" / "local" / "fedmed_site.json").read_text())
+    assert metrics["external"], "the external hospitals were evaluated"
+    for name in ("bundle/models/model.pt", "bundle/configs/inference.json", "report/report.html", "report/report.md",
+                 "provenance.json", "models/global_model.pt", "job/meta.json", "job/app/config/config_fed_server.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "INCOMPLETE").exists()
+    assert JobFolder(out / "job").controller_args()["num_rounds"] == 1
+    site_config = json.loads((out / "workspace" / "cxr_pneumonia_fedavg" / "local" / "fedmed_site.json").read_text())
     assert set(site_config["sites"]) == {"site-1", "site-2"}
-    assert (workspace / "cxr_pneumonia_fedavg" / "server" / "simulate_job" / "app_server" / "fedmed").is_dir(), \
+    assert (out / "workspace" / "cxr_pneumonia_fedavg" / "server" / "simulate_job" / "app_server" / "fedmed").is_dir(), \
         "SimEnv must run in the given workspace (FLARE's default is /tmp/nvflare)"
 
 
-def test_flare_recipe_helpers_add_filters_and_the_job_names_a_privacy_scope(tmp_path):
-    from fedmed.flare.recipes import ClassificationFedAvgRecipe, configured
+def test_flare_recipe_filters_and_the_job_names_a_privacy_scope(tmp_path):
+    from fedmed.flare.recipes import recipe_from_spec
+    from fedmed.jobfolder import write_job_folder
+    from fedmed.jobspec import with_filters, with_scope
 
-    module = _load_job_module(REPO / "jobs/cxr_pneumonia_fedavg/job.py")
-    recipe = ClassificationFedAvgRecipe(name="cxr_compressed", controller_args=module.CONTROLLER_ARGS,
-                                        executor_args=module.EXECUTOR_ARGS, meta={"scope": "compressed"})
-    recipe.add_client_output_filter(configured("fedmed.flare.filters.Float16CompressFilter", {}), tasks=["train", "submit_model"])
-    recipe.add_server_input_filter(configured("fedmed.flare.filters.Float16DecompressFilter", {}), tasks=["train", "submit_model"])
-    from fedmed.flare.recipes import export_job_folder
-
-    job = export_job_folder(recipe, tmp_path / "job")
+    spec = _load_job_module(REPO / "jobs/cxr_pneumonia_fedavg/job.py").SPEC
+    spec = with_scope(spec.replace(cross_site=None), "compressed")
+    spec = with_filters(spec, "client", "task_result_filters", [{"path": "fedmed.flare.filters.Float16CompressFilter", "args": {}}],
+                        ["train", "submit_model"])
+    spec = with_filters(spec, "server", "task_result_filters", [{"path": "fedmed.flare.filters.Float16DecompressFilter", "args": {}}],
+                        ["train", "submit_model"])
+    recipe_from_spec(spec)  # every filter constructs
+    job = write_job_folder(spec, tmp_path / "job")
     assert job.scope() == "compressed"
     (chain,) = job.load_client()["task_result_filters"]
     assert sorted(chain["tasks"]) == ["submit_model", "train"]
     assert chain["filters"] == [{"path": "fedmed.flare.filters.Float16CompressFilter", "args": {}}]
-    assert [w["id"] for w in job.load_server()["workflows"]] == ["fedavg"]  # no cross_site_args: no cross-site workflow
+    assert [w["id"] for w in job.load_server()["workflows"]] == ["fedavg"]  # no cross_site: no cross-site workflow
     (server_chain,) = job.load_server()["task_result_filters"]
     assert server_chain["filters"][0]["path"] == "fedmed.flare.filters.Float16DecompressFilter"

@@ -192,3 +192,64 @@ def test_a_rejected_round_leaves_no_trace_in_the_server_optimizer():
     before = engine.step.state_dict()
     outcome = engine.run_round(0, _global(), _replies(**{"site-3": huge}))
     assert not outcome.accepted and engine.step.state_dict()["server_optimizer"]["steps"] == before["server_optimizer"]["steps"]
+
+
+# ---- participation (issue 18) ---------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_participation_counts_contributed_flagged_and_left_out_rounds_per_site():
+    engine = _engine(aggregation="median", num_rounds=3)
+    engine.step = PlaintextAggregation({"name": "median"}, num_sites=5)
+    hostile = parse_attack("site-2:scale=-10")
+    for r in range(3):
+        replies = _replies()
+        replies["site-2"] = SiteReply("WEIGHT_DIFF", *apply_attack(hostile, replies["site-2"].update, replies["site-2"].meta))
+        errors = {}
+        if r < 2:  # site-4 too slow in rounds 0 and 1
+            del replies["site-4"]
+            errors["site-4"] = "no answer before the task closed (timed out or disconnected)"
+        if r == 2:  # site-5 reports an impossible AUC: refused
+            replies["site-5"] = _reply(4, auc=7.0)
+        engine.run_round(r, _global(), replies, errors)
+    part = engine.metrics["participation"]
+    assert part["site-2"]["rounds_contributed"] == 3 and part["site-2"]["rounds_flagged"] == 3
+    assert part["site-2"]["flagged_as"]["bounded"] == 3 and part["site-2"]["flagged_as"]["outlier"] == 3
+    assert part["site-4"] == {"rounds_contributed": 1, "rounds_flagged": 0, "rounds_left_out": 2, "flagged_as": {}}
+    assert part["site-5"]["rounds_contributed"] == 2 and part["site-5"]["flagged_as"]["refused"] == 1
+    assert part["site-1"]["rounds_flagged"] == 0 and part["site-1"]["rounds_contributed"] == 3
+    line = engine.participation_line()
+    assert line.startswith("flagged in most rounds: site-2 (3/3: bounded, outlier)") and "left out of most rounds: site-4 (2/3)" in line
+    assert "site-1" not in line
+    assert engine.metrics["rounds"][0]["left_out"] == ["site-4"]
+
+
+@pytest.mark.unit
+def test_a_step_with_a_stated_tolerance_stops_a_round_with_too_few_sites_for_it():
+    engine = RoundEngine(PlaintextAggregation({"name": "median", "args": {"f": 2}}, num_sites=5), "job", "val_auc", 3, 2)
+    assert engine.step.min_sites == 5 and engine.step.tolerance == 2
+    replies = _replies()
+    del replies["site-5"]
+    with pytest.raises(RoundFailed, match=r"tolerates f=2 hostile site\(s\) and needs 5 contributing sites"):
+        engine.run_round(0, _global(), replies, {"site-5": "no answer"})
+    assert engine.metrics["participation"]["site-5"]["rounds_left_out"] == 1
+
+
+@pytest.mark.unit
+def test_the_plaintext_step_owns_create_send_save_and_restore_of_the_model(tmp_path):
+    import torch
+
+    from fedmed.rounds import WEIGHTS, PlaintextAggregation, StepContext
+
+    reference = {"w": torch.zeros(2, 3), "n": torch.zeros((), dtype=torch.long)}
+    context = StepContext(tmp_path, {}, {}, num_rounds=1, min_clients=1, reference_state=reference)
+    step = PlaintextAggregation({"name": "fedavg"})
+    model = step.create({"w": np.ones((2, 3), np.float32), "n": np.asarray(4)}, context)
+    assert step.open_round(0, context) == {}
+    kind, data, meta = step.send(model, {"round": 0})
+    assert kind == WEIGHTS and data is model and meta == {"round": 0}
+    assert step.save(model, tmp_path / "m.pt", context)
+    saved = torch.load(tmp_path / "m.pt")
+    assert saved["n"].dtype == torch.long and torch.equal(saved["w"], torch.ones(2, 3))  # int buffers stay int
+    restored = step.restore(step.plaintext(model), context)
+    assert np.array_equal(restored["w"], model["w"]) and step.settings()["aggregation"]["name"] == "fedavg"
+

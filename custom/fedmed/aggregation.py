@@ -35,6 +35,21 @@ def validate_update(
             )
         if not np.all(np.isfinite(value)):
             raise UpdateError(f"site {site}: key '{key}' holds NaN or infinite values")
+        ref_dtype = np.asarray(reference[key]).dtype
+        if np.issubdtype(ref_dtype, np.integer) and value.size:
+            check_integer_buffer(value, ref_dtype, key, site)
+
+
+def check_integer_buffer(value: np.ndarray, dtype, key: str, site: str = "?") -> None:
+    """An update of an integer buffer (BatchNorm's ``num_batches_tracked``, a counter) must hold whole
+    numbers whose magnitude fits half the buffer's dtype, so global + update cannot overflow it."""
+    value = np.asarray(value, dtype=np.float64)
+    if not np.all(value == np.rint(value)):
+        raise UpdateError(f"site {site}: key '{key}' is an integer buffer ({np.dtype(dtype).name}); its update holds fractions")
+    limit = float(np.iinfo(dtype).max) / 2
+    if np.max(np.abs(value)) > limit:
+        raise UpdateError(f"site {site}: key '{key}' is an integer buffer ({np.dtype(dtype).name}); its update "
+                          f"{np.max(np.abs(value)):.3g} exceeds {limit:.3g}")
 
 
 def validate_keys(update: Mapping, reference_keys, site: str = "?", allow_partial: bool = False) -> None:
@@ -77,7 +92,11 @@ def apply_update(global_weights: Mapping[str, np.ndarray], mean_diff: Mapping[st
             new[key] = value.copy()
             continue
         summed = value.astype(np.float64) + mean_diff[key]
-        new[key] = np.rint(summed).astype(value.dtype) if np.issubdtype(value.dtype, np.integer) else summed.astype(value.dtype)
+        if np.issubdtype(value.dtype, np.integer):  # rounded and kept inside the dtype (no wrap-around)
+            info = np.iinfo(value.dtype)
+            new[key] = np.clip(np.rint(summed), info.min, info.max).astype(value.dtype)
+        else:
+            new[key] = summed.astype(value.dtype)
     return new
 
 
@@ -98,34 +117,103 @@ def weight_difference(local: Mapping[str, np.ndarray], global_weights: Mapping[s
 #
 # The "lower median" (the middle value, or the smaller of the two middle values) keeps the bound
 # an honest site's value whenever honest sites are a majority, also with 2 sites.
+#
+# The norm bound limits the blast of one reply; it is NOT what tolerates hostile sites (a colluder
+# just inside a 2x bound still subtracts two honest steps under a mean). Tolerance comes from the
+# rule and its ``f``, the number of colluding hostile sites the job states it tolerates
+# (:func:`resolve_tolerance`): ``trimmed_mean`` drops the f largest and f smallest values per
+# coordinate, ``median`` / ``geometric_median`` hold while hostile sites are a minority, and
+# ``multi_krum`` averages the n - f updates closest to their neighbours. Each needs
+# :func:`sites_needed` sites for its f; a job with fewer refuses to start.
 
-AGGREGATORS = ("fedavg", "clipped_fedavg", "trimmed_mean", "median")
-DEFAULT_AGGREGATION = {"name": "trimmed_mean", "args": {}}  # the main jobs' robust default
+AGGREGATORS = ("fedavg", "clipped_fedavg", "trimmed_mean", "median", "geometric_median", "multi_krum")
+ROBUST_RULES = ("trimmed_mean", "median", "geometric_median", "multi_krum")  # tolerate f > 0 hostile sites
+DEFAULT_AGGREGATION = {"name": "geometric_median", "args": {}}  # the main jobs' robust default (f: the most the sites allow)
 DEFAULT_NORM_MULTIPLIER = 2.0
 DEFAULT_SAMPLE_CAP_FACTOR = 3.0
-DEFAULT_TRIM_FRACTION = 0.2
+OUTLIER_FACTOR = 2.0  # a site farther than this x the median site's distance from the aggregate is flagged
+_BOUNDS = {"norm_multiplier", "sample_cap_factor", "max_samples", "f"}
 _ARGS = {
-    "fedavg": {"max_samples"},
-    "clipped_fedavg": {"norm_multiplier", "sample_cap_factor", "max_samples"},
-    "trimmed_mean": {"norm_multiplier", "sample_cap_factor", "max_samples", "trim_fraction"},
-    "median": {"norm_multiplier", "sample_cap_factor", "max_samples"},
+    "fedavg": {"max_samples", "f"},
+    "clipped_fedavg": _BOUNDS,
+    "trimmed_mean": _BOUNDS,
+    "median": _BOUNDS,
+    "geometric_median": _BOUNDS,
+    "multi_krum": _BOUNDS,
 }
+
+
+class ToleranceError(ValueError):
+    """The job states a tolerance ``f`` its sites cannot support; the message names f and the site count."""
+
+
+def max_tolerance(name: str, num_sites: int) -> int:
+    """The most hostile sites rule ``name`` tolerates among ``num_sites`` sites (0 for fedavg / clipped_fedavg)."""
+    if name in ("trimmed_mean", "median", "geometric_median"):
+        return max(0, (num_sites - 1) // 2)  # hostile sites a strict minority: n >= 2f + 1
+    if name == "multi_krum":
+        return max(0, (num_sites - 3) // 2)  # every honest update needs f + 1 honest neighbours: n >= 2f + 3
+    return 0
+
+
+def sites_needed(name: str, f: int) -> int | None:
+    """Fewest sites rule ``name`` needs to tolerate ``f`` hostile sites; None when it tolerates none."""
+    if f <= 0:
+        return 1
+    if name in ("trimmed_mean", "median", "geometric_median"):
+        return 2 * f + 1
+    if name == "multi_krum":
+        return 2 * f + 3
+    return None
+
+
+def stated_tolerance(spec) -> int | None:
+    """The ``f`` a spec states, or None for "the most the sites present allow" (the default, ``"auto"``)."""
+    f = check_aggregation_spec(spec)["args"].get("f", "auto")
+    return None if f == "auto" else int(f)
+
+
+def resolve_tolerance(spec, num_sites: int) -> int:
+    """The job's tolerance ``f`` with ``num_sites`` sites: the spec's ``f``, or by default the most its
+    rule supports there. Raises :class:`ToleranceError` naming f and the site count when there are too few sites."""
+    spec = check_aggregation_spec(spec)
+    name, stated = spec["name"], stated_tolerance(spec)
+    if stated is None:
+        return max_tolerance(name, num_sites)
+    need = sites_needed(name, stated)
+    if need is None:
+        raise ToleranceError(f"aggregation {name} tolerates no hostile site, but the job states f={stated}; "
+                             f"choose one of {', '.join(ROBUST_RULES)} (--set aggregation.name=median) or f=0")
+    if num_sites < need:
+        best = max_tolerance(name, num_sites)
+        raise ToleranceError(f"aggregation {name} with f={stated} (hostile sites tolerated) needs at least {need} sites, "
+                             f"this job has {num_sites}: add sites, or state f={best} (--set aggregation.args.f={best}), "
+                             f"the most {name} tolerates with {num_sites} sites")
+    return stated
 
 
 def check_aggregation_spec(spec, where: str = "aggregation") -> dict:
     """Return ``spec`` as ``{"name": ..., "args": {...}}`` or raise ``ValueError`` naming the key.
 
-    Names and their args (defaults in brackets):
+    Names and their args (defaults in brackets). Every rule takes ``f`` ["auto"]: the number of
+    colluding hostile sites the job tolerates; "auto" is the most the rule supports with the sites
+    present (:func:`max_tolerance`); a stated f the sites cannot support stops the job at start
+    (:func:`resolve_tolerance`).
 
-    - ``fedavg``: FedAvg weighted by sample counts; ``max_samples`` [none] ({site: cap}).
+    - ``fedavg``: FedAvg weighted by sample counts; ``max_samples`` [none] ({site: cap}). Tolerates f = 0.
     - ``clipped_fedavg``: counts capped, norms bounded, then FedAvg weighted by the capped counts;
-      ``norm_multiplier`` [2.0], ``sample_cap_factor`` [3.0], ``max_samples`` [none]. A sign-flipped
-      update still subtracts up to ``norm_multiplier`` honest steps.
-    - ``trimmed_mean`` (the main jobs' default): norms bounded, then per coordinate the mean of the
-      values left after dropping the ``floor(trim_fraction * n)`` largest and smallest of the n
-      sites' values (unweighted, so claimed counts do not matter); ``trim_fraction`` [0.2],
-      ``norm_multiplier`` [2.0]. With fewer than 5 sites nothing is trimmed (only the norm bound acts).
-    - ``median``: counts capped, norms bounded, then the per-coordinate median (unweighted).
+      ``norm_multiplier`` [2.0], ``sample_cap_factor`` [3.0], ``max_samples`` [none]. Tolerates f = 0:
+      a sign-flipped update still subtracts up to ``norm_multiplier`` honest steps.
+    - ``trimmed_mean``: norms bounded, then per coordinate the mean of the values left after
+      dropping the f largest and f smallest of the sites' values (unweighted, so claimed counts do
+      not matter). Needs 2f + 1 sites.
+    - ``median``: norms bounded, then the per-coordinate median (unweighted). Needs 2f + 1 sites.
+    - ``geometric_median`` (the main jobs' default): norms bounded, then the point with the least
+      summed distance to the sites' updates (Weiszfeld; unweighted): a minority cannot move it
+      farther than the honest updates' spread, and in high dimension it stays close to the honest
+      mean. Needs 2f + 1 sites.
+    - ``multi_krum``: norms bounded, then the mean of the n - f updates whose n - f - 2 nearest
+      neighbours are closest. Needs 2f + 3 sites.
 
     ``norm_multiplier`` / ``sample_cap_factor`` of ``null`` switch that bound off.
     """
@@ -136,6 +224,10 @@ def check_aggregation_spec(spec, where: str = "aggregation") -> dict:
     name, args = spec["name"], dict(spec.get("args") or {})
     if name not in AGGREGATORS:
         raise ValueError(f"{where}.name: unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}")
+    if "trim_fraction" in args:
+        raise ValueError(f"{where}.args.trim_fraction: replaced by f, the number of hostile sites tolerated "
+                         f"(trimmed_mean drops the f largest and f smallest values per coordinate); remove trim_fraction "
+                         f"and state f, or leave it out for the most the sites allow")
     unknown = sorted(set(args) - _ARGS[name])
     if unknown:
         raise ValueError(f"{where}.args: {name} takes {', '.join(sorted(_ARGS[name]))}; unknown key(s) {', '.join(unknown)}")
@@ -143,9 +235,11 @@ def check_aggregation_spec(spec, where: str = "aggregation") -> dict:
         value = args.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1.0):
             raise ValueError(f"{where}.args.{key}: must be a number >= 1 (or null to switch it off), got {value!r}")
-    trim = args.get("trim_fraction", DEFAULT_TRIM_FRACTION)
-    if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 0.5:
-        raise ValueError(f"{where}.args.trim_fraction: must be in [0, 0.5), got {trim!r}")
+    f = args.get("f", "auto")
+    if f != "auto" and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
+        raise ValueError(f"{where}.args.f: the number of hostile sites tolerated must be a whole number >= 0 or \"auto\", got {f!r}")
+    if name in ("fedavg", "clipped_fedavg") and f not in ("auto", 0):
+        raise ValueError(f"{where}.args.f: {name} tolerates no hostile site (f=0), got f={f}; choose one of {', '.join(ROBUST_RULES)}")
     max_samples = args.get("max_samples")
     if max_samples is not None:
         if not isinstance(max_samples, Mapping):
@@ -223,13 +317,14 @@ def _stacked(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarra
     return {key: np.stack(values) for key, values in keys.items()}
 
 
-def trimmed_mean(updates: Sequence[Mapping[str, np.ndarray]], trim_fraction: float = DEFAULT_TRIM_FRACTION) -> dict[str, np.ndarray]:
-    """Per coordinate: drop the ``floor(trim_fraction * n)`` largest and smallest of the n sites'
-    values, average the rest (unweighted). Keys are combined over the sites that sent them."""
+def trimmed_mean(updates: Sequence[Mapping[str, np.ndarray]], f: int) -> dict[str, np.ndarray]:
+    """Per coordinate: drop the ``f`` largest and ``f`` smallest of the n sites' values, average the
+    rest (unweighted). Keys are combined over the sites that sent them; a key sent by fewer than
+    2f + 1 sites gets the median of what was sent."""
     out = {}
     for key, stacked in _stacked(updates).items():
         n = stacked.shape[0]
-        k = min(int(np.floor(trim_fraction * n)), (n - 1) // 2)
+        k = min(int(f), (n - 1) // 2)
         ordered = np.sort(stacked, axis=0)
         out[key] = ordered[k:n - k].mean(axis=0)
     return out
@@ -240,36 +335,138 @@ def coordinate_median(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, 
     return {key: np.median(stacked, axis=0) for key, stacked in _stacked(updates).items()}
 
 
+def lower_coordinate_median(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-coordinate lower median (always one site's value; for integer buffers such as counters)."""
+    out = {}
+    for key, stacked in _stacked(updates).items():
+        out[key] = np.sort(stacked, axis=0)[(stacked.shape[0] - 1) // 2]
+    return out
+
+
+def _flatten(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str]) -> np.ndarray:
+    return np.stack([np.concatenate([np.asarray(u[k], dtype=np.float64).ravel() for k in keys]) if keys else np.zeros(0)
+                     for u in updates])
+
+
+def _unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    out, offset = {}, 0
+    for key in keys:
+        shape = np.shape(like[key])
+        size = int(np.prod(shape))
+        out[key] = vector[offset:offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+def weiszfeld(points: np.ndarray, max_iter: int = 200, tol: float = 1e-7) -> tuple[np.ndarray, np.ndarray]:
+    """Geometric median of the rows of ``points`` (n, d) by Weiszfeld's iteration, started at the
+    coordinate-wise median. Returns (the median, each row's final weight, summing to 1)."""
+    z = np.median(points, axis=0)
+    scale = max(float(np.max(np.linalg.norm(points - z, axis=1))), 1e-30)
+    weights = np.full(len(points), 1.0 / len(points))
+    for _ in range(max_iter):
+        dist = np.maximum(np.linalg.norm(points - z, axis=1), 1e-9 * scale)
+        weights = (1.0 / dist) / np.sum(1.0 / dist)
+        new = weights @ points
+        moved = float(np.linalg.norm(new - z))
+        z = new
+        if moved <= tol * scale:
+            break
+    return z, weights
+
+
+def geometric_median(updates: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The geometric median of the updates over the keys every site sent (one vector per site);
+    keys only some sites sent get their coordinate median. Returns (update, per-site weights)."""
+    common = [k for k in updates[0] if all(k in u for u in updates)]
+    point, weights = weiszfeld(_flatten(updates, common))
+    out = _unflatten(point, updates[0], common)
+    partial = [{k: v for k, v in u.items() if k not in out} for u in updates]
+    out.update(coordinate_median([p for p in partial if p]) if any(partial) else {})
+    return out, weights
+
+
+def multi_krum(updates: Sequence[Mapping[str, np.ndarray]], f: int) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Multi-Krum: score each update by the summed squared distance to its n - f - 2 nearest others,
+    average the n - f best-scored (unweighted). Returns (update, indices of the selected updates)."""
+    n = len(updates)
+    common = [k for k in updates[0] if all(k in u for u in updates)]
+    points = _flatten(updates, common)
+    if n - f - 2 < 1:
+        selected = list(range(n))
+    else:
+        sq = np.sum((points[:, None, :] - points[None, :, :]) ** 2, axis=-1) if points.shape[1] else np.zeros((n, n))
+        scores = [float(np.sum(np.sort(np.delete(sq[i], i))[:n - f - 2])) for i in range(n)]
+        selected = sorted(np.argsort(scores, kind="stable")[:n - f].tolist())
+    chosen = [updates[i] for i in selected]
+    return {key: stacked.mean(axis=0) for key, stacked in _stacked(chosen).items()}, selected
+
+
+def distance_outliers(updates: Mapping[str, Mapping[str, np.ndarray]], combined: Mapping[str, np.ndarray],
+                      keys: Sequence[str] | None = None, factor: float = OUTLIER_FACTOR) -> dict[str, dict]:
+    """Sites whose (bounded) update lies farther than ``factor`` x the lower median site's distance
+    from the aggregate: the ones a robust rule trimmed or down-weighted. {site: {"distance", "median_distance"}}."""
+    if len(updates) < 3:
+        return {}
+    keys = [k for k in (keys if keys is not None else combined) if k in combined]
+    dist = {site: update_norm({k: np.asarray(u[k], dtype=np.float64) - combined[k] for k in keys if k in u})
+            for site, u in updates.items()}
+    median = lower_median(list(dist.values()))
+    return {site: {"distance": d, "median_distance": median} for site, d in dist.items() if d > factor * median and d > 0}
+
+
 def aggregate_updates(contributions: Sequence[tuple[str, Mapping[str, np.ndarray], float]], spec=DEFAULT_AGGREGATION,
                       norm_keys: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Combine ``(site, update, num_samples)`` contributions with the aggregator ``spec``
-    (see :func:`check_aggregation_spec`).
+    (see :func:`check_aggregation_spec`). ``norm_keys``: the floating-point keys the norm bound and
+    distances use; other keys (integer buffers such as BatchNorm's counter) get the lower median of
+    the sites' values under every robust rule, so no site sets them alone at any number of sites.
 
-    Returns (the aggregated update, a report ``{"aggregator", "weights", "capped", "clipped"}``:
-    the sample counts used per site, and the sites whose count was capped / norm was bounded).
+    Returns (the aggregated update, a report ``{"aggregator", "f", "weights", "capped", "clipped",
+    "outliers", "excluded"?}``: the sample counts used per site, the sites whose count was capped /
+    norm was bounded, the sites far from the aggregate (trimmed / down-weighted as outliers) and,
+    for multi_krum, the sites left out of the mean).
     """
     spec = check_aggregation_spec(spec)
     name, args = spec["name"], spec["args"]
     if not contributions:
-        return {}, {"aggregator": name, "weights": {}, "capped": {}, "clipped": {}}
+        return {}, {"aggregator": name, "weights": {}, "capped": {}, "clipped": {}, "outliers": {}}
     sites = [site for site, _, _ in contributions]
     if len(set(sites)) != len(sites):
         raise UpdateError(f"more than one update from the same site in a round: {sorted(sites)}")
+    stated = args.get("f", "auto")
+    f = max_tolerance(name, len(sites)) if stated == "auto" else min(int(stated), max_tolerance(name, len(sites)))
     counts = {site: num_samples for site, _, num_samples in contributions}
     updates = {site: update for site, update, _ in contributions}
     robust = name != "fedavg"
     counts, capped = cap_sample_counts(counts, args.get("sample_cap_factor", DEFAULT_SAMPLE_CAP_FACTOR) if robust else None,
                                        args.get("max_samples"))
-    clipped = {}
+    clipped, report_extra = {}, {}
     if robust:
         updates, clipped = clip_update_norms(updates, args.get("norm_multiplier", DEFAULT_NORM_MULTIPLIER), norm_keys)
-    if name in ("fedavg", "clipped_fedavg"):
-        combined = weighted_mean([(updates[site], counts[site]) for site in sites])
+    float_keys = None if norm_keys is None else set(norm_keys)
+    main = {s: ({k: v for k, v in u.items() if k in float_keys} if float_keys is not None else dict(u)) for s, u in updates.items()}
+    rest = {s: {k: v for k, v in u.items() if k not in main[s]} for s, u in updates.items()}
+    ordered = [main[site] for site in sites]
+    if name == "fedavg":
+        combined, rest = weighted_mean([(updates[site], counts[site]) for site in sites]), {}
+    elif name == "clipped_fedavg":
+        combined = weighted_mean([(main[site], counts[site]) for site in sites])
     elif name == "trimmed_mean":
-        combined = trimmed_mean([updates[site] for site in sites], args.get("trim_fraction", DEFAULT_TRIM_FRACTION))
+        combined = trimmed_mean(ordered, f)
+    elif name == "median":
+        combined = coordinate_median(ordered)
+    elif name == "geometric_median":
+        combined, weights = geometric_median(ordered)
+        report_extra["gm_weights"] = {site: float(w) for site, w in zip(sites, weights)}
     else:
-        combined = coordinate_median([updates[site] for site in sites])
-    return combined, {"aggregator": name, "weights": counts, "capped": capped, "clipped": clipped}
+        combined, selected = multi_krum(ordered, f)
+        report_extra["excluded"] = sorted(sites[i] for i in range(len(sites)) if i not in selected)
+    if any(rest.values()):
+        combined.update(lower_coordinate_median([r for r in rest.values() if r]))
+    outliers = distance_outliers(updates, combined, norm_keys) if robust else {}
+    return combined, {"aggregator": name, "f": f, "weights": counts, "capped": capped, "clipped": clipped,
+                      "outliers": outliers, **report_extra}
 
 
 def nonfinite_keys(weights: Mapping[str, np.ndarray]) -> list[str]:
@@ -278,8 +475,14 @@ def nonfinite_keys(weights: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def validate_sample_count(num_samples, site: str = "?") -> None:
-    """Raise :class:`UpdateError` unless ``num_samples`` is a finite positive number (not a bool)."""
+    """Raise :class:`UpdateError` unless ``num_samples`` is a finite positive number (not a bool)
+    that fits a float (a Python integer of 400 digits is refused by name, not with a TypeError)."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, float, np.integer, np.floating)):
         raise UpdateError(f"site {site}: sample count {num_samples!r} is not a number")
-    if not np.isfinite(num_samples) or num_samples <= 0:
+    try:
+        value = float(num_samples)
+    except OverflowError:
+        raise UpdateError(f"site {site}: sample count is an integer of {len(str(abs(int(num_samples))))} digits, "
+                          f"too large for a number of images") from None
+    if not np.isfinite(value) or value <= 0:
         raise UpdateError(f"site {site}: sample count must be positive, got {num_samples}")

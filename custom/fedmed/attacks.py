@@ -6,7 +6,9 @@ Pure module (numpy only). Kinds:
 - ``samples=N``: claim N training samples (the weight FedAvg gives the site);
 - ``nan``: put NaN into the update (``nan`` or ``nan=1``);
 - ``metric=V``: claim the value V for every reported validation metric of the key kind
-  (AUC / accuracy / Dice: ``val_auc``, ``val_accuracy``, ``val_dice*``), which would choose the "best" model.
+  (AUC / accuracy / Dice: ``val_auc``, ``val_accuracy``, ``val_dice*``), which would choose the "best" model;
+- ``delay=S``: a slow hospital: hold every training reply S seconds before sending it (the update
+  itself is honest); the FLARE adapter sleeps :func:`reply_delay` seconds at the site.
 
 :func:`parse_attack` reads the command-line form; :func:`apply_attack` returns the attacked
 ``(update, meta)``. The FLARE adapter (``fedmed.flare.attack_filter.SimulatedAttackFilter``) applies
@@ -25,6 +27,7 @@ ATTACK_KINDS = {
     "samples": "claim VALUE training samples, e.g. site-2:samples=1e9",
     "nan": "send NaN in the update, e.g. site-2:nan",
     "metric": "claim VALUE for the validation AUC/accuracy/Dice, e.g. site-2:metric=1e9",
+    "delay": "hold each training reply VALUE seconds (a slow hospital), e.g. site-4:delay=60",
 }
 ATTACKED_METRIC_WORDS = ("auc", "accuracy", "dice")
 
@@ -67,7 +70,14 @@ def parse_attack(text: str) -> Attack:
         value = float(raw)
     except ValueError:
         raise AttackSyntaxError(f"--attack {text!r}: VALUE {raw!r} is not a number; {_usage()}") from None
+    if kind == "delay" and not (0 <= value <= 24 * 3600):
+        raise AttackSyntaxError(f"--attack {text!r}: delay must be between 0 and 86400 seconds, got {raw}")
     return Attack(site.strip(), kind, value)
+
+
+def reply_delay(attacks) -> float:
+    """Seconds the site holds its training reply: the sum of its ``delay`` attacks."""
+    return float(sum(a.value for a in attacks if a.kind == "delay"))
 
 
 def apply_attack(attack: Attack, update: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[dict, dict]:

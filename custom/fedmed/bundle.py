@@ -14,9 +14,11 @@ probability column per class; segmentation: one NIfTI mask per volume, ``OUT/<na
     python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \
         --bundle_root BUNDLE --dataset_dir DIR --output_dir OUT
 
-Classification preprocessing is what ``fedmed.data.load_datalist`` does to a site's images (MONAI
-``LoadImage``, channel first, intensity scaled to [0, 1], resized to the network's input, RGB averaged
-to one channel); segmentation uses the task's own preprocessing (``inference_config``) and writes masks
+Classification preprocessing is the image contract (``fedmed.imaging.ImageContractd``: row-major
+orientation, intensity scaled by the file's declared range, one channel, resized to the network's
+input), the very definition training, validation and the data check apply to npz arrays and image
+files; ``metadata.json`` states it under ``image_contract``. Segmentation uses the task's own
+preprocessing (``inference_config``) and writes masks
 resampled back to each input volume's grid (``Invertd``). The loop (:func:`run_inference`) is plain
 PyTorch, so the bundle needs monai, torch, fire and this package only (no pytorch-ignite).
 
@@ -36,6 +38,8 @@ import monai
 import torch
 
 import fedmed
+from fedmed.imaging import IMAGE_SUFFIXES as CONTRACT_SUFFIXES
+from fedmed.imaging import bundle_preprocessing, image_contract
 from fedmed.networks import network_target
 
 
@@ -81,12 +85,15 @@ def write_bundle(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "network_data_format": network_data_format,
         }
+        if network_data_format["outputs"]["pred"].get("format") == "classes":
+            size = network_data_format["inputs"]["image"]["spatial_shape"]
+            metadata["image_contract"] = image_contract(int(size[0]))
         metadata.update(extra_metadata or {})
         if decision_threshold is not None:
             metadata["decision_threshold"] = decision_threshold
         network_def = {"_target_": network_target(network_spec), **network_spec.get("args", {})}
         inference = {
-            "imports": ["$import torch", "$import fedmed.networks", "$import fedmed.bundle", "$from fedmed import bundle as fedmed_bundle"],
+            "imports": ["$import torch", "$import fedmed.networks", "$import fedmed.imaging", "$import fedmed.bundle", "$from fedmed import bundle as fedmed_bundle"],
             "bundle_root": ".",
             "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
             "network_def": network_def,
@@ -126,6 +133,16 @@ METADATA_SCHEMA = {
         **{key: {"type": "string"} for key in ("schema", "version", "monai_version", "pytorch_version", "numpy_version",
                                                   "task", "description", "authors", "copyright")},
         **{key: {"type": "object"} for key in ("changelog", "required_packages_version", "optional_packages_version")},
+        "image_contract": {  # classification bundles: how files become the input tensor (fedmed.imaging)
+            "type": "object",
+            "required": ["version", "implementation", "orientation", "intensity", "channels", "spatial_size", "value_range"],
+            "properties": {
+                **{key: {"type": "string"} for key in ("implementation", "orientation", "intensity", "channels", "resize", "dtype")},
+                "version": {"type": "integer"}, "formats": {"type": "array", "items": {"type": "string"}},
+                "spatial_size": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
+                "value_range": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+            },
+        },
         "network_data_format": {
             "type": "object",
             "required": ["inputs", "outputs"],
@@ -145,7 +162,7 @@ METADATA_SCHEMA = {
     },
 }
 IMAGE_SUFFIXES = {
-    "classification": [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz"],
+    "classification": list(CONTRACT_SUFFIXES),
     "segmentation": [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"],
 }
 
@@ -153,8 +170,8 @@ IMAGE_SUFFIXES = {
 def runnable_workflow(network_data_format: dict) -> dict:
     """``inference.json`` entries that make ``monai.bundle run`` work on a folder of images.
 
-    Classification (``outputs.pred.format == "classes"``): the preprocessing ``fedmed.data.load_datalist``
-    applies to a hospital's images, softmax, ``predictions.csv``. Segmentation: NIfTI masks on each
+    Classification (``outputs.pred.format == "classes"``): the image contract (``fedmed.imaging``) that
+    training and evaluation apply, softmax, ``predictions.csv``. Segmentation: NIfTI masks on each
     input's grid; its preprocessing and inferer come from the task (``inference_config``)."""
     image = network_data_format["inputs"]["image"]
     pred = network_data_format["outputs"]["pred"]
@@ -175,17 +192,12 @@ def runnable_workflow(network_data_format: dict) -> dict:
     }
     if kind == "classification":
         size = [int(v) for v in image["spatial_shape"]]
+        if len(size) != 2 or size[0] != size[1] or int(image.get("num_channels", 1)) != 1:
+            raise ValueError(f"classification bundle input {image.get('num_channels')} x {size}: the image contract "
+                             "(fedmed.imaging) gives one channel, square")
         return {
             **common,
-            "preprocessing": {"_target_": "Compose", "transforms": [
-                {"_target_": "LoadImaged", "keys": "image", "image_only": True},
-                {"_target_": "EnsureChannelFirstd", "keys": "image"},
-                {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
-                {"_target_": "Resized", "keys": "image", "spatial_size": size},
-                {"_target_": "Lambdad", "keys": "image",
-                 "func": f"$lambda x: fedmed_bundle.to_channels(x, {int(image.get('num_channels', 1))})"},
-                {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
-            ]},
+            "preprocessing": bundle_preprocessing(size[0]),
             "writer": {"_target_": "fedmed.bundle.PredictionCSVWriter", "output_dir": "@output_dir",
                        "class_names": "@class_names"},
         }
@@ -206,13 +218,6 @@ def list_images(folder: str, suffixes: list[str]) -> list[dict]:
     if not files:
         raise FileNotFoundError(f"--dataset_dir {root} holds no images ({', '.join(suffixes)})")
     return [{"image": str(p)} for p in files]
-
-
-def to_channels(image, channels: int):
-    """The channel handling of ``fedmed.data.load_datalist``: RGB averaged to one channel, else the first channel(s)."""
-    if channels == 1:
-        return image.mean(dim=0, keepdim=True) if image.shape[0] == 3 else image[:1]
-    return image[:channels]
 
 
 def _image_name(item: dict) -> str:
@@ -304,6 +309,12 @@ def bundle_readme(metadata: dict) -> str:
              ]
     if image.get("note"):
         lines.append(f"- {image['note']}")
+    contract = metadata.get("image_contract")
+    if contract:
+        lines += ["", "## Preprocessing (the image contract, `configs/metadata.json` key `image_contract`)", "",
+                  f"Applied by `{contract.get('implementation')}` in `configs/inference.json`, as in training:", ""]
+        lines += [f"- {key}: {contract[key]}" for key in ("formats", "orientation", "intensity", "channels",
+                                                           "spatial_size", "resize") if key in contract]
     lines += ["", "## Output", "",
               f"- {pred.get('type', '')} ({pred.get('format', '')}), channels: "
               + ", ".join(f"{k}: {v}" for k, v in pred.get("channel_def", {}).items())]

@@ -1,7 +1,8 @@
 """Site data for 2D image classification: loading, partitioning across hospitals, synthetic X-rays.
 
-Pure module: numpy and MONAI only, no FLARE. Images are float32 arrays shaped (N, C, H, W) with
-values in [0, 1]; labels are int64 class indices.
+Pure module: numpy and MONAI only, no FLARE. Images are float32 arrays shaped (N, 1, H, W) with
+values in [0, 1], made by the image contract (``fedmed.imaging``) from npz arrays and image files alike;
+labels are int64 class indices.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.atomic import atomic_path
+from fedmed.imaging import ImageContractError, contract_arrays, read_image
 
 NPZ_REQUIRED_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
 
@@ -42,24 +44,12 @@ class SiteData:
 # loading
 
 
-def _to_float_images(images: np.ndarray, source: str) -> np.ndarray:
-    """Bring (N, H, W), (N, H, W, C) or (N, C, H, W) arrays to float32 (N, C, H, W) in [0, 1]."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[:, None]
-    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-        images = np.transpose(images, (0, 3, 1, 2))
-    if images.ndim != 4:
-        raise DataError(f"{source}: expected images shaped (N, H, W) or (N, H, W, C), got {images.shape}")
-    if np.issubdtype(images.dtype, np.integer):
-        out = images.astype(np.float32) / 255.0
-    else:
-        out = images.astype(np.float32)
-    if not np.all(np.isfinite(out)):
-        raise DataError(f"{source}: images contain NaN or infinite values")
-    if out.size and (out.min() < 0.0 or out.max() > 1.0):
-        raise DataError(f"{source}: float images must lie in [0, 1] (got {out.min():.3g}..{out.max():.3g})")
-    return out
+def _to_float_images(images: np.ndarray, source: str, image_size: int | None = None) -> np.ndarray:
+    """Arrays through the image contract (``fedmed.imaging.contract_arrays``): float32 (N, 1, H, W) in [0, 1]."""
+    try:
+        return contract_arrays(images, source, image_size)
+    except ImageContractError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def _to_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
@@ -76,11 +66,31 @@ def _to_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
     return labels
 
 
-def load_npz(path: str | os.PathLike, num_classes: int = 2) -> SiteData:
-    """Load a MedMNIST-layout npz: train_images/labels, val_images/labels, optional test_*."""
+def _refuse_non_npz(path: Path) -> None:
+    """Name a file that is not an .npz (zip) archive before numpy calls it "pickled data"."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"PK"):
+        return
+    if head.lstrip()[:1] in (b"{", b"["):
+        raise DataError(
+            f"data file {path} is JSON (a datalist?), not a MedMNIST-style .npz archive: this reader expects an .npz "
+            f"with {', '.join(NPZ_REQUIRED_KEYS)}. A datalist of image files goes in a site's data config as "
+            f'{{"format": "datalist", "path": "{path}"}} (local/fedmed_site.json); simulate --data takes an .npz pool '
+            f"for classification jobs (a datalist only for segmentation jobs, e.g. --job jobs/prostate_seg_fedavg)")
+    raise DataError(f"data file {path} is not a readable .npz archive (not a zip file); expected a MedMNIST-style .npz with "
+                    f"{', '.join(NPZ_REQUIRED_KEYS)} (test_* optional)")
+
+
+def load_npz(path: str | os.PathLike, num_classes: int = 2, image_size: int | None = None) -> SiteData:
+    """Load a MedMNIST-layout npz: train_images/labels, val_images/labels, optional test_*.
+
+    Images go through the image contract (``fedmed.imaging``): uint8 /255, uint16 /65535, floats in [0, 1],
+    colour averaged to one channel, resized to ``image_size`` when given."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; point the site's data config at a MedMNIST-style .npz")
+    _refuse_non_npz(path)
     try:
         archive = np.load(path, allow_pickle=False)
         keys = set(archive.files)
@@ -94,7 +104,7 @@ def load_npz(path: str | os.PathLike, num_classes: int = 2) -> SiteData:
         )
 
     def split(prefix: str) -> ImageSplit:
-        images = _to_float_images(archive[f"{prefix}_images"], f"{path}:{prefix}_images")
+        images = _to_float_images(archive[f"{prefix}_images"], f"{path}:{prefix}_images", image_size)
         labels = _to_labels(archive[f"{prefix}_labels"], num_classes, f"{path}:{prefix}_labels")
         if len(images) != len(labels):
             raise DataError(f"{path}: {prefix}_images has {len(images)} rows but {prefix}_labels has {len(labels)}")
@@ -131,13 +141,12 @@ def load_datalist(
     """Load a MONAI-style datalist JSON of image files with labels.
 
     ``{"training": [{"image": "a.png", "label": 0}, ...], "validation": [...], "test": [...]}``.
-    Images (PNG/JPEG/NIfTI/DICOM) are read with MONAI ``LoadImage``, made channel-first, scaled to
-    [0, 1] and resized to ``image_size`` x ``image_size``. Relative paths resolve against
+    Images (PNG/JPEG/TIFF/BMP/DICOM/NIfTI) go through the image contract (``fedmed.imaging.read_image``:
+    row-major, scaled by the file's declared range, one channel, resized to ``image_size`` x ``image_size``),
+    the same definition the npz path and the bundle use. Relative paths resolve against
     ``base_dir`` or the datalist's folder; a path outside that folder (absolute, ``../``) is refused
     unless ``allow_absolute_paths`` (the site config's ``data.allow_absolute_paths``) is true.
     """
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensity
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"datalist {path} does not exist; point the site's data config at a datalist JSON")
@@ -151,14 +160,6 @@ def load_datalist(
     from fedmed.site_config import SiteConfigError, confined_path
 
     root = Path(base_dir) if base_dir else path.parent
-    transform = Compose(
-        [
-            LoadImage(image_only=True),
-            EnsureChannelFirst(),
-            ScaleIntensity(minv=0.0, maxv=1.0),
-            Resize((image_size, image_size)),
-        ]
-    )
 
     def split(key: str) -> ImageSplit:
         images, labels = [], []
@@ -172,14 +173,13 @@ def load_datalist(
             if not image_path.exists():
                 raise DataError(f"datalist {path}: {key}[{index}] image {image_path} does not exist")
             try:
-                image = np.asarray(transform(str(image_path)), dtype=np.float32)
+                images.append(read_image(image_path, image_size))
+            except ImageContractError as exc:
+                raise DataError(f"datalist {path}: {key}[{index}]: cannot read image {exc}") from exc
             except Exception as exc:
                 raise DataError(f"datalist {path}: cannot read image {image_path} ({exc}); replace or remove it") from exc
-            if image.ndim != 3:
-                raise DataError(f"datalist {path}: image {image_path} is not a 2D image (shape {image.shape})")
-            images.append(image[:1] if image.shape[0] != 3 else image.mean(axis=0, keepdims=True))
             labels.append(item["label"])
-        stacked = np.clip(np.stack(images).astype(np.float32), 0.0, 1.0)
+        stacked = np.stack(images).astype(np.float32)
         return ImageSplit(stacked, _to_labels(np.array(labels), num_classes, f"datalist {path}:{key}"))
 
     test = split("test") if datalist.get("test") else None
@@ -366,8 +366,10 @@ def partition_sites(
       dealt out with Dirichlet(alpha) label skew, then each site carves its own stratified
       validation set (``val_fraction``) out of its share.
     - The pool's ``val`` split becomes the external hospital ``external-val`` with a scanner
-      profile of its own (different from every site's); ``test``, when the pool has it, becomes a
-      second external set ``external-test`` as collected (no simulated shift).
+      profile of its own (different from every site's), and, a second time, the external hospital
+      ``external-val-acq`` with an acquisition no site has (:func:`acquisition_hospital`: lower
+      resolution, another exposure curve, noise, positioning); ``test``, when the pool has it,
+      becomes a further external set ``external-test`` as collected (no simulated shift).
     - Each site's images get that site's scanner shift.
     """
     if len(np.unique(pool.val.labels)) < 2:
@@ -396,9 +398,11 @@ def partition_sites(
             scanner_shift(pool.val.images, EXTERNAL_PROFILE_BASE, seed, shift_strength), pool.val.labels
         )
     }
+    external[ACQUISITION_EXTERNAL] = acquisition_hospital(pool.val, seed)
     if pool.test is not None:
         external["external-test"] = ImageSplit(pool.test.images, pool.test.labels)
-    provenance = {"site_rows_from": "train", "sites": rows, "external": {"external-val": "val", "external-test": "test"}}
+    provenance = {"site_rows_from": "train", "sites": rows,
+                  "external": {"external-val": "val", ACQUISITION_EXTERNAL: "val", "external-test": "test"}}
     return Federation(sites=sites, external=external, provenance=provenance)
 
 
@@ -411,12 +415,107 @@ def save_split(path: str | os.PathLike, split: ImageSplit) -> None:
         np.savez_compressed(fh, images=images, labels=split.labels.astype(np.int64))
 
 
-def load_split(path: str | os.PathLike, num_classes: int = 2) -> ImageSplit:
-    """Read a split written by :func:`save_split`."""
+def load_split(path: str | os.PathLike, num_classes: int = 2, image_size: int | None = None) -> ImageSplit:
+    """Read a split written by :func:`save_split` (through the image contract, like :func:`load_npz`)."""
     path = Path(path)
     try:
         archive = np.load(path, allow_pickle=False)
         images, labels = archive["images"], archive["labels"]
     except Exception as exc:
         raise DataError(f"external set {path} is not readable ({exc}); rerun simulate to recreate it") from exc
-    return ImageSplit(_to_float_images(images, str(path)), _to_labels(labels, num_classes, str(path)))
+    return ImageSplit(_to_float_images(images, str(path), image_size), _to_labels(labels, num_classes, str(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# a held-out hospital with an acquisition gap (issue 17): the proxy that can tell recipes apart
+
+ACQUISITION_EXTERNAL = "external-val-acq"
+
+
+@dataclass(frozen=True)
+class AcquisitionProfile:
+    """How a simulated external hospital acquires its X-rays, compared with the pool's images.
+
+    Every simulated site differs from the pool only by a global exposure curve (``scanner_shift``:
+    gamma exp(+-0.25), contrast 0.8-1.2, brightness +-0.06). This profile is a different kind of
+    machine and ward - a bedside (portable) unit:
+
+    - ``resolution``: the detector samples the image at this fraction of the pool's pixel pitch
+      (area-averaged down, bilinear back up to the original size): fine texture is lost;
+    - ``gamma`` / ``contrast`` / ``brightness``: an exposure curve outside every site's range
+      (flatter and darker mid-tones);
+    - ``heel``: the anode heel effect, a linear brightness ramp of this amplitude across the image
+      in a per-image direction;
+    - ``rotate_degrees`` / ``shift_pixels`` / ``zoom``: patient positioning: per image a rotation
+      within +-rotate_degrees, a shift within +-shift_pixels and a magnification drawn from
+      ``zoom`` (patient closer to the source: the chest fills more of the field);
+    - ``noise_std``: quantum noise, Gaussian with this standard deviation, scaled by
+      sqrt(intensity) so dark (dense) regions are noisier in relative terms, as in a low-dose exposure.
+
+    The strength was set once, before any recipe was compared on it, so that the issue-10 default
+    job scored near what the same job scored on a real separate collection (0.954 AUC); see
+    docs/benchmarks.md. It is not tuned per recipe.
+    """
+
+    resolution: float = 0.6
+    gamma: float = 1.4
+    contrast: float = 0.75
+    brightness: float = -0.04
+    heel: float = 0.08
+    rotate_degrees: float = 7.0
+    shift_pixels: float = 1.5
+    zoom: tuple[float, float] = (1.0, 1.12)
+    noise_std: float = 0.035
+
+
+def acquisition_shift(images: np.ndarray, seed: int = 0, profile: AcquisitionProfile | None = None) -> np.ndarray:
+    """Re-acquire ``images`` (float32 (N, C, H, W) in [0, 1]) as :class:`AcquisitionProfile` describes.
+
+    Deterministic: the same images, seed and profile give the same output bytes (CPU torch ops,
+    a seeded numpy generator for every per-image draw). Labels are untouched (the caller keeps them).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    profile = profile or AcquisitionProfile()
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise DataError(f"acquisition_shift: expected images shaped (N, C, H, W), got {images.shape}")
+    n, _, height, width = images.shape
+    if n == 0:
+        return images.copy()
+    rng = np.random.default_rng([seed, 104_729])
+    angles = np.deg2rad(rng.uniform(-profile.rotate_degrees, profile.rotate_degrees, n))
+    shifts = rng.uniform(-profile.shift_pixels, profile.shift_pixels, (n, 2))
+    zooms = rng.uniform(profile.zoom[0], profile.zoom[1], n)
+    heel_angle = rng.uniform(0.0, 2.0 * np.pi, n)
+    noise = rng.standard_normal(images.shape).astype(np.float32)
+
+    x = torch.from_numpy(images.copy())
+    # positioning: rotation, magnification and shift around the image centre (affine_grid maps
+    # output to input coordinates in [-1, 1]; edge pixels are repeated, as a detector's border would be)
+    cos, sin = np.cos(angles) / zooms, np.sin(angles) / zooms
+    theta = np.stack(
+        [np.stack([cos, -sin, 2.0 * shifts[:, 0] / width], axis=1), np.stack([sin, cos, 2.0 * shifts[:, 1] / height], axis=1)],
+        axis=1,
+    ).astype(np.float32)
+    grid = F.affine_grid(torch.from_numpy(theta), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # detector resolution
+    low = (max(2, int(round(height * profile.resolution))), max(2, int(round(width * profile.resolution))))
+    x = F.interpolate(F.interpolate(x, size=low, mode="area"), size=(height, width), mode="bilinear", align_corners=False)
+    out = x.numpy()
+    # exposure curve and heel effect
+    out = np.power(np.clip(out, 0.0, 1.0), profile.gamma)
+    out = (out - 0.5) * profile.contrast + 0.5 + profile.brightness
+    yy, xx = np.meshgrid(np.linspace(-1.0, 1.0, height), np.linspace(-1.0, 1.0, width), indexing="ij")
+    ramp = np.cos(heel_angle)[:, None, None] * xx + np.sin(heel_angle)[:, None, None] * yy
+    out = out + 0.5 * profile.heel * ramp[:, None].astype(np.float32)
+    # quantum noise
+    out = out + profile.noise_std * np.sqrt(np.clip(out, 0.0, 1.0)) * noise
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def acquisition_hospital(split: ImageSplit, seed: int = 0, profile: AcquisitionProfile | None = None) -> ImageSplit:
+    """A held-out hospital built from ``split`` (the pool's val split): same labels, its own acquisition."""
+    return ImageSplit(acquisition_shift(split.images, seed, profile), np.asarray(split.labels).copy())

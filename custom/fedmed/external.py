@@ -3,7 +3,11 @@
 Pure module (no FLARE). ``simulate`` keeps the pool's held-out splits as external hospitals
 (``OUT/external/<name>.npz``, see :func:`fedmed.data.partition_sites`); no site's config names
 them and the server never sees them, so neither training, the best-model choice nor the decision
-threshold can depend on them. After the run, this module evaluates on them
+threshold can depend on them. A run on an npz pool has two proxies built from the pool's val split:
+``external-val`` (a scanner profile of its own: an exposure curve like the sites', saturated near
+0.99 AUC) and ``external-val-acq`` (an acquisition gap no site has: lower resolution, another
+exposure curve, quantum noise and positioning, :func:`fedmed.data.acquisition_hospital`); both are
+reported. After the run, this module evaluates on them
 
 - the released federated model (``models/global_model.pt``, the bundle's model) at the decision
   threshold chosen on the sites' validation data (``fedmed.threshold``, in ``metrics.json``),
@@ -25,6 +29,13 @@ from fedmed.atomic import write_json
 EXTERNAL_DIR = "external"
 FEDERATED = "global_model"
 BEST_FEDERATED = "best_global_model"
+# what each external set simulate writes is (metrics.json external.sets[name].what)
+SET_DESCRIPTIONS = {
+    "external-val": "the pool's val split with a scanner exposure curve of its own (the sites differ the same way)",
+    "external-val-acq": "the pool's val split re-acquired with a gap no site has: lower resolution, another exposure "
+                        "curve, heel effect, quantum noise, positioning (fedmed.data.AcquisitionProfile)",
+    "external-test": "the pool's test split as collected",
+}
 
 
 def external_sets(out_dir: str | Path) -> dict[str, Path]:
@@ -39,7 +50,7 @@ def evaluate_run(out_dir: str | Path, log: Callable[[str], None] = print) -> dic
 
     from fedmed.networks import build_network
     from fedmed.provenance import load_model_weights
-    from fedmed.tasks import build_task
+    from fedmed.tasks import ExternalEvaluation, build_task
 
     out_dir = Path(out_dir)
     sets = external_sets(out_dir)
@@ -49,7 +60,7 @@ def evaluate_run(out_dir: str | Path, log: Callable[[str], None] = print) -> dic
     metrics = json.loads(metrics_path.read_text())
     run_config = json.loads((out_dir / "run_config.json").read_text())
     task = build_task(run_config["task"])
-    if not hasattr(task, "external_metrics"):
+    if not isinstance(task, ExternalEvaluation):
         return None
     threshold = (metrics.get("decision_threshold") or {}).get("threshold")
     datasets = {name: task.load_external(path) for name, path in sets.items()}
@@ -69,7 +80,9 @@ def evaluate_run(out_dir: str | Path, log: Callable[[str], None] = print) -> dic
     block = {
         "what": "models evaluated on hospitals no site trained on, validated on or selected with",
         "decision_threshold": threshold,
-        "sets": {name: {"file": f"{EXTERNAL_DIR}/{path.name}", "num_images": len(datasets[name])} for name, path in sets.items()},
+        "sets": {name: {"file": f"{EXTERNAL_DIR}/{path.name}", "num_images": len(datasets[name]),
+                        **({"what": SET_DESCRIPTIONS[name]} if name in SET_DESCRIPTIONS else {})}
+                 for name, path in sets.items()},
         "results": results,
     }
     metrics["external"] = block

@@ -238,8 +238,8 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
 
     from fedmed.bundle import write_bundle
     from fedmed.provenance import CARD_FILENAME, bundle_metadata
-    from fedmed.tasks import build_task
     from fedmed.release import released_evaluation
+    from fedmed.tasks import WindowedInference, build_task
     from fedmed.threshold import choose_threshold
 
     server_app_dir = Path(server_app_dir)
@@ -292,7 +292,7 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
         f"{release['version']} ({release['action']})",
         postprocessing=task.inference_postprocessing(),
         decision_threshold=threshold,
-        inference_config=task.inference_config() if hasattr(task, "inference_config") else None,  # e.g. sliding window
+        inference_config=task.inference_config() if isinstance(task, WindowedInference) else None,  # e.g. sliding window
         extra_metadata={"fedmed": {"rounds": metrics.get("num_rounds"), "sites": metrics.get("sites", []),
                                    "release": {k: release.get(k) for k in ("version", "action", "reason")},
                                    "released_model_validation": {k: v for k, v in final.items() if k != "sites"}},

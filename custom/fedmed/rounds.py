@@ -16,8 +16,13 @@ collects the sites' replies and hands them to :meth:`RoundEngine.run_round`, whi
    metric (one site reporting an extreme value cannot choose it);
 4. runs the pluggable aggregation step (:class:`AggregationStep`): :class:`PlaintextAggregation`
    (plain or robust aggregation from :mod:`fedmed.aggregation`, then a server optimizer, then a
-   finite check) or the controller's HE step (``fedmed.flare.he``). A step that cannot produce a
-   sound model raises :class:`RoundRejected`: the previous model is kept and the sites are named.
+   finite check) or the ``he`` mode's secure aggregation (``fedmed.flare.he.SecureAggregation``). A
+   step that cannot produce a sound model raises :class:`RoundRejected`: the previous model is kept
+   and the sites are named.
+
+A workflow drives a step through :class:`ServerStep` (create / open_round / send / receive /
+check_update / aggregate / save / plaintext / restore / settings): the step owns how the global
+model is created, sent, saved and resumed, and any extra exchange with the sites (:class:`Exchange`).
 
 The engine's state (``state_dict`` / ``load_state_dict``: next round, metrics, the step's state,
 e.g. the server optimizer's) is what a resumed server needs besides the global model.
@@ -28,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -39,6 +44,9 @@ from fedmed.aggregation import (
     apply_update,
     check_aggregation_spec,
     nonfinite_keys,
+    resolve_tolerance,
+    sites_needed,
+    stated_tolerance,
     validate_sample_count,
     validate_update,
 )
@@ -177,7 +185,104 @@ class AggregationStep(Protocol):
     def load_state_dict(self, state: Mapping) -> None: ...
 
 
-class PlaintextAggregation:
+WEIGHTS = "WEIGHTS"  # the data kind of a task carrying a plaintext global model (FLARE's DataKind.WEIGHTS)
+
+
+class Exchange(Protocol):
+    """One extra task on the sites, run by the workflow for a step (e.g. secure aggregation's key
+    exchange): send ``(kind, data, meta)`` to ``targets`` (every connected site when None) and wait
+    for all of them, or, once ``min_responses`` answered, for the workflow's grace period at most
+    (the round timeout bounds the wait); return ({site: SiteReply}, {site: error message})."""
+
+    def __call__(self, task_name: str, kind: str, data: Mapping[str, Any], meta: Mapping[str, Any],
+                 targets: Sequence[str] | None = None,
+                 min_responses: int | None = None) -> tuple[dict[str, "SiteReply"], dict[str, str]]: ...
+
+
+@dataclass
+class StepContext:
+    """What a workflow hands its aggregation step: the job's settings, where outputs go, how to reach
+    the sites. ``platform`` is the workflow's own context (FLARE's FLContext), opaque here: only a
+    step built on that platform's components reads it."""
+
+    out_dir: Any  # pathlib.Path of the server's output folder
+    network: Mapping[str, Any]
+    task: Mapping[str, Any]
+    num_rounds: int
+    min_clients: int
+    reference_state: Any = None  # the network's state_dict (tensor types and shapes for saving)
+    exchange: Exchange | None = None
+    sites: Callable[[], list[str]] | None = None  # the sites connected now
+    platform: Any = None
+
+
+class ServerStep(AggregationStep, Protocol):
+    """The aggregation step as the workflow sees it: it owns how the global model is created, sent,
+    received, aggregated, saved and resumed, and any extra exchange with the sites a round needs
+    (secure aggregation's key and unmasking tasks). The workflow (``fedmed.flare.controller``) has
+    no branch on the kind of step; :class:`PlaintextStepBase` gives the plaintext behaviour."""
+
+    def create(self, weights: Mapping[str, np.ndarray], context: StepContext) -> Any:
+        """The initial global model as the step holds it (``weights``: the seeded network's arrays)."""
+
+    def open_round(self, round_num: int, context: StepContext) -> dict:
+        """Run what must happen before the model goes out (may use ``context.exchange``); return meta
+        for the round's task. Raise :class:`RoundFailed` when the round cannot be run."""
+
+    def send(self, model: Any, meta: Mapping[str, Any]) -> tuple[str, Mapping[str, Any], dict]:
+        """(data kind, data, meta) of a task carrying ``model`` (train or validate)."""
+
+    def receive(self, site: str, kind: str, data: Mapping[str, Any], meta: Mapping[str, Any]) -> "SiteReply":
+        """A site's training answer as the engine checks it."""
+
+    def save(self, model: Any, path: Any, context: StepContext) -> bool:
+        """Write ``model`` to ``path`` (atomically); False when this step keeps no model file."""
+
+    def plaintext(self, model: Any) -> Mapping[str, np.ndarray] | None:
+        """The model's arrays when the server holds it in plaintext (provenance, resume), else None."""
+
+    def restore(self, arrays: Mapping[str, np.ndarray], context: StepContext) -> Any:
+        """The global model from :meth:`plaintext`'s arrays (resume after a server crash)."""
+
+    def settings(self) -> dict:
+        """The step's settings, JSON types: run_config.json and the resume fingerprint."""
+
+
+class PlaintextStepBase:
+    """Default :class:`ServerStep` behaviour for a step whose server holds the global model in
+    plaintext (a ``{name: ndarray}`` dict): no extra exchange, the model sent as WEIGHTS, saved as a
+    torch state dict, resumable."""
+
+    def create(self, weights, context):
+        return {key: np.asarray(value) for key, value in weights.items()}
+
+    def open_round(self, round_num, context) -> dict:
+        return {}
+
+    def send(self, model, meta):
+        return WEIGHTS, model, dict(meta)
+
+    def receive(self, site, kind, data, meta) -> "SiteReply":
+        return SiteReply(kind, data, meta)
+
+    def save(self, model, path, context) -> bool:
+        import torch  # noqa: PLC0415 - only the workflow saves; the engine stays numpy-only
+
+        from fedmed.atomic import atomic_path  # noqa: PLC0415
+        from fedmed.networks import numpy_to_state  # noqa: PLC0415
+
+        with atomic_path(path) as tmp:
+            torch.save(numpy_to_state(model, context.reference_state), tmp)
+        return True
+
+    def plaintext(self, model):
+        return model
+
+    def restore(self, arrays, context):
+        return {key: np.asarray(value) for key, value in arrays.items()}
+
+
+class PlaintextAggregation(PlaintextStepBase):
     """Aggregation of plaintext weight differences: plain or robust combination
     (:func:`fedmed.aggregation.aggregate_updates`), then the server optimizer, then a finite check.
 
@@ -187,13 +292,21 @@ class PlaintextAggregation:
         server_optimizer: ``{"name", "args"}`` spec for ``fedmed.server_optim`` (default
             ``{"name": "fedavg"}``: global + aggregated update).
         allow_partial: accept updates lacking some keys (a privacy filter removed them).
+        num_sites: the sites of the federation; fixes the tolerance ``f`` (the spec's, or the most
+            its rule supports with that many sites, :func:`fedmed.aggregation.resolve_tolerance`,
+            which raises ``ToleranceError`` when there are too few) and makes every round need the
+            sites that ``f`` requires (``min_sites``). None: ``f`` follows each round's contributors.
     """
 
     min_sites = 1
     min_sites_reason = ""
 
-    def __init__(self, aggregation: Mapping | None = None, server_optimizer: Mapping | None = None, allow_partial: bool = False):
+    def __init__(self, aggregation: Mapping | None = None, server_optimizer: Mapping | None = None, allow_partial: bool = False,
+                 num_sites: int | None = None):
         self.spec = check_aggregation_spec(aggregation or DEFAULT_AGGREGATION)
+        self.tolerance = None
+        if num_sites is not None:
+            self.spec, self.min_sites, self.min_sites_reason, self.tolerance = tolerance_spec(self.spec, num_sites)
         self.server_optimizer_spec = dict(server_optimizer or {"name": "fedavg"})
         self.optimizer = build_server_optimizer(self.server_optimizer_spec)
         self.allow_partial = allow_partial
@@ -238,11 +351,94 @@ class PlaintextAggregation:
                 return culprits
         return [c.site for c in contributions]
 
+    def settings(self) -> dict:
+        return {"aggregation": self.spec, "server_optimizer": self.server_optimizer_spec}
+
     def state_dict(self) -> dict:
         return {"server_optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state) -> None:
         self.optimizer.load_state_dict((state or {}).get("server_optimizer", {}))
+
+
+def tolerance_spec(spec: Mapping, num_sites: int) -> tuple[dict, int, str, int]:
+    """(the spec to aggregate with, the fewest contributing sites each round needs, why, the job's f)
+    for a federation of ``num_sites`` sites. A stated ``f`` is checked (``ToleranceError`` naming f
+    and the site count) and every round then needs the sites it requires. The default ``f: "auto"``
+    stays per round: the job tolerates the most its rule supports with ``num_sites`` sites, and a round
+    with fewer contributors the most they allow (its ``aggregation.f`` in metrics.json)."""
+    spec = check_aggregation_spec(spec)
+    f = resolve_tolerance(spec, num_sites)
+    if stated_tolerance(spec) is None:
+        return spec, 1, "", f
+    need = sites_needed(spec["name"], f) or 1
+    reason = (f"the aggregation {spec['name']} tolerates f={f} hostile site(s) and needs {need} contributing sites for it"
+              if f else "")
+    return {"name": spec["name"], "args": {**spec["args"], "f": f}}, need, reason, f
+
+
+# ---- participation -------------------------------------------------------------------------------
+
+FLAG_SOURCES = ("clipped", "capped", "outliers", "excluded")  # aggregation report entries that flag a site
+
+
+def round_flags(record: Mapping) -> dict[str, list[str]]:
+    """{site: [why]} for the sites one round's record flags: refused (an invalid reply), bounded
+    (norm scaled down), capped (sample count), outlier (far from the aggregate: trimmed or
+    down-weighted), excluded (left out of multi-Krum's mean), round rejected (named for a NaN/Inf model)."""
+    flags: dict[str, list[str]] = {}
+    left_out = set(record.get("left_out", []))
+    for site in record.get("failed", {}):
+        if site not in left_out and not site.startswith("("):
+            flags.setdefault(site, []).append("refused")
+    report = record.get("aggregation") or {}
+    names = {"clipped": "bounded", "capped": "capped", "outliers": "outlier", "excluded": "excluded"}
+    for source in FLAG_SOURCES:
+        for site in report.get(source) or ():
+            flags.setdefault(site, []).append(names[source])
+    for site in (record.get("rejected") or {}).get("sites", []):
+        flags.setdefault(site, []).append("round rejected")
+    return flags
+
+
+def participation(rounds: Sequence[Mapping], sites: Sequence[str] = ()) -> dict:
+    """Per site, over the rounds run: ``rounds_contributed`` (its update entered the aggregate),
+    ``rounds_flagged`` (refused, bounded, capped, outlier, excluded or named in a rejected round;
+    ``flagged_as`` counts each reason) and ``rounds_left_out`` (no answer before the round closed,
+    or an error at the site). ``rounds`` are ``metrics["rounds"]`` records."""
+    out: dict[str, dict] = {}
+
+    def entry(site):
+        return out.setdefault(site, {"rounds_contributed": 0, "rounds_flagged": 0, "rounds_left_out": 0, "flagged_as": {}})
+
+    for site in sites:
+        entry(site)
+    for record in rounds:
+        left_out = set(record.get("left_out", []))
+        for site in record.get("contributors", []):
+            entry(site)["rounds_contributed"] += 1
+        for site in record.get("failed", {}):
+            if site in left_out and not site.startswith("("):
+                entry(site)["rounds_left_out"] += 1
+        for site, why in round_flags(record).items():
+            e = entry(site)
+            e["rounds_flagged"] += 1
+            for reason in dict.fromkeys(why):
+                e["flagged_as"][reason] = e["flagged_as"].get(reason, 0) + 1
+    return {site: out[site] for site in sorted(out)}
+
+
+def participation_summary(part: Mapping[str, Mapping], rounds_run: int) -> str:
+    """One line naming the sites flagged or left out in most (more than half) of ``rounds_run`` rounds,
+    or "" when there are none."""
+    if rounds_run <= 0:
+        return ""
+    flagged = [f"{site} ({p['rounds_flagged']}/{rounds_run}: {', '.join(p.get('flagged_as', {}))})"
+               for site, p in part.items() if p["rounds_flagged"] * 2 > rounds_run]
+    left = [f"{site} ({p['rounds_left_out']}/{rounds_run})" for site, p in part.items() if p["rounds_left_out"] * 2 > rounds_run]
+    parts = ([f"flagged in most rounds: {'; '.join(flagged)}"] if flagged else []) + \
+            ([f"left out of most rounds: {'; '.join(left)}"] if left else [])
+    return "; ".join(parts)
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -329,8 +525,10 @@ class RoundEngine:
             val_metrics[site] = {k: v for k, v in metrics.items() if is_validation_metric(k)}
             if site not in self.metrics["sites"]:
                 self.metrics["sites"].append(site)
-        record = {"round": round_num, "contributors": sorted(train_metrics), "sites": train_metrics, "failed": failed}
+        record = {"round": round_num, "contributors": sorted(train_metrics), "sites": train_metrics, "failed": failed,
+                  "left_out": sorted(errors or {})}
         self.metrics["rounds"].append(record)
+        self.update_participation()
         if len(contributions) < self.min_clients:
             raise self.fail(f"round {round_num}: only {len(contributions)} valid update(s), min_clients is {self.min_clients}. "
                             + "; ".join(f"{site}: {msg}" for site, msg in sorted(failed.items())))
@@ -347,8 +545,21 @@ class RoundEngine:
         except RoundRejected as exc:
             model, accepted = global_model, False
             record["rejected"] = {"reason": str(exc), "sites": exc.sites}
+        self.update_participation()
         self.next_round = round_num + 1
         return RoundOutcome(model, accepted, record, evaluation, improved, contributions, val_metrics, notes)
+
+    def update_participation(self) -> dict:
+        """Recompute ``metrics["participation"]`` from the rounds run (see :func:`participation`)."""
+        seen = set(self.metrics["sites"])
+        for record in self.metrics["rounds"]:
+            seen.update(s for s in record.get("failed", {}) if not s.startswith("("))
+        self.metrics["participation"] = participation(self.metrics["rounds"], sorted(seen))
+        return self.metrics["participation"]
+
+    def participation_line(self) -> str:
+        """The sites flagged or left out in most rounds so far ("" when none)."""
+        return participation_summary(self.metrics.get("participation") or self.update_participation(), len(self.metrics["rounds"]))
 
     # -- evaluations -----------------------------------------------------------------------
     def record_evaluation(self, version: int, site_metrics: Mapping[str, Mapping]) -> tuple[dict, bool]:

@@ -1,8 +1,11 @@
 """``python -m fedmed simulate``: a simulated federation of hospitals on this machine.
 
-Prepares every simulated hospital's data (a seeded non-IID partition of an npz, or synthetic
-X-rays) and its ``local/fedmed_site.json``, runs the real FLARE simulator on the job folder, shows
-progress per round and writes the outputs (see :mod:`fedmed.results`) into ``--out``.
+Goes through the one runner (:mod:`fedmed.runner`): checks the job and its ``--set`` values before
+anything starts, prepares every simulated hospital's data (a seeded non-IID partition of an npz, or
+synthetic X-rays) and its ``local/fedmed_site.json``, runs the real FLARE simulator on the run's job
+folder (``OUT/job``) in its own process group, shows progress per round with an ETA, and writes the
+outputs (bundle, metrics with the external evaluation, report, provenance card) into ``--out``.
+``python jobs/<name>/job.py`` runs the same steps with FLARE's ``SimEnv`` (``engine="simenv"``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,19 +22,16 @@ from pathlib import Path
 
 # Heavy modules (torch, monai, nvflare) are imported inside the functions that need them, so that
 # `python -m fedmed simulate --help` answers at once (issue 13).
-from fedmed.jobfolder import CONTROLLER_PATHS, JobFolder, JobFolderError, parse_assignments
-from fedmed.site_config import SITE_CONFIG_FILE
+from fedmed.jobfolder import JobFolder, JobFolderError, parse_assignments
+from fedmed.jobspec import JobSpec
+from fedmed.runner import DEFAULT_JOB, INCOMPLETE_MARKER, RunError, RunOptions
 
-DEFAULT_JOB = "jobs/cxr_pneumonia_fedavg"
 SIMULATOR_MODULE = "nvflare.private.fed.app.simulator.simulator"
-INCOMPLETE_MARKER = "INCOMPLETE"  # in --out while a run is in progress or after it failed / was interrupted
+ENGINES = ("simulator", "simenv")  # FLARE's simulator in a subprocess (simulate), FLARE's SimEnv (job.py)
+SimulationError = RunError  # the name simulate's callers and tests know
 
 
-class SimulationError(RuntimeError):
-    pass
-
-
-class SimulationInterrupted(SimulationError):
+class SimulationInterrupted(RunError):
     """Ctrl-C: every process this command started was ended; the output folder is marked incomplete."""
 
 
@@ -47,33 +46,16 @@ def resolve_job(job: str) -> Path:
         raise SimulationError(str(exc)) from exc
 
 
-def load_controller_args(job_dir: Path) -> tuple[dict, dict]:
-    """(server config, the FedMed controller's args dict inside it)."""
-    folder = JobFolder(job_dir)
-    try:
-        server_config = folder.load_server()
-        return server_config, folder.controller_args(server_config)
-    except JobFolderError as exc:
-        raise SimulationError(str(exc)) from exc
-
-
 def prepare_job(job_dir: Path, dest: Path, num_sites: int, rounds: int | None, settings: dict | None = None) -> dict:
-    """Copy the job to ``dest`` with rounds / min_clients fitted to this simulation and ``--set``
-    overrides applied (:mod:`fedmed.jobfolder`); return the controller args."""
-    job = JobFolder(job_dir).copy_to(dest)
-    try:
-        applied = job.apply_settings(settings or {})
-    except JobFolderError as exc:
-        raise SimulationError(str(exc)) from exc
-    for key, targets in applied.items():
-        where = ", ".join(f"{component} argument {argument}" for component, argument in targets)
-        print(f"  --set {key}={json.dumps(settings[key])} ({where})", flush=True)
-    if applied:
-        try:
-            job.check_components()
-        except JobFolderError as exc:
-            raise SimulationError(f"--set: {exc}") from exc
-    return job.fit_to_simulation(num_sites, rounds)
+    """Write ``job_dir``'s job with ``--set`` overrides and rounds / ``min_clients`` fitted to this
+    simulation into ``dest`` (checked: a refused value raises); return the controller args.
+    Kept for callers written before :func:`fedmed.runner.plan_job`, which it uses."""
+    from fedmed.runner import plan_job, say, write_job_folder
+
+    spec = plan_job(job_dir, RunOptions(sites=num_sites, rounds=rounds, settings=dict(settings or {})),
+                    log=lambda line: say("  " + line))
+    write_job_folder(spec, dest)
+    return spec.controller_args()
 
 
 class _Progress:
@@ -205,14 +187,6 @@ def run_simulator(job_dir: Path, workspace: Path, sites: list[str], threads: int
                         signal.signal(sig, handler)
 
 
-def _children_cpu_seconds() -> float:
-    """CPU time (user + system) of this command's finished child processes (the simulator and its sites)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -222,7 +196,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def simulate(
-    job: str = DEFAULT_JOB,
+    job: str | JobSpec = DEFAULT_JOB,
     num_sites: int = 5,
     rounds: int | None = None,
     data: str | None = None,
@@ -236,116 +210,73 @@ def simulate(
     privacy_file: str | None = None,
     settings: dict | None = None,
     attacks: list[str] | None = None,
+    engine: str = "simulator",
+    dry_run: bool = False,
 ) -> Path:
-    """Run a simulated federation and return the output folder.
+    """Run a simulated federation and return the output folder (:mod:`fedmed.runner`'s steps).
 
-    ``settings``: ``--set`` overrides ``{key: value}`` for the job copy's executor / controller args
-    (:meth:`fedmed.jobfolder.JobFolder.apply_settings`); an unknown key raises before anything runs.
-    ``attacks``: ``--attack SITE:KIND=VALUE`` simulated attacks (:mod:`fedmed.attacks`), applied at
-    that simulated site by a result filter added to the job copy only.
+    ``job``: a job folder or a :class:`~fedmed.jobspec.JobSpec`. ``settings``: ``--set`` overrides
+    ``{key: value}``; an unknown key, or a value the executor, controller, network or task refuses,
+    raises before anything runs. ``attacks``: ``--attack SITE:KIND=VALUE`` simulated attacks
+    (:mod:`fedmed.attacks`), applied at that simulated site by a result filter in the run's job only.
+    ``engine``: ``simulator`` (FLARE's simulator in its own process group; ``simulate``) or
+    ``simenv`` (the job's FLARE recipe executed in ``SimEnv``; ``python jobs/<name>/job.py``): the
+    same job folder, sites and outputs either way.
+    ``dry_run``: check the job and its settings, write the run's job folder ``OUT/job`` and stop
+    (no data prepared, nothing started).
     While the run is in progress, and after it failed or was interrupted, ``out`` holds an
     ``INCOMPLETE`` marker; such a folder may be reused without ``force``.
     """
-    if num_sites < 1:
-        raise SimulationError(f"--sites must be >= 1, got {num_sites}")
-    if rounds is not None and rounds < 1:
-        raise SimulationError(f"--rounds must be >= 1, got {rounds}")
-    job_dir = resolve_job(job)
-    from fedmed.attacks import parse_attack  # issue 12: simulate --attack (bad syntax is refused before any work)
+    from fedmed import runner
 
-    parsed_attacks = [parse_attack(text) for text in attacks or []]
-    if settings:  # refuse an unknown key before any work
-        try:
-            valid = JobFolder(job_dir).settable_keys()
-        except JobFolderError as exc:
-            raise SimulationError(str(exc)) from exc
-        unknown = sorted(key for key in settings if key.split(".", 1)[0] not in valid)
-        if unknown:
-            raise SimulationError(f"--set: unknown key(s) {', '.join(unknown)} for job {job_dir.name}; "
-                                  f"valid keys: {', '.join(sorted(valid))}")
-    out_dir = Path(out or f"runs/{job_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not force and not (out_dir / INCOMPLETE_MARKER).exists():
-            raise SimulationError(f"output folder {out_dir} is not empty; choose another --out or pass --force")
-        if not force:
-            print(f"  {out_dir} holds an incomplete run ({INCOMPLETE_MARKER}); replacing it", flush=True)
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / INCOMPLETE_MARKER).write_text(
-        "this run has not finished (in progress, failed or interrupted); rerun simulate with the same --out to replace it\n")
-
-    from fedmed.flare.allow_list import class_allow_list
-    from fedmed.results import ResultsError, export_run_outputs
-    from fedmed.tasks import build_task
-
-    print(f"[0/3] loading the job {job_dir.name} (PyTorch, MONAI, FLARE)", flush=True)
-    _, controller_args = load_controller_args(job_dir)
-    task = build_task(controller_args.get("task", {"name": "classification"}))
-    sites_dir, workspace, run_job = out_dir / "sites", out_dir / "workspace", out_dir / "job"
+    if engine not in ENGINES:
+        raise SimulationError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    options = RunOptions(sites=num_sites, rounds=rounds, settings=dict(settings or {}), privacy=privacy,
+                         privacy_file=privacy_file, attacks=list(attacks or []), data=data, alpha=alpha, seed=seed)
+    print(f"[0/3] checking the job {getattr(job, 'name', None) or Path(str(job)).name} and its settings "
+          "(PyTorch, MONAI, FLARE)", flush=True)
+    spec = runner.plan_job(job, options, door="simulate" if engine == "simulator" else "simenv",
+                           log=lambda line: runner.say("  " + line))
+    out_dir = runner.start_output_folder(out, spec.name, force)
+    if dry_run:
+        print(f"  dry run: the job is checked and written to {runner.write_run_job(spec, out_dir)}; nothing started", flush=True)
+        return out_dir
     print(f"[1/3] preparing {num_sites} simulated hospitals ({'data ' + data if data else 'synthetic data'}, "
           f"Dirichlet alpha {alpha}, seed {seed})", flush=True)
-    # external hospitals (OUT/external/): held-out data no site config names (fedmed.external)
-    site_configs, summary = task.prepare_simulation(num_sites, sites_dir, data, alpha, seed, external_dir=out_dir / "external")
+    site_configs, summary = runner.prepare_sites(spec, num_sites, out_dir, data, alpha, seed)
     for line in summary:
         print("  " + line, flush=True)
-    args = prepare_job(job_dir, run_job, num_sites, rounds, settings)
-    if privacy:  # issue 5: the FLARE simulator does not enforce site scopes; copy the mode's filters in
-        from fedmed.privacy.simulation import apply_privacy_mode
-
-        applied = apply_privacy_mode(run_job, privacy, privacy_file)
-        print(f"  privacy mode '{privacy}' from {applied['client_privacy_file']}: site filters "
-              f"{', '.join(applied['client_filters'])}; server filters {', '.join(applied['server_filters']) or 'none'}", flush=True)
-    if parsed_attacks:  # the attack filter goes into the job copy only; production jobs never carry it
-        from fedmed.flare.attack_filter import add_attack_filter
-
-        unknown_sites = sorted({a.site for a in parsed_attacks} - set(site_configs))
-        if unknown_sites:
-            raise SimulationError(f"--attack: no simulated site {', '.join(unknown_sites)}; the sites are {', '.join(site_configs)}")
-        add_attack_filter(run_job, parsed_attacks)
-        print("  simulated attack(s): " + "; ".join(f"{a.site} {a.label}" for a in parsed_attacks), flush=True)
-    (workspace / "local").mkdir(parents=True)
-    (workspace / "local" / SITE_CONFIG_FILE).write_text(json.dumps({"sites": site_configs}, indent=2) + "\n")
-    (workspace / "local" / "resources.json").write_text(json.dumps({"class_allow_list": class_allow_list()}, indent=2) + "\n")
-
-    site_names = list(site_configs)
-    threads = threads or num_sites
-    print(f"[2/3] FLARE simulator: {num_sites} sites x {args.get('num_rounds')} rounds "
-          f"(job {job_dir.name}; log {out_dir / 'simulator.log'})", flush=True)
+    run_job = runner.write_run_job(spec, out_dir)
+    site_names, threads = list(site_configs), threads or num_sites
+    print(f"[2/3] FLARE {'simulator' if engine == 'simulator' else 'SimEnv'}: {num_sites} sites x {spec.num_rounds} rounds "
+          f"(job {spec.name}; log {out_dir / 'simulator.log'})", flush=True)
     started, cpu = time.time(), _children_cpu_seconds()
-    rc = run_simulator(run_job, workspace, site_names, threads, out_dir / "simulator.log", args.get("num_rounds"))
-    print(f"  simulator finished in {time.time() - started:.0f} s wall, {_children_cpu_seconds() - cpu:.0f} s CPU "
-          f"(exit code {rc})", flush=True)
+    if engine == "simulator":
+        workspace = out_dir / "workspace"
+        runner.write_site_locals(workspace / "local", site_configs)
+        rc = run_simulator(run_job, workspace, site_names, threads, out_dir / "simulator.log", spec.num_rounds)
+        server_app = workspace / "server" / "simulate_job" / "app_server"
+    else:
+        from fedmed.flare.recipes import recipe_from_spec, run_in_sim_env
+
+        runner.write_site_locals(out_dir / "workspace" / spec.name / "local", site_configs)  # SimEnv: ROOT/<job name>
+        rc = 0
+        server_app = run_in_sim_env(recipe_from_spec(spec), site_names, out_dir / "workspace", threads)
+    print(f"  {engine} finished in {time.time() - started:.0f} s wall, {_children_cpu_seconds() - cpu:.0f} s CPU of its "
+          f"processes (exit code {rc})", flush=True)
 
     print(f"[3/3] writing outputs to {out_dir}", flush=True)
-    server_app = workspace / "server" / "simulate_job" / "app_server"
+    from fedmed.results import ResultsError
+
     try:
-        metrics = export_run_outputs(server_app, out_dir)
+        runner.finish_outputs(server_app, out_dir, spec, site_configs, baselines)
     except ResultsError as exc:
         error = _server_error(server_app)
         _report_unfinished_run(out_dir)
-        raise SimulationError(f"the federated run failed: {error or exc}. Logs: {out_dir / 'simulator.log'}, {workspace}/*/log.txt") from exc
-    _print_summary(metrics, out_dir)
-    _baselines_and_report(run_job, site_configs, args.get("num_rounds"), out_dir, baselines)
-    (out_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)
+        raise SimulationError(f"the federated run failed: {error or exc}. Logs: {out_dir / 'simulator.log'}, "
+                              f"{server_app.parents[2]}/*/log.txt") from exc
+    runner.mark_complete(out_dir)
     return out_dir
-
-
-def _baselines_and_report(run_job: Path, site_configs: dict, rounds, out_dir: Path, baselines: bool) -> None:
-    """Issue-4 outputs (fedmed.baselines, fedmed.report): OUT/baselines.json, OUT/report/."""
-    from fedmed.baselines import BASELINES_FILE, run_for_job
-    from fedmed.external import evaluate_run, external_sets
-    from fedmed.report import build_report
-
-    if baselines:
-        print("  baselines: local-only and pooled models with the same partition and budget", flush=True)
-        run_for_job(run_job, site_configs, out_dir / BASELINES_FILE, num_rounds=rounds,
-                    federated_model=out_dir / "models" / "global_model.pt", log=lambda line: print(line, flush=True),
-                    external=external_sets(out_dir))
-    evaluate_run(out_dir, log=lambda line: print("  " + line, flush=True))
-    (out_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)  # every output is in place: the report may call the run finished
-    build_report(out_dir, log=lambda line: print("  " + line, flush=True))
-    print(f"  report: {out_dir / 'report' / 'report.html'}\n  provenance card: {out_dir / 'provenance.json'} "
-          f"(python -m fedmed verify-provenance {out_dir})", flush=True)
 
 
 def _report_unfinished_run(out_dir: Path) -> None:
@@ -359,6 +290,14 @@ def _report_unfinished_run(out_dir: Path) -> None:
         print(f"  no report of the failed run: {exc}", flush=True)
 
 
+def _children_cpu_seconds() -> float:
+    """CPU time (user + system) of this command's finished child processes (the simulator and its sites)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _server_error(server_app: Path) -> str | None:
     from fedmed.results import METRICS_FILE
 
@@ -368,28 +307,14 @@ def _server_error(server_app: Path) -> str | None:
     return None
 
 
-def _print_summary(metrics: dict, out_dir: Path) -> None:
-    from fedmed.results import METRICS_FILE
-
-    key = metrics["key_metric"]
-    evaluations = metrics.get("evaluations", [])
-    release = metrics.get("release") or {}
-    if release:
-        print(f"  release gate: released model version {release.get('version')} of {metrics.get('num_rounds')} "
-              f"({release.get('action')}): {release.get('reason')}", flush=True)
-    if evaluations:
-        first, last = evaluations[0], evaluations[-1]
-        print(f"  mean validation {key}: initial model {first.get('mean_' + key):.4f} -> "
-              f"final global model {last.get('mean_' + key):.4f}")
-        for site, site_metrics in sorted(last["sites"].items()):
-            print(f"    {site}: " + ", ".join(f"{k} {v:.4f}" for k, v in site_metrics.items() if k.startswith("val_") and isinstance(v, (int, float))))
-    print(f"  bundle: {out_dir / 'bundle'}\n  metrics: {out_dir / METRICS_FILE}\n"
-          f"  TensorBoard: tensorboard --logdir {out_dir / 'tb_events'}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", default=DEFAULT_JOB, help=f"job folder (default {DEFAULT_JOB})")
-    parser.add_argument("--sites", type=int, default=5, help="number of simulated hospitals (default 5)")
+    add_run_arguments(parser)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, sites_default: int = 5) -> None:
+    """The run options ``simulate`` and ``python jobs/<name>/job.py`` share."""
+    parser.add_argument("--sites", type=int, default=sites_default, help=f"number of simulated hospitals (default {sites_default})")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the job's num_rounds)")
     parser.add_argument("--data", default=None, help="data pool to partition: a MedMNIST-style .npz for classification, an MSD-style "
                         "datalist JSON for segmentation (default: synthetic X-rays or volumes)")
@@ -398,28 +323,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="partition / synthetic-data seed (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="simulator threads (default: one per site)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the job and its --set values, write the run's job folder to OUT/job and stop (nothing runs)")
     parser.add_argument("--baselines", action="store_true",
                         help="also train each site's local-only model and a pooled model with the same partition and budget")
-    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he"],
+    parser.add_argument("--privacy", default=None, choices=["standard", "dp", "compressed", "compressed_int8", "he", "dp_he"],
                         help="privacy mode every simulated hospital applies (its scope's filters from --privacy-file); "
-                             "he needs HE kits: use rehearse --privacy he")
+                             "he / dp_he run secure aggregation (at least 3 sites)")
     parser.add_argument("--privacy-file", default=None,
                         help="the hospitals' privacy.json (default workspace_templates/client/local/privacy.json)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a training or aggregation setting of the job copy, repeatable: e.g. --set lr=0.01 "
+                        help="override a training or aggregation setting of the run's job, repeatable: e.g. --set lr=0.01 "
                              "--set local_epochs=2 --set batch_size=64 --set network='{\"name\": \"densenet121\", ...}'; "
-                             "VALUE is parsed as JSON when it can be; the keys are the job's executor and controller "
-                             "arguments (an unknown key is refused with the list); a dotted key changes one entry of a "
-                             "dict-valued one: --set network.args.width=32")
-
-
+                             "VALUE is parsed as JSON when it can be; the keys are declared in fedmed.jobspec (an unknown "
+                             "key is refused with the list; a value the executor, controller, network or task refuses "
+                             "fails before anything starts); a dotted key changes one entry of a dict-valued one: "
+                             "--set network.args.width=32")
     parser.add_argument("--attack", action="append", default=[], metavar="SITE:KIND=VALUE",
                         help="simulate a hostile hospital, repeatable: KIND scale (multiply its update; negative flips it), "
                              "samples (claimed sample count), nan (NaN in its update), metric (claimed validation "
-                             "AUC/accuracy/Dice); e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9")
+                             "AUC/accuracy/Dice), delay (a slow hospital: hold each training reply VALUE seconds); "
+                             "e.g. --attack site-2:scale=-10 --attack site-3:samples=1e9 --attack site-4:delay=60")
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, spec: JobSpec | None = None, engine: str = "simulator") -> int:
+    """``simulate``'s command (and ``job.py``'s SimEnv run: ``spec`` given, ``engine="simenv"``)."""
     try:
         settings = parse_assignments(getattr(args, "settings", None))
     except JobFolderError as exc:
@@ -427,8 +355,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     previous_handlers = _stop_on_termination()
     try:
-        simulate(args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed, args.threads, args.force,
-                 args.baselines, args.privacy, args.privacy_file, settings=settings, attacks=getattr(args, "attack", None))
+        simulate(spec if spec is not None else args.job, args.sites, args.rounds, args.data, args.out, args.alpha, args.seed,
+                 args.threads, args.force, args.baselines, args.privacy, args.privacy_file, settings=settings,
+                 attacks=getattr(args, "attack", None), engine=engine, dry_run=getattr(args, "dry_run", False))
     except KeyboardInterrupt:
         print(f"\ninterrupted: every process this command started was stopped; the output folder is marked "
               f"{INCOMPLETE_MARKER} (rerun with the same --out to replace it)", file=sys.stderr)

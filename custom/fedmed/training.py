@@ -122,6 +122,8 @@ class LocalTrainer:
             raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if fedprox_mu < 0:
             raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
         if lr_schedule not in LR_SCHEDULES:

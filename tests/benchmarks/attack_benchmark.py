@@ -40,10 +40,10 @@ def run(fed, settings: dict, aggregation: dict, server_optimizer: dict | None, a
     names = [f"site-{i + 1}" for i in range(len(fed.sites))]
     trainers = {name: LocalTrainer(task, task.to_dataset(s.train, train=True), task.to_dataset(s.val), **settings["trainer_args"])
                 for name, s in zip(names, fed.sites)}
-    engine = RoundEngine(PlaintextAggregation(aggregation, server_optimizer), "attack-benchmark", task.key_metric, rounds, 2)
+    engine = RoundEngine(PlaintextAggregation(aggregation, server_optimizer, num_sites=len(names)), "attack-benchmark", task.key_metric, rounds, 2)
     weights = state_to_numpy(build_network(network, seed=settings["network_seed"]))
     best = weights
-    hostile = parse_attack(f"{attacker}:{attack}") if attack != "none" else None
+    hostile = {a: parse_attack(f"{a}:{attack}") for a in attacker.split(",")} if attack != "none" else {}
     started, rejected = time.perf_counter(), 0
     for r in range(rounds):
         replies = {}
@@ -52,8 +52,8 @@ def run(fed, settings: dict, aggregation: dict, server_optimizer: dict | None, a
             result = trainer.train(network, weights, r, num_rounds=rounds)
             update = weight_difference(result.weights, weights)
             meta = {"num_samples": result.num_samples, "metrics": {**val, **result.metrics}}
-            if hostile and name == attacker:
-                update, meta = apply_attack(hostile, update, meta)
+            if name in hostile:
+                update, meta = apply_attack(hostile[name], update, meta)
             replies[name] = SiteReply(WEIGHT_DIFF, update, meta)
         try:
             outcome = engine.run_round(r, weights, replies)
@@ -76,6 +76,7 @@ def run(fed, settings: dict, aggregation: dict, server_optimizer: dict | None, a
         m = task.external_metrics(model, task.to_dataset(fed.external["external-val"]), torch.device("cpu"), threshold)
         out[label] = {"auc": round(m["auc"], 4), "accuracy": round(m["accuracy"], 4)}
     out["failed_sites_per_round"] = [sorted(rec["failed"]) for rec in engine.metrics["rounds"] if rec["failed"]][:1]
+    out["flagged_rounds"] = {site: p["rounds_flagged"] for site, p in engine.metrics["participation"].items()}
     return out
 
 
@@ -85,9 +86,10 @@ def main() -> None:
     parser.add_argument("--job", default="jobs/cxr_pneumonia_fedavg")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--attacker", default="site-2")
+    parser.add_argument("--attacker", default="site-2", help="the hostile site(s), comma-separated: site-2,site-3")
     parser.add_argument("--attacks", nargs="*", default=ATTACKS)
-    parser.add_argument("--aggregators", nargs="*", default=["fedavg", "default"])
+    parser.add_argument("--aggregators", nargs="*", default=["fedavg", "default"],
+                        help="fedavg, default (the job's), or any aggregator name (median, geometric_median, ...)")
     args = parser.parse_args()
     settings = job_settings(args.job)
     controller = JobFolder(Path(args.job)).controller_args()
@@ -95,7 +97,7 @@ def main() -> None:
     fed = site_data.partition_sites(site_data.load_npz(args.npz), args.sites, alpha=0.5, seed=0)
     for attack in args.attacks:
         for agg in args.aggregators:
-            spec = {"name": "fedavg"} if agg == "fedavg" else default
+            spec = default if agg == "default" else {"name": agg}
             result = run(fed, settings, spec, controller.get("server_optimizer"), attack, args.rounds, args.attacker)
             print(json.dumps({"attack": attack, "aggregation": spec, **result}), flush=True)
 

@@ -3,7 +3,8 @@
 Runs FedAvg in-process (no FLARE: the same LocalTrainer, robust-free FedAvg weighting and
 server optimizers the job uses) on the simulate partition of a MedMNIST npz, for each candidate
 recipe, and prints AUC / accuracy on the external hospitals (the pool's val split with its own
-scanner profile, and the same images as collected). Selection uses external data here on purpose:
+scanner profile, the same images re-acquired with a gap no site has (``external-val-acq``), and
+the same images as collected). Selection uses external data here on purpose:
 this is the recipe study, done once; the job's own best-model and threshold choices never read it.
 
     OMP_NUM_THREADS=2 python tests/benchmarks/recipe_sweep.py ../shared/data/pneumoniamnist.npz --rounds 20
@@ -37,7 +38,7 @@ CANDIDATES = {
     "w16+aug": {"width": 16, "aug": AUG},
     "w16+aug+fedavgm": {"width": 16, "aug": AUG, "server": {"name": "fedavgm", "args": {"lr": 1.0, "momentum": 0.5}}},
     "w24+aug": {"width": 24, "aug": AUG},
-    "w16+aug+trimmed": {"width": 16, "aug": AUG, "aggregation": {"name": "trimmed_mean", "args": {"trim_fraction": 0.2, "norm_multiplier": 2.0}}},
+    "w16+aug+trimmed": {"width": 16, "aug": AUG, "aggregation": {"name": "trimmed_mean", "args": {"f": 1, "norm_multiplier": 2.0}}},
     "w16+aug+clipped": {"width": 16, "aug": AUG, "aggregation": {"name": "clipped_fedavg", "args": {"norm_multiplier": 2.0}}},
     "w32": {"width": 32},
     "w32+aug": {"width": 32, "aug": AUG},
@@ -71,7 +72,8 @@ def run(pool, recipe: dict, rounds: int, sites: int, seed: int = 0) -> dict:
     out = {"train_seconds": round(seconds, 1), "threshold": threshold,
            "site_val_auc_mean": float(np.mean([m["val_auc"] for m in site_metrics.values()]))}
     raw_val = site_data.ImageSplit(pool.val.images, pool.val.labels)
-    for name, split in (("external-val", fed.external["external-val"]), ("val-as-collected", raw_val)):
+    acq = site_data.ACQUISITION_EXTERNAL
+    for name, split in (("external-val", fed.external["external-val"]), (acq, fed.external[acq]), ("val-as-collected", raw_val)):
         m = task.external_metrics(model, task.to_dataset(split), torch.device("cpu"), threshold)
         out[name] = {k: round(m[k], 4) for k in ("auc", "accuracy", "accuracy_argmax", "sensitivity", "specificity")}
     return out

@@ -1,7 +1,8 @@
 """Issue 11: a he round with 2 sites is refused in a real loopback deployment, naming the reason.
 
-With a shared CKKS secret key, each of 2 hospitals could decrypt the aggregate and subtract its own
-update to read the other's. The controller refuses before any model leaves the server.
+With 2 hospitals each could subtract its own update from the aggregate and read the other's, whatever
+the encryption. Secure aggregation refuses before any model leaves the server (the sites refuse too:
+tests/privacy/test_he_pieces.py, test_secagg.py).
 """
 
 import json
@@ -22,8 +23,8 @@ def test_rehearse_he_with_2_hospitals_is_refused_naming_the_reason(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode != 0, result.stdout[-3000:]
     output = result.stdout + result.stderr
-    assert "each hospital can decrypt the aggregate" in output, output[-3000:]
+    assert "secure aggregation needs 3" in output, output[-3000:]
     assert "FINISHED:EXECUTION_EXCEPTION" in output
     # the downloaded job result records the refusal; no round ran, so no site's update was ever aggregated
     doc = json.loads(next(work.rglob("app_server/fedmed/metrics.json")).read_text())
-    assert doc["finished"] is False and "only 2 site(s) connected; refused" in doc["error"] and doc["rounds"] == []
+    assert doc["finished"] is False and "only 2 site(s) advertised keys" in doc["error"] and doc["rounds"] == []

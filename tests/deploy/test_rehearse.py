@@ -102,21 +102,24 @@ def test_rehearse_fails_with_exit_1_and_a_reason_for_a_missing_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_rehearse_privacy_he_aggregates_ciphertext_and_a_hospital_decrypts_the_model(tmp_path):
+def test_rehearse_privacy_he_runs_secure_aggregation_with_no_key_held_by_one_party(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     result = subprocess.run([sys.executable, "-m", "fedmed", "rehearse", "--privacy", "he", "--hospitals", "3",  # he refuses < 3
                              "--rounds", "1", "--out", str(out), "--workdir", str(work)],
                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "(HE kits)" in result.stdout and "privacy scope: he" in result.stdout
-    assert "hospital-01 decrypted the encrypted global model with its own key" in result.stdout
-    # the server aggregated ciphertext only: every tensor from every hospital, and it could decrypt none
-    audit = json.loads((out / "he_audit.json").read_text())["records"]
-    assert sorted(r["site"] for r in audit) == ["hospital-01", "hospital-02", "hospital-03"]
-    assert all(r["tensors"] == r["ciphertext_tensors"] > 0 and r["server_can_decrypt"] is False for r in audit)
+    assert "privacy scope: he" in result.stdout
+    # nothing was provisioned for it: no kit holds an HE context or any key shared between parties
+    assert not list(work.rglob("*.tenseal"))
+    # every hospital's update arrived masked; the server got seed shares only for hospitals whose masked
+    # update arrived and key shares for none, so it never held t shares of both secrets of one hospital
+    audit = json.loads((out / "secagg_audit.json").read_text())["rounds"]
+    hospitals = ["hospital-01", "hospital-02", "hospital-03"]
+    assert [(r["threshold"], r["survivors"], r["dropped"]) for r in audit] == [(2, hospitals, [])]
+    assert audit[0]["single_site_unmaskable"] == []
+    assert all(received["s_shares_of"] == [] for received in audit[0]["shares_received"].values())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["finished"] and metrics["aggregation"].startswith("he:")
-    encrypted = next((out / "job_result").rglob("global_model_encrypted.npz"))
-    assert encrypted.stat().st_size > 1_000_000  # CKKS ciphertext, not a 290 kB plaintext model
+    assert metrics["finished"] and metrics["aggregation"].startswith("he: secure aggregation")
+    assert metrics["rounds"][0]["aggregation"]["survivors"] == hospitals
     assert (out / "bundle" / "models" / "model.pt").is_file() and (out / "report" / "report.html").is_file()
     assert _processes_mentioning(str(work)) == []

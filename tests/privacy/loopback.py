@@ -1,6 +1,6 @@
 """A tiny real FLARE deployment on 127.0.0.1 for the privacy acceptance tests.
 
-Real ``nvflare provision`` (with FLARE's HEBuilder for ``he``), a real server and real clients as
+Real ``nvflare provision``, a real server and real clients as
 separate processes started from their kits, jobs submitted through the admin API. Each site's
 ``local/privacy.json`` is the project's template unless a test gives its own. Processes started
 here are stopped by PID; nothing is written outside the test's folder.
@@ -62,11 +62,10 @@ def tiny_job(dest: Path, num_rounds: int = 1, scope: str | None = None, width: i
 
 
 class LoopbackFederation:
-    def __init__(self, root: Path, sites=("site-1", "site-2"), he: bool = False, site_privacy: dict | None = None,
+    def __init__(self, root: Path, sites=("site-1", "site-2"), site_privacy: dict | None = None,
                  num_train: int = 48, num_val: int = 24, site_configs: dict | None = None):
         self.root = Path(root)
         self.sites = list(sites)
-        self.he = he
         self.site_privacy = site_privacy or {}
         self.num_train, self.num_val = num_train, num_val
         self.site_configs = site_configs or {}  # {site: {"data": {...}}}; default tiny synthetic data
@@ -86,8 +85,6 @@ class LoopbackFederation:
             {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"},
             {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
         ]
-        if self.he:
-            builders.append({"path": "nvflare.lighter.impl.he.HEBuilder"})
         builders += [{"path": "nvflare.lighter.impl.cert.CertBuilder"}, {"path": "nvflare.lighter.impl.signature.SignatureBuilder"}]
         project = {"api_version": 3, "name": PROJECT, "description": "privacy tests", "participants": participants, "builders": builders}
         self.root.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@
 - under ``dp`` sites train with record-level DP-SGD: no training loss leaves, counts and validation
   metrics are coarsened, the server's ``privacy_ledger.json`` recomputes with Opacus' accountant, a
   site whose budget is spent stops contributing and says why, and a later job continues the ledger;
-- under ``he`` the server holds only ciphertext per site and the aggregated model equals
-  plaintext FedAvg within CKKS tolerance;
+- under ``he`` (secure aggregation, no provisioned keys) the server receives only masked vectors,
+  never holds enough shares to unmask one site, and the aggregated model equals plaintext FedAvg
+  within the fixed-point tolerance;
 - ``compressed`` halves the bytes per round.
 """
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from fedmed.flare.he import ENCRYPTED_MODEL_FILE, decrypt_global_model, he_job
+from fedmed.flare.he import AUDIT_FILE, he_job
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.privacy.scopes import template_privacy_file
 
@@ -163,8 +164,8 @@ def bytes_per_round(metrics):
     return [sum(s["upload_bytes"] for s in r["sites"].values()) for r in metrics["rounds"]]
 
 
-def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
-    fed = LoopbackFederation(tmp_path / "fed", sites=("site-1", "site-2", "site-3"), he=True)  # he refuses fewer than 3 sites
+def test_he_secure_aggregation_and_compressed_bytes(tmp_path):
+    fed = LoopbackFederation(tmp_path / "fed", sites=("site-1", "site-2", "site-3"))  # he refuses fewer than 3 sites; no HE kits
     fed.provision()
     try:
         fed.start()
@@ -191,23 +192,23 @@ def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
         assert meta["status"] == "FINISHED:COMPLETED", meta
         int8 = json.loads((_server_out(result) / "metrics.json").read_text())
 
-        # dp + he: DP-SGD at every site, then CKKS: the server sees neither a plaintext nor a noised update
+        # dp + he: DP-SGD at every site, then masked: the server sees neither a plaintext nor a noised update
         dp_he = he_job(tiny_job(tmp_path / "job_dp_he_base", num_rounds=1), tmp_path / "job_dp_he")
         dp_he_meta = json.loads((dp_he / "meta.json").read_text())
         dp_he_meta["scope"] = "dp_he"
         (dp_he / "meta.json").write_text(json.dumps(dp_he_meta))
         _, meta, result = fed.run_job(dp_he, timeout=300)
         assert meta["status"] == "FINISHED:COMPLETED", meta
-        dp_he_audit = json.loads((_server_out(result) / "he_audit.json").read_text())["records"]
+        dp_he_audit = json.loads((_server_out(result) / AUDIT_FILE).read_text())["rounds"]
         dp_he_metrics = json.loads((_server_out(result) / "metrics.json").read_text())
     finally:
         fed.stop()
 
     # compressed_int8 sends exactly a quarter of the tensor bytes
     assert [4 * b for b in bytes_per_round(int8)] == bytes_per_round(standard)
-    # dp_he: ciphertext only from every site, DP-SGD charged to each site's ledger, no training loss
-    assert sorted(r["site"] for r in dp_he_audit if r["task"] == "train") == ["site-1", "site-2", "site-3"]
-    assert all(r["tensors"] == r["ciphertext_tensors"] > 0 and r["server_can_decrypt"] is False for r in dp_he_audit)
+    # dp_he: masked updates from every site, DP-SGD charged to each site's ledger, no training loss
+    assert [r["survivors"] for r in dp_he_audit] == [["site-1", "site-2", "site-3"]]
+    assert all(r["single_site_unmaskable"] == [] for r in dp_he_audit)
     for site in fed.sites:
         ledger = json.loads((fed.kits[site] / "privacy_ledger.json").read_text())
         assert ledger["unit"] == "record" and len(ledger["entries"]) == 1 and 0 < ledger["epsilon"] <= 8.0
@@ -220,17 +221,19 @@ def test_he_ciphertext_only_aggregation_and_compressed_bytes(tmp_path):
     assert [2 * b for b in bytes_per_round(compressed)] == bytes_per_round(standard)
     assert all(t.dtype == torch.float32 for t in compressed_model.values())
 
-    # he: every site's update reached the server as ciphertext only, with no secret key
-    audit = json.loads((he_out / "he_audit.json").read_text())["records"]
-    assert sorted(r["site"] for r in audit if r["task"] == "train") == ["site-1", "site-2", "site-3"]
-    for record in audit:
-        assert record["tensors"] == record["ciphertext_tensors"] > 0 and record["server_can_decrypt"] is False
-    assert not (he_out / "global_model.pt").exists()  # no plaintext global model on the server
-    with pytest.raises(ValueError, match="no secret key"):
-        decrypt_global_model(he_out / ENCRYPTED_MODEL_FILE, fed.kits["localhost"] / "startup" / "server_context.tenseal")
+    # he: no kit holds a key for it (nothing provisioned); every site's update arrived masked, and the
+    # server received seed shares (t=2 of 3) only for sites whose masked update arrived, key shares for none
+    assert not [p for kit in fed.kits.values() for p in kit.rglob("*.tenseal")]
+    audit = json.loads((he_out / AUDIT_FILE).read_text())["rounds"]
+    assert [(r["threshold"], r["survivors"], r["dropped"]) for r in audit] == [(2, ["site-1", "site-2", "site-3"], [])]
+    assert audit[0]["single_site_unmaskable"] == []
+    assert all(v["s_shares_of"] == [] for v in audit[0]["shares_received"].values())
+    he_metrics = json.loads((he_out / "metrics.json").read_text())
+    total = sum(size for size in (np.asarray(v).size for v in state_to_numpy(build_network(_network(job), seed=0)).values()))
+    assert [r["sites"][s]["upload_bytes"] for r in he_metrics["rounds"] for s in fed.sites] == [8 * total] * 3  # one uint64 vector
 
-    # a hospital decrypts the aggregate: it equals plaintext FedAvg within CKKS tolerance
-    decrypted = decrypt_global_model(he_out / ENCRYPTED_MODEL_FILE, fed.kits["site-1"] / "startup" / "client_context.tenseal")
+    # the server learns the aggregate (the new global model): it equals plaintext FedAvg within fixed-point tolerance
+    decrypted = {k: v.numpy() for k, v in torch.load(he_out / "global_model.pt", map_location="cpu", weights_only=True).items()}
     reference = _fedavg_reference(job, fed)
     initial = state_to_numpy(build_network(_network(job), seed=0))
     moved = max(float(np.max(np.abs(reference[k] - initial[k]))) for k in reference)

@@ -10,7 +10,6 @@ from nvflare.apis.fl_context import FLContext
 from fedmed.flare.replies import ERROR_HEADER
 from fedmed.flare.filters import (
     RELEASE_REFUSED,
-    CiphertextOnlyCheck,
     CompressFilter,
     DecompressFilter,
     DPReleaseFilter,
@@ -189,7 +188,12 @@ def test_server_refuses_float16_without_a_compression_record():
 
 
 def test_he_server_check_drops_a_plaintext_update():
+    from fedmed.flare.he import MaskedOnlyCheck
+    from fedmed.privacy.secagg import MASKED_KEY
+
     shareable = DXO(DataKind.WEIGHT_DIFF, data={"w": np.zeros(3, np.float32)}, meta={"round": 0}).to_shareable()
-    out = CiphertextOnlyCheck().process(shareable, _ctx(site="server", scope="he"))
+    out = MaskedOnlyCheck().process(shareable, _ctx(site="server", scope="he"))
     assert out.get_return_code() == RELEASE_REFUSED
-    assert "plaintext" in out.get_header(ERROR_HEADER)
+    assert "not one masked uint64 vector" in out.get_header(ERROR_HEADER)
+    masked = DXO(DataKind.WEIGHT_DIFF, data={MASKED_KEY: np.zeros(3, np.uint64)}, meta={"round": 0}).to_shareable()
+    assert MaskedOnlyCheck().process(masked, _ctx(site="server", scope="he")).get_return_code(ReturnCode.OK) == ReturnCode.OK

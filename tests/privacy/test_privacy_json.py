@@ -39,17 +39,19 @@ def test_client_scopes_chain_the_release_policy_first_and_the_meter_last(tmp_pat
     assert [type(f).__name__ for f in dp_in] == ["ModelSignatureRecorder", "DPTrainingPolicy"]
     assert dp_in[1].settings.epsilon == 8.0 and dp_in[1].settings.delta == 1e-5  # the default budget
     dp_he_out = [type(f).__name__ for f in manager.get_scope("dp_he").task_result_filters["out"]]
-    assert dp_he_out == ["ReleasePolicyFilter", "DPReleaseFilter", "HEModelEncryptor", "TransferMeter"]  # noise, then encrypt
+    assert dp_he_out == ["ReleasePolicyFilter", "DPReleaseFilter", "SecAggMasker", "TransferMeter"]  # noise, then mask
     assert "DPTrainingPolicy" in [type(f).__name__ for f in manager.get_scope("dp_he").task_data_filters["in"]]
     he_chain = [type(f).__name__ for f in manager.get_scope("he").task_result_filters["out"]]
-    assert he_chain == ["ReleasePolicyFilter", "HEModelEncryptor", "TransferMeter"]
-    assert [type(f).__name__ for f in manager.get_scope("he").task_data_filters["in"]] == ["HEModelDecryptor", "DecryptedModelReshaper", "ModelSignatureRecorder"]
+    assert he_chain == ["ReleasePolicyFilter", "SecAggMasker", "TransferMeter"]
+    he_in = manager.get_scope("he").task_data_filters["in"]
+    assert [type(f).__name__ for f in he_in] == ["ModelSignatureRecorder", "SecAggPolicy"] and he_in[1].min_sites == 3
 
 
 def test_server_decompresses_compressed_updates(tmp_path):
     manager = _manager(tmp_path, "server")
     assert [type(f) for f in manager.get_scope("compressed").task_result_filters["in"]] == [Float16DecompressFilter]
     assert [type(f).__name__ for f in manager.get_scope("compressed_int8").task_result_filters["in"]] == ["DecompressFilter"]
+    assert [type(f).__name__ for f in manager.get_scope("he").task_result_filters["in"]] == ["MaskedOnlyCheck"]
 
 
 def test_a_dp_scope_with_a_bad_setting_stops_the_site_from_loading(tmp_path):

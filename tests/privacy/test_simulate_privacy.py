@@ -17,9 +17,21 @@ def _copy_job(tmp_path):
     return dest
 
 
-def test_he_is_refused_in_the_simulator_with_the_way_to_try_it(tmp_path):
-    with pytest.raises(ScopeError, match="rehearse --privacy he"):
-        apply_privacy_mode(_copy_job(tmp_path), "he")
+def test_he_job_copy_runs_secure_aggregation_with_the_sites_masking_filters(tmp_path):
+    job = _copy_job(tmp_path)
+    summary = apply_privacy_mode(job, "he")
+    assert summary["client_filters"] == ["ReleasePolicyFilter", "SecAggMasker", "TransferMeter"]
+    assert summary["server_filters"] == ["MaskedOnlyCheck"]
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    assert server["workflows"][0]["args"]["aggregation_step_id"] == "he_step"
+    assert {c["id"]: c["path"] for c in server["components"]}["he_step"] == "fedmed.flare.he.SecureAggregation"
+    protocol = [e for e in client["executors"] if "secagg_keys" in e["tasks"]]
+    assert protocol and protocol[0]["executor"]["path"] == "fedmed.flare.he.SecAggSiteExecutor"
+    # the protocol tasks' results pass the same site filters as train (the release policy checks them)
+    covered = {t for entry in client["task_result_filters"] for t in entry["tasks"]}
+    assert {"train", "secagg_keys", "secagg_shares", "secagg_unmask"} <= covered
+    assert json.loads((job / "meta.json").read_text())["scope"] == "he"
 
 
 def test_a_mode_the_hospitals_policy_does_not_allow_is_refused_naming_the_file(tmp_path):

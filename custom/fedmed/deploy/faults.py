@@ -9,6 +9,11 @@ before the line for round N.
   yet killed). FLARE keeps the dead client "connected" until its heartbeat times out; the round
   engine goes on with the others as long as ``min_clients`` answer, and cross-site evaluation skips
   it (:func:`fedmed.flare.cross_site.sites_to_evaluate`).
+- ``partition-hospital:N`` (``--hosts netns`` only): cut one hospital's network link during round N
+  (the last hospital not yet cut or killed); heal it once round N is over at the server, or after
+  ``PARTITION_MAX_S`` seconds. The hospital's processes keep running; the job must go on without it
+  and the hospital must come back: it trains in a later round, or, when it is too slow to make the
+  next rounds' deadline, at least validates the final model.
 - ``restart-server:N``: SIGKILL the server and its job process, start the server again from its kit
   and wait until it is up; the job must then resume from its last completed round (FLARE's snapshot
   persistence in the server's ``resources.json`` and the controller's saved state).
@@ -30,7 +35,8 @@ import psutil
 
 from fedmed.deploy.processes import process_tree, wait_ready
 
-FAULT_KINDS = ("restart-server", "kill-hospital")
+FAULT_KINDS = ("restart-server", "kill-hospital", "partition-hospital")
+PARTITION_MAX_S = 90.0  # a partitioned hospital's link comes back after this long even if its round is not over
 ROUND_LINE = re.compile(r"\[fedmed\] round (\d+)/(\d+)")
 
 
@@ -87,7 +93,12 @@ def kill_tree(pid: int) -> list[int]:
 class FaultInjector:
     """Fires each fault when its round is running; called from the job-monitoring loop."""
 
-    def __init__(self, faults: list[Fault], federation, server: str, hospitals: list[str], log=print):
+    def __init__(self, faults: list[Fault], federation, server: str, hospitals: list[str], log=print, network=None):
+        if network is None and any(f.kind == "partition-hospital" for f in faults):
+            raise FaultError("--fault partition-hospital cuts a hospital's network link and needs --hosts netns "
+                             "(each participant on its own network host)")
+        self.network = network
+        self.partitioned: dict[str, Fault] = {}  # hospital -> its partition fault, while its link is down
         self.faults = sorted(faults, key=lambda f: f.round)
         self.federation = federation
         self.server = server
@@ -127,6 +138,7 @@ class FaultInjector:
 
     def poll(self) -> None:
         done = self.rounds_done()
+        self._heal_partitions(done)
         for fault in self.pending():
             if done >= fault.round:  # the round finished before the fault could fire (a very short round)
                 fault.record = {"fault": fault.spec, "fired": False, "outcome": f"round {fault.round} finished before "
@@ -136,6 +148,8 @@ class FaultInjector:
             if done == fault.round - 1 and (fault.round > 1 or self._job_running_everywhere()):
                 if fault.kind == "kill-hospital":
                     self._kill_hospital(fault, done)
+                elif fault.kind == "partition-hospital":
+                    self._partition_hospital(fault, done)
                 else:
                     self._restart_server(fault, done)
 
@@ -152,6 +166,37 @@ class FaultInjector:
                         "hospital": victim, "at_s": at, "rounds_completed_before": done, "killed_pids": pids,
                         "signal": "SIGKILL"}
         self.log(f"  [{at:5.0f} s] fault {fault.spec}: SIGKILLed hospital {victim} (pids {pids}) during round {fault.round}")
+
+    def _partition_hospital(self, fault: Fault, done: int) -> None:
+        reachable = [h for h in self.hospitals if h not in self.killed_hospitals and h not in self.partitioned]
+        if not reachable:
+            fault.record = {"fault": fault.spec, "fired": False, "outcome": "no connected hospital left to cut off"}
+            return
+        victim = reachable[-1]
+        at = self.now()
+        self.network.cut(victim)
+        self.partitioned[victim] = fault
+        host = self.network.host(victim)
+        fault.record = {"fault": fault.spec, "fired": True, "kind": fault.kind, "round": fault.round,
+                        "hospital": victim, "address": host.address, "cut_at_s": at, "rounds_completed_before": done}
+        self.log(f"  [{at:5.0f} s] fault {fault.spec}: cut hospital {victim}'s network link ({host.address}) "
+                 f"during round {fault.round}")
+
+    def _heal_partitions(self, done: int) -> None:
+        for victim, fault in list(self.partitioned.items()):
+            if done >= fault.round or self.now() - fault.record["cut_at_s"] >= PARTITION_MAX_S:
+                self.network.heal(victim)
+                del self.partitioned[victim]
+                fault.record["healed_at_s"] = self.now()
+                self.log(f"  [{self.now():5.0f} s] fault {fault.spec}: {victim}'s link is back up "
+                         f"(round {done} done at the server)")
+
+    def heal_all(self) -> None:
+        """Bring back every link still cut (the job ended first)."""
+        for victim, fault in list(self.partitioned.items()):
+            self.network.heal(victim)
+            fault.record["healed_at_s"] = self.now()
+        self.partitioned.clear()
 
     def _restart_server(self, fault: Fault, done: int) -> None:
         at = self.now()
@@ -189,7 +234,20 @@ class FaultInjector:
             if not record.get("fired"):
                 continue
             after = [r for r in rounds if int(r.get("round", -1)) + 1 >= fault.round]
-            if fault.kind == "kill-hospital":
+            if fault.kind == "partition-hospital":
+                victim = record["hospital"]
+                without = [int(r["round"]) + 1 for r in after if victim not in (r.get("contributors") or [])]
+                rejoined = [int(r["round"]) + 1 for r in after
+                            if int(r["round"]) + 1 > fault.round and victim in (r.get("contributors") or [])]
+                final = ((metrics or {}).get("evaluations") or [{}])[-1]
+                validated = final.get("model_version") == completed and victim in (final.get("sites") or [])
+                record.update({"rounds_without_it": without, "rounds_after_rejoining": rejoined,
+                               "validated_final_model": validated, "rejoined": bool(rejoined) or validated})
+                back = ([f"trained again in round(s) {rejoined}"] if rejoined else []) + (
+                    ["validated the final model"] if validated else [])
+                record["outcome"] = (f"job {status}; {completed} round(s) completed; {victim} missed round(s) {without}"
+                                     + (f" and rejoined: {', '.join(back)}" if back else " and did not rejoin"))
+            elif fault.kind == "kill-hospital":
                 victim = record["hospital"]
                 without = [int(r["round"]) + 1 for r in after if victim not in (r.get("contributors") or [])]
                 record["rounds_without_it"] = without

@@ -11,26 +11,32 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-from fedmed.deploy.processes import KitProcess, start_kit, stop_processes, wait_ready
+from fedmed.deploy.processes import DeploymentError, KitProcess, start_kit, stop_processes, wait_ready
 
 
 class LocalFederation:
-    def __init__(self, prod_dir: str | Path, log_dir: str | Path, env: dict | None = None, project_admin: str | None = None):
+    def __init__(self, prod_dir: str | Path, log_dir: str | Path, env: dict | None = None, project_admin: str | None = None,
+                 network=None):
         """Args:
             prod_dir: the provisioned kits folder (``.../prod_NN``), one subfolder per participant.
             log_dir: where each started process's output goes (``<name>.log``).
             env: environment for the started processes (default: this process's).
             project_admin: admin user whose kit is used to shut the system down at ``stop()``.
+            network: a :class:`fedmed.deploy.netns.HostNetwork`: each kit starts on its own network host
+                (default: all on this machine's loopback).
         """
         self.prod_dir = Path(prod_dir)
         self.log_dir = Path(log_dir)
         self.env = env
         self.project_admin = project_admin
+        self.network = network
         self.processes: dict[str, KitProcess] = {}
         self.retired: list[KitProcess] = []  # replaced by a restart (rehearse --fault): still ended by PID at stop()
         self._sessions = []
@@ -48,7 +54,8 @@ class LocalFederation:
         The output goes to ``log_dir/<log_name or name>.log``; a restarted kit needs a new log name, or
         the ready line of its first start would be taken for the new one."""
         kit = Path(kit_dir) if kit_dir else self.kit(name)
-        proc = start_kit(kit, self.log_dir / f"{log_name or name}.log", self.env)
+        prefix = self.network.command(name, []) if self.network is not None else None
+        proc = start_kit(kit, self.log_dir / f"{log_name or name}.log", self.env, prefix)
         self.processes[name] = proc
         if wait:
             wait_ready(proc, timeout)
@@ -60,8 +67,22 @@ class LocalFederation:
         log(f"  server {server} up ({time.time() - started:.1f} s; log {self.processes[server].log_path})")
         procs = [self.start(c, wait=False) for c in clients]
         for proc in procs:
-            wait_ready(proc, timeout)
+            try:
+                wait_ready(proc, timeout)
+            except DeploymentError as exc:  # FLARE's client retries silently: say why it cannot reach the server
+                raise DeploymentError(f"{exc}\n{self.diagnose(proc.name)}") from exc
             log(f"  {proc.name} registered ({time.time() - started:.1f} s; log {proc.log_path})")
+
+    def diagnose(self, name: str, timeout: float = 5.0) -> str:
+        """The server name / port / TLS checks (``fedmed.deploy.reachability``) run from ``name``'s own host."""
+        command = [sys.executable, "-m", "fedmed.deploy.reachability", str(self.kit(name)), str(timeout)]
+        if self.network is not None:
+            command = self.network.command(name, command)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=4 * timeout + 30)
+        except subprocess.TimeoutExpired:
+            return f"network checks from {name}'s host did not finish"
+        return f"network checks from {name}'s host:\n{result.stdout}{result.stderr}".rstrip()
 
     def session(self, user: str, timeout: float = 30.0):
         """An admin API session as ``user`` from that user's kit (closed at ``stop()``)."""

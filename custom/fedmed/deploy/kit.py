@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import socket
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,48 +284,11 @@ def verify_certificate_chain(kit_dir: str | Path) -> list[str]:
     return problems
 
 
-def check_server_connection(kit_dir: str | Path, timeout: float = 5.0, host: str | None = None, port: int | None = None) -> list[str]:
-    """Open a mutual-TLS connection to the server with the kit's credentials; name what failed.
+def check_server_connection(kit_dir: str | Path, timeout: float = 5.0) -> list[str]:
+    """Problems reaching the server with the kit's name, port and credentials (``fedmed.deploy.reachability``).
 
     FLARE 2.9's client hangs forever (no error) when the server's certificate comes from a different
-    root CA; this check answers within ``timeout`` seconds.
-    """
-    info = read_kit(kit_dir)
-    kit = Path(kit_dir)
-    host = host or info.host
-    port = port or info.port
-    where = f"server {host}:{port} (from {kit / STARTUP})"
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False  # FLARE checks identity itself; here: is the chain from our root CA?
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(str(kit / STARTUP / ROOT_CA))
-    context.load_cert_chain(str(kit / STARTUP / info.cert), str(kit / STARTUP / info.key))
-    try:
-        raw = socket.create_connection((host, port), timeout=timeout)
-    except socket.gaierror as exc:
-        return [f"{where}: host name '{host}' does not resolve ({exc.strerror}); check DNS / /etc/hosts"]
-    except (ConnectionRefusedError, socket.timeout, OSError) as exc:
-        return [f"{where} is not reachable ({exc}); is the server started, and does the firewall allow port {port}?"]
-    try:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            # TLS 1.3: the server checks our certificate after the handshake; a short read surfaces its refusal
-            tls.settimeout(min(1.0, timeout))
-            try:
-                tls.recv(1)
-            except socket.timeout:
-                pass
-    except ssl.SSLCertVerificationError as exc:
-        return [f"{where}: the server's certificate is not signed by this kit's root CA ({exc.verify_message}). "
-                f"This kit comes from a different provisioning run than the server; ask the project lead "
-                f"for this site's kit from the current run"]
-    except ssl.SSLError as exc:
-        if "unknown ca" in str(exc).lower() or "certificate" in str(exc).lower():
-            return [f"{where} refused this kit's certificate ({exc.reason or exc}). This kit comes from a different "
-                    f"provisioning run than the server; ask the project lead for this site's current kit"]
-        return [f"{where}: TLS handshake failed ({exc})"]
-    except (ConnectionResetError, OSError) as exc:
-        return [f"{where} closed the connection during the TLS handshake ({exc}); the server probably does not "
-                f"trust this kit's certificate (kit from a different provisioning run)"]
-    finally:
-        raw.close()
-    return []
+    root CA; this check answers within ``timeout`` seconds."""
+    from fedmed.deploy.reachability import check_kit
+
+    return [p for _, problems in check_kit(kit_dir, timeout) for p in problems if not p.startswith("not attempted")]

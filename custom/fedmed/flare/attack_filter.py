@@ -10,6 +10,7 @@ server receives exactly what the hostile site chose to send.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from nvflare.apis.dxo import DataKind, from_shareable
@@ -18,15 +19,16 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedmed.attacks import ATTACK_KINDS, Attack, apply_attack
+from fedmed.attacks import ATTACK_KINDS, Attack, apply_attack, reply_delay
+from fedmed.jobspec import ATTACK_FILTER_PATH as FILTER_PATH  # the spec names this class
 
-FILTER_PATH = "fedmed.flare.attack_filter.SimulatedAttackFilter"
 
 
 class SimulatedAttackFilter(Filter):
     def __init__(self, attacks: list[dict] | None = None):
         """Args:
-        attacks: ``[{"site": "site-2", "kind": "scale"|"samples"|"nan"|"metric", "value": float}, ...]``.
+        attacks: ``[{"site": "site-2", "kind": "scale"|"samples"|"nan"|"metric"|"delay", "value": float}, ...]``
+            (``delay``: the filter sleeps that many seconds before the reply leaves the site).
         """
         super().__init__()
         self.attacks: dict[str, list[Attack]] = {}
@@ -53,15 +55,18 @@ class SimulatedAttackFilter(Filter):
         dxo.meta.clear()
         dxo.meta.update(meta)
         self.log_warning(fl_ctx, f"simulated attack at {fl_ctx.get_identity_name()}: {meta['simulated_attack']}")
+        delay = reply_delay(attacks)
+        if delay > 0:  # a slow hospital: the reply really leaves this site late
+            time.sleep(delay)
         return dxo.update_shareable(shareable)
 
 
 def add_attack_filter(job_dir: str | os.PathLike, attacks: list[Attack], task_name: str = "train") -> Path:
-    """Append :class:`SimulatedAttackFilter` as the LAST client result filter of ``task_name`` in the job copy
-    (FLARE allows one filter chain per task: an existing chain for the task gets it at its end)."""
+    """:func:`fedmed.jobspec.with_attacks` on a job folder, in place: the filter LAST in the sites'
+    ``task_name`` result chain (kept for callers written before fedmed.jobspec)."""
     from fedmed.jobfolder import CLIENT_CONFIG_FILE, JobFolder
+    from fedmed.jobspec import with_attacks
 
-    job = JobFolder(job_dir)  # fedmed.jobfolder: one filter chain per task, the attack last in it
-    attack_filter = {"path": FILTER_PATH, "args": {"attacks": [a.to_dict() for a in attacks]}}
-    job.add_filters("client", "task_result_filters", [attack_filter], [task_name], first=False)
+    job = JobFolder(job_dir)
+    job.write(with_attacks(job.spec(), [a.to_dict() for a in attacks], task_name))
     return job.config_dir / CLIENT_CONFIG_FILE

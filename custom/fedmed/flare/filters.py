@@ -16,8 +16,8 @@ Site side (task results leaving the site, in this order in every scope):
 - :class:`TransferMeter` (last in every scope): measures the serialized bytes of what leaves.
 
 Server side: :class:`DecompressFilter` / :class:`Float16DecompressFilter` (``compressed``,
-``compressed_int8``: restore float32 before the controller aggregates) and
-:class:`CiphertextOnlyCheck` (``he``: refuse any plaintext update).
+``compressed_int8``: restore float32 before the controller aggregates). The ``he`` mode's filters
+(secure aggregation) are in :mod:`fedmed.flare.he`.
 
 A filter that blocks a result replaces it by an error reply whose ``fedmed_error`` header says
 why (the controller records it in ``metrics.json``); a filter with a bad configuration raises in
@@ -26,7 +26,6 @@ its constructor, so the site refuses to start the job. The math lives in :mod:`f
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedmed.atomic import write_json
 from fedmed.flare.replies import error_reply
 from fedmed.privacy.compression import (
     CODEC,
@@ -53,7 +51,7 @@ from fedmed.privacy.compression import (
     quantize_int8,
 )
 from fedmed.privacy.dp import LEDGER_UNIT, DPSettings, coarsen_metrics, round_count
-from fedmed.privacy.release import ReleaseRefused, check_release, model_signature
+from fedmed.privacy.release import SECAGG_KIND, SECAGG_META_KEY, ReleaseRefused, check_release, model_signature
 
 RELEASE_REFUSED = "FEDMED_RELEASE_REFUSED"  # return code of a result the site's privacy policy blocked
 BUDGET_SPENT = "FEDMED_PRIVACY_BUDGET_SPENT"  # return code once the site's epsilon budget is spent
@@ -212,6 +210,8 @@ class DPReleaseFilter(Filter):
 
         if dxo is None:
             return refuse("the result is not a DXO")
+        if dxo.data_kind == SECAGG_KIND and isinstance(dxo.get_meta_prop(SECAGG_META_KEY), str):
+            return shareable  # dp_he: secure-aggregation keys and shares (data-independent; checked by the release policy)
         if dxo.data_kind == DataKind.METRICS:
             kept, dropped = coarsen_metrics(dxo.data)
             meta = {k: v for k, v in dxo.meta.items() if k != "metrics"}
@@ -363,83 +363,6 @@ class TransferMeter(Filter):
         return dxo.update_shareable(shareable)
 
 
-class CiphertextOnlyCheck(Filter):
-    def __init__(self, audit_file: str = "he_audit.json"):
-        """Server-side task-result filter (``he``): every model tensor a site sends must be CKKS
-        ciphertext; a result holding any plaintext tensor is dropped with an error naming the site.
-
-        Args:
-            audit_file: file name, in the job's ``app_server/fedmed/`` folder, recording per round
-                and site how many tensors arrived and that all were ciphertext.
-        """
-        super().__init__()
-        if not isinstance(audit_file, str) or not audit_file or os.sep in audit_file:
-            raise ValueError(f"audit_file must be a plain file name, got {audit_file!r}")
-        self.audit_file = audit_file
-        self._records: list[dict] = []
-
-    @staticmethod
-    def _is_ciphertext(value) -> bool:
-        if isinstance(value, (bytes, bytearray)):
-            return True  # serialized CKKSVector (FLARE sends ciphertext as its serialized bytes)
-        try:
-            import tenseal as ts
-        except ImportError:  # pragma: no cover - tenseal is a requirement
-            return False
-        return isinstance(value, ts.CKKSVector)
-
-    @staticmethod
-    def _context_is_private(value) -> bool:
-        context = getattr(value, "context", None)
-        return bool(context is not None and callable(context) and context().is_private())
-
-    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return shareable
-        peer = fl_ctx.get_peer_context()
-        site = peer.get_identity_name(default="?") if peer else "?"
-        dxo = _dxo_or_none(shareable)
-        if dxo is None or dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
-            return shareable
-        plain = sorted(key for key, value in dxo.data.items() if not self._is_ciphertext(value))
-        algorithm = dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM)
-        if plain or algorithm != "CKKS":
-            message = (
-                f"he scope: site {site} sent {len(plain)} plaintext tensor(s) ({', '.join(plain[:3])}) "
-                f"with encryption '{algorithm}'; the update was dropped — check the site's privacy.json he scope"
-            )
-            self.log_error(fl_ctx, message)
-            return error_reply(message, RELEASE_REFUSED)
-        with_secret_key = sorted(key for key, value in dxo.data.items() if self._context_is_private(value))
-        if with_secret_key:
-            message = (
-                f"he scope: site {site} sent ciphertext together with its secret key ({', '.join(with_secret_key[:3])}); "
-                "the server could decrypt it, so the update was dropped — the site's TenSEAL context must not be serialized with its secret key"
-            )
-            self.log_error(fl_ctx, message)
-            return error_reply(message, RELEASE_REFUSED)
-        record = {
-            "round": dxo.get_meta_prop("round"),
-            "site": site,
-            "task": fl_ctx.get_prop(FLContextKey.TASK_NAME, "?"),
-            "tensors": len(dxo.data),
-            "ciphertext_tensors": len(dxo.data),
-            "server_can_decrypt": False,  # checked above: no tensor came with a secret key
-            "ciphertext_bytes": int(sum(len(v) if isinstance(v, (bytes, bytearray)) else len(v.serialize()) for v in dxo.data.values())),
-        }
-        self._records.append(record)
-        self._write_audit(fl_ctx)
-        self.log_info(fl_ctx, f"he scope: site {site} sent {record['tensors']} tensors, all CKKS ciphertext ({record['ciphertext_bytes']} bytes)")
-        return shareable
-
-    def _write_audit(self, fl_ctx: FLContext) -> None:
-        from fedmed.results import SERVER_OUTPUT_DIR
-
-        workspace = fl_ctx.get_engine().get_workspace()
-        out = Path(workspace.get_app_dir(fl_ctx.get_job_id())) / SERVER_OUTPUT_DIR
-        write_json(out / self.audit_file, {"records": self._records})
-
-
 __all__ = [
     "ModelSignatureRecorder",
     "ReleasePolicyFilter",
@@ -450,5 +373,4 @@ __all__ = [
     "DecompressFilter",
     "Float16DecompressFilter",
     "TransferMeter",
-    "CiphertextOnlyCheck",
 ]

@@ -1,282 +1,383 @@
-"""The ``he`` privacy mode on the server: FedAvg under homomorphic encryption (TenSEAL CKKS).
+"""The ``he`` privacy mode: secure aggregation with pairwise masks and t-of-n secret sharing.
 
-Sites encrypt their weight difference, pre-multiplied by their sample count, with FLARE's
-``HEModelEncryptor`` (their ``he`` scope). :class:`HEAggregation` is the aggregation step the
-controller (:class:`fedmed.flare.controller.FedAvgController`) hands to the round engine
-(:mod:`fedmed.rounds`) when the job names FLARE's HE components:
+The protocol and its guarantee are in :mod:`fedmed.privacy.secagg` (pure); this module runs it as
+FLARE tasks. No party holds a key that decrypts a site's update: there is no shared secret key and
+nothing to provision (the kits need no HE context); every round uses fresh keys.
 
-- ``HEInTimeAccumulateWeightedAggregator`` (id ``he_aggregator_id``) sums the sites' ciphertexts
-  and divides by the total sample count: the server holds only ciphertext per site, never a
-  site's update in plaintext;
-- ``HEModelShareableGenerator`` (id ``he_shareable_generator_id``) adds the encrypted mean
-  difference to the global model, which therefore stays encrypted on the server from round 1 on.
+The mode keeps its user-facing name ``he`` (sites' ``privacy.json`` scopes ``he`` / ``dp_he``, jobs'
+``"scope": "he"``); it replaced the earlier CKKS implementation, in which every hospital held the
+same secret key.
 
-Sites decrypt the global model with their ``HEModelDecryptor`` and restore tensor shapes with
-:class:`DecryptedModelReshaper` (the task meta ``tensor_shapes`` carries them). The server keeps
-the encrypted global model in ``fedmed/global_model_encrypted.npz``; a hospital decrypts it with
-:func:`decrypt_global_model` and its ``client_context.tenseal``. The server has no plaintext global
-model, so no ``global_model.pt`` / best-model files and no cross-site evaluation of the global model
-are written in this mode; validation metrics come from the sites, which decrypt the model.
+A round (server: :class:`SecureAggregation`, the controller's aggregation step; sites:
+:class:`SecAggSiteExecutor` for the protocol tasks, :class:`SecAggPolicy` and :class:`SecAggMasker`
+in the site's own privacy scope):
 
-:func:`he_job` turns a job folder into its ``he`` variant (components, controller args, scope).
+1. ``secagg_keys``: each site answers two fresh X25519 public keys.
+2. ``secagg_shares``: the server sends the roster of public keys and the threshold ``t``; each site
+   answers Shamir shares of its self-mask seed and mask key, encrypted for each peer.
+3. ``train``: the global model (plaintext: the server learns every round's aggregate) and the
+   round's cohort; the site trains, and its ``SecAggMasker`` replaces the weight difference (times
+   the sample count) by the masked fixed-point vector before anything leaves.
+4. ``secagg_unmask``: the server names the survivors and dropped sites and forwards the encrypted
+   shares; each survivor answers the shares needed to remove the masks; the server sums, unmasks,
+   divides by the total sample count and applies its server optimizer.
+
+Every refusal below the site's minimum (``SecAggPolicy(min_sites)``, and ``t + 1``) happens at the
+site, which answers an error naming the reason; the server then stops the round.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import os
+import secrets
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.executor import Executor
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.abstract.aggregator import Aggregator
-from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
-from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
-from nvflare.app_common.app_constant import AppConstants
+from nvflare.apis.signal import Signal
 
-from fedmed.aggregation import UpdateError, validate_keys
-from fedmed.atomic import atomic_path
-from fedmed.rounds import RoundFailed
-
-ENCRYPTED_MODEL_FILE = "global_model_encrypted.npz"
-SHAPES_META_KEY = "tensor_shapes"
-HE_AGGREGATOR_ID = "he_aggregator"
-HE_GENERATOR_ID = "he_shareable_generator"
-HE_COMPONENTS = [
-    {
-        "id": HE_AGGREGATOR_ID,
-        "path": "nvflare.app_opt.he.intime_accumulate_model_aggregator.HEInTimeAccumulateWeightedAggregator",
-        "args": {"expected_data_kind": "WEIGHT_DIFF", "weigh_by_local_iter": False},
-    },
-    {
-        "id": HE_GENERATOR_ID,
-        "path": "nvflare.app_opt.he.model_shareable_generator.HEModelShareableGenerator",
-        "args": {"tenseal_context_file": "server_context.tenseal"},
-    },
-]
-
-
-def _is_ciphertext(value) -> bool:
-    import tenseal as ts
-
-    return isinstance(value, ts.CKKSVector)
-
-
-HE_MIN_SITES = 3
-HE_MIN_SITES_REASON = (
-    "he needs at least 3 contributing sites per round: every hospital holds the same CKKS secret key, so with "
-    "2 sites each hospital can decrypt the aggregate and subtract its own update to read the other hospital's "
-    "exact update. Run he with 3 or more hospitals (and min_clients >= 3), or use another privacy mode"
+from fedmed.aggregation import UpdateError
+from fedmed.atomic import write_json
+from fedmed.flare.replies import error_reply
+from fedmed.privacy.secagg import (  # noqa: F401 - HE_STEP_ID, apply_he_mode, he_job: re-exported
+    DEFAULT_MIN_SITES,
+    HE_STEP_ID,
+    KEYS_TASK,
+    SHARES_TASK,
+    UNMASK_TASK,
+    apply_he_mode,
+    he_job,
+    MASKED_KEY,
+    PROTOCOL_KIND,
+    PROTOCOL_META_KEY,
+    SecAggRefused,
+    SiteSession,
+    check_threshold,
+    default_threshold,
+    flatten,
+    min_cohort,
+    route_shares,
+    unflatten,
+    unmask_sum,
+    dequantize,
 )
+from fedmed.rounds import PlaintextAggregation, RoundFailed, RoundRejected, StepContext
+
+ROUND_META_KEY = "secagg"  # train-task meta: {"context", "cohort", "threshold", "layout"}
+POLICY_PROP = "fedmed.secagg_policy"  # FLContext property: the site's SecAggPolicy (its own min_sites)
+AUDIT_FILE = "secagg_audit.json"
+RELEASE_REFUSED = "FEDMED_RELEASE_REFUSED"
 
 
-class HEAggregation:
-    """The aggregation step (:class:`fedmed.rounds.AggregationStep`) for the ``he`` mode: FLARE's HE
-    aggregator sums the sites' ciphertexts, its shareable generator adds the encrypted mean to the
-    encrypted global model. The round engine (checks, bookkeeping, selection) is the same as in the
-    plaintext modes; this step refuses rounds with fewer than ``HE_MIN_SITES`` contributors."""
+# ---- server --------------------------------------------------------------------------------------
 
-    min_sites = HE_MIN_SITES
-    min_sites_reason = HE_MIN_SITES_REASON
-    description = "he: CKKS ciphertext FedAvg (FLARE HEInTimeAccumulateWeightedAggregator)"
+class SecureAggregation(FLComponent, PlaintextAggregation):
+    """The ``he`` mode's aggregation step (:class:`fedmed.rounds.ServerStep`; the controller's
+    ``aggregation_step_id``): runs the key exchange before each round's training task and the
+    unmasking inside :meth:`aggregate`; the server only ever sees the masked vectors and the sum.
 
-    def __init__(self, aggregator_id: str, generator_id: str, network: dict, task_spec: dict, num_rounds: int,
-                 out_dir: Path, allow_partial: bool = False):
-        self.aggregator_id = aggregator_id
-        self.generator_id = generator_id
-        self.network, self.task_spec, self.num_rounds = network, task_spec, num_rounds
-        self.out_dir = Path(out_dir)
-        self.allow_partial = allow_partial
-        self.aggregator: Aggregator | None = None
-        self.generator: ShareableGenerator | None = None
-        self.shapes: dict[str, list[int]] = {}
-        self.dtypes: dict[str, str] = {}
-        self.fl_ctx: FLContext | None = None
-        self.round_num = 0
+    Args:
+        threshold: Shamir threshold ``t``; 0 (default): a strict majority of the round's roster.
+            Sites refuse ``t < 2``, ``2 t <= n`` and ``t > n - 1``.
+        min_sites: the server's own floor on the cohort (the sites enforce theirs); default 3.
+        server_optimizer: ``{"name", "args"}`` applied to the unmasked mean (default fedavg).
+    """
 
-    def start(self, fl_ctx: FLContext, weights: dict):
-        """Resolve FLARE's HE components; return the initial global model as a ModelLearnable."""
-        engine = fl_ctx.get_engine()
-        for attr, cid, kind in (("aggregator", self.aggregator_id, Aggregator), ("generator", self.generator_id, ShareableGenerator)):
-            component = engine.get_component(cid)
-            if not isinstance(component, kind):
-                raise TypeError(
-                    f"he aggregation: component '{cid}' must be a {kind.__name__} (e.g. FLARE's HE "
-                    f"{'HEInTimeAccumulateWeightedAggregator' if kind is Aggregator else 'HEModelShareableGenerator'}), "
-                    f"got {type(component).__name__}; check the server config's components"
-                )
-            setattr(self, attr, component)
-        weights = {key: np.asarray(value) for key, value in weights.items()}
-        non_float = [key for key, value in weights.items() if not np.issubdtype(value.dtype, np.floating)]
-        if non_float:
-            raise TypeError(f"he aggregation supports floating-point tensors only; the model has integer tensor(s) {non_float[:3]}")
-        self.shapes = {key: list(value.shape) for key, value in weights.items()}
-        self.dtypes = {key: value.dtype.name for key, value in weights.items()}
-        model = make_model_learnable(weights, {})
-        fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, model, private=True, sticky=True)
+    def __init__(self, threshold: int = 0, min_sites: int = DEFAULT_MIN_SITES, server_optimizer: dict | None = None):
+        FLComponent.__init__(self)
+        PlaintextAggregation.__init__(self, {"name": "fedavg"}, server_optimizer)
+        if not isinstance(threshold, int) or threshold < 0 or threshold == 1:
+            raise ValueError(f"SecureAggregation args.threshold must be 0 (majority) or an integer >= 2, got {threshold!r}")
+        if not isinstance(min_sites, int) or min_sites < 3:
+            raise ValueError(f"SecureAggregation args.min_sites must be an integer >= 3, got {min_sites!r}: with 2 sites "
+                             "each could read the other's update from the aggregate")
+        self.threshold_arg, self.floor = threshold, min_sites
+        self.description = f"he: secure aggregation (pairwise masks, t-of-n shares), fedavg; server optimizer {self.server_optimizer_spec['name']}"
+        self.min_sites = min_sites
+        self.min_sites_reason = (f"the he mode (secure aggregation) needs at least {min_sites} contributing sites (and t + 1) "
+                                 "so that the aggregate never reveals one hospital's update")
+        self.context: StepContext | None = None
+        self.round: dict = {}
+        self.audit: list[dict] = []
+
+    def settings(self) -> dict:
+        return {"aggregation": {"name": "fedavg", "args": {}}, "server_optimizer": self.server_optimizer_spec,
+                "step": "secure_aggregation", "threshold": self.threshold_arg or "majority", "min_sites": self.floor}
+
+    def create(self, weights, context):
+        self.context = context
+        model = PlaintextAggregation.create(self, weights, context)
+        self.layout = [[key, int(np.asarray(value).size)] for key, value in model.items()]
+        self.shapes = {key: list(np.asarray(value).shape) for key, value in model.items()}
         return model
 
-    def check_federation(self, num_connected: int) -> None:
-        """Refuse to start (before any model leaves the server) with fewer than 3 connected sites."""
-        if num_connected < HE_MIN_SITES:
-            raise RoundFailed(f"only {num_connected} site(s) connected; refused: {HE_MIN_SITES_REASON}")
-
-    def bind(self, fl_ctx: FLContext, round_num: int) -> None:
-        """The FLARE context and round the next ``check_update`` / ``aggregate`` calls belong to."""
-        self.fl_ctx, self.round_num = fl_ctx, round_num
-
-    def model_dxo(self, model, meta: dict, fl_ctx: FLContext) -> DXO:
-        dxo = from_shareable(self.generator.learnable_to_shareable(model, fl_ctx))
-        dxo.meta.update({**meta, SHAPES_META_KEY: self.shapes})
-        return dxo
-
-    def save_encrypted(self, model) -> None:
-        arrays, encrypted = {}, {}
-        for key, value in model[ModelLearnableKey.WEIGHTS].items():
-            if isinstance(value, (bytes, bytearray)):
-                arrays[key], encrypted[key] = np.frombuffer(bytes(value), dtype=np.uint8), True
-            elif _is_ciphertext(value):
-                arrays[key], encrypted[key] = np.frombuffer(value.serialize(), dtype=np.uint8), True
+    def _exchange(self, task: str, data: dict, meta: dict, targets, min_responses: int | None = None):
+        answers, errors = self.context.exchange(task, PROTOCOL_KIND, data, {PROTOCOL_META_KEY: task, **meta}, targets,
+                                                min_responses)
+        good = {}
+        for site, reply in answers.items():
+            if reply.kind != PROTOCOL_KIND:
+                errors[site] = f"answered {task} with {reply.kind}, expected {PROTOCOL_KIND}"
             else:
-                arrays[key], encrypted[key] = np.asarray(value), False
-        header = json.dumps({"shapes": self.shapes, "dtypes": self.dtypes, "encrypted": encrypted})
-        with atomic_path(self.out_dir / ENCRYPTED_MODEL_FILE) as tmp:
-            np.savez(tmp, __header__=np.frombuffer(header.encode(), dtype=np.uint8), **arrays)
+                good[site] = dict(reply.update)
+        return good, errors
 
-    def check_update(self, site: str, update, num_samples, global_model, meta=None) -> None:
-        validate_keys(update, self.shapes, site, self.allow_partial)
-        plain = sorted(k for k, v in update.items() if not _is_ciphertext(v))
-        if plain:
-            raise UpdateError(f"site {site}: sent plaintext tensor(s) {', '.join(plain[:3])} under he; not aggregated")
-        wrong = sorted(k for k, v in update.items() if v.size() != int(np.prod(self.shapes[k])))
-        if wrong:
-            raise UpdateError(f"site {site}: ciphertext of '{wrong[0]}' holds {update[wrong[0]].size()} values, "
-                              f"the global model's tensor has {int(np.prod(self.shapes[wrong[0]]))}")
-        dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data=dict(update), meta=dict(meta or {}))  # the site's meta: the encryptor's keys
-        shareable = dxo.to_shareable()
-        shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
-        shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, self.round_num)
-        if not self.aggregator.accept(shareable, self.fl_ctx):
-            raise UpdateError(f"site {site}: the HE aggregator refused the update (see the server log)")
+    def open_round(self, round_num: int, context: StepContext) -> dict:
+        self.context = context
+        job = getattr(context.platform, "get_job_id", lambda: "job")()
+        ctx = f"{job}|{round_num}|{secrets.token_hex(8)}"
+        base = {"round": round_num, "context": ctx}
+        keys, errors = self._exchange(KEYS_TASK, {}, base, None, min_cohort(self.threshold_arg or 2, self.floor))
+        roster = {}
+        for site, answer in keys.items():
+            if isinstance(answer.get("cipher_pk"), bytes) and isinstance(answer.get("mask_pk"), bytes):
+                roster[site] = {"cipher_pk": answer["cipher_pk"], "mask_pk": answer["mask_pk"]}
+            else:
+                errors[site] = "sent no public keys"
+        threshold = self.threshold_arg or default_threshold(len(roster))
+        self._require(len(roster), threshold, errors, round_num, "advertised keys")
+        try:
+            check_threshold(threshold, len(roster), "server")
+        except SecAggRefused as exc:
+            raise RoundFailed(f"round {round_num}: {exc}") from exc
+        shares, share_errors = self._exchange(SHARES_TASK, {"roster": roster}, {**base, "threshold": threshold}, sorted(roster),
+                                              min_cohort(threshold, self.floor))
+        errors.update(share_errors)
+        outgoing = {site: dict(answer.get("shares") or {}) for site, answer in shares.items()}
+        cohort = sorted(site for site, out in outgoing.items() if set(out) == set(roster) - {site})
+        errors.update({site: "sent key shares that do not cover the roster" for site in outgoing if site not in cohort})
+        self._require(len(cohort), threshold, errors, round_num, "shared their keys")
+        routed = route_shares({site: {r: blob for r, blob in outgoing[site].items() if r in cohort} for site in cohort})
+        self.round = {"round": round_num, "context": ctx, "threshold": threshold, "roster": roster, "cohort": cohort,
+                      "routed": routed, "errors": errors}
+        self.min_sites = min_cohort(threshold, self.floor)
+        return {ROUND_META_KEY: {"context": ctx, "cohort": cohort, "threshold": threshold, "layout": self.layout}}
 
-    def aggregate(self, global_model, contributions, round_num: int):
-        aggregated = self.aggregator.aggregate(self.fl_ctx)
-        model = self.generator.shareable_to_learnable(aggregated, self.fl_ctx)
-        self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, model, private=True, sticky=True)
-        return model, {"aggregator": "he", "encrypted_updates": len(contributions)}
+    def _require(self, count: int, threshold: int, errors: dict, round_num: int, what: str) -> None:
+        need = min_cohort(threshold, self.floor)
+        if count < need:
+            details = "; ".join(f"{site}: {msg}" for site, msg in sorted(errors.items()))
+            raise RoundFailed(f"round {round_num}: only {count} site(s) {what}, secure aggregation needs {need} "
+                              f"(t={threshold} + 1, min_sites={self.floor})" + (f". {details}" if details else ""))
 
-    def state_dict(self) -> dict:
-        return {}
+    def check_update(self, site, update, num_samples, global_model, meta=None) -> None:
+        if site not in self.round.get("cohort", ()):
+            raise UpdateError(f"site {site}: is not in this round's secure-aggregation cohort; its update cannot be unmasked")
+        if set(update) != {MASKED_KEY}:
+            raise UpdateError(f"site {site}: sent {sorted(update)[:3]} under he; only a masked vector ('{MASKED_KEY}') is aggregated "
+                              "(check the site's privacy.json he scope: SecAggMasker)")
+        vector = update[MASKED_KEY]
+        total = sum(size for _, size in self.layout)
+        if not isinstance(vector, np.ndarray) or vector.dtype != np.uint64 or vector.shape != (total,):
+            raise UpdateError(f"site {site}: the masked vector must be uint64 of shape ({total},), got "
+                              f"{getattr(vector, 'dtype', type(vector).__name__)} {getattr(vector, 'shape', '')}")
 
-    def load_state_dict(self, state) -> None:
-        pass
+    def _combine(self, global_model, contributions, spec):
+        state = self.round
+        masked = {c.site: c.update[MASKED_KEY] for c in contributions}
+        survivors = sorted(masked)
+        dropped = sorted(set(state["cohort"]) - set(survivors))
+        shares = {site: state["routed"].get(site, {}) for site in survivors}
+        answers, errors = self._exchange(UNMASK_TASK, {"shares": shares},
+                                         {"round": state["round"], "context": state["context"], "survivors": survivors,
+                                          "dropped": dropped}, survivors, state["threshold"] + 1)
+        try:
+            ring = unmask_sum(masked, state["roster"], state["cohort"], answers, state["threshold"], state["context"].encode())
+        except SecAggRefused as exc:
+            details = "; ".join(f"{site}: {msg}" for site, msg in sorted(errors.items()))
+            raise RoundRejected(f"round {state['round']}: the masks could not be removed: {exc}" + (f". {details}" if details else ""),
+                                sorted(errors)) from exc
+        total_samples = float(sum(c.num_samples for c in contributions))
+        mean = unflatten(dequantize(ring) / total_samples, self.layout, self.shapes)
+        mean_update = {key: value.astype(np.asarray(global_model[key]).dtype) if np.issubdtype(np.asarray(global_model[key]).dtype, np.floating)
+                       else np.rint(value).astype(np.asarray(global_model[key]).dtype) for key, value in mean.items()}
+        received = {site: {"b_shares_of": sorted(a.get("b", {})), "s_shares_of": sorted(a.get("s", {}))} for site, a in answers.items()}
+        record = {"round": state["round"], "threshold": state["threshold"], "roster": sorted(state["roster"]),
+                  "cohort": state["cohort"], "survivors": survivors, "dropped": dropped,
+                  "unmask_answers": sorted(answers), "unmask_errors": errors,
+                  "single_site_unmaskable": self._exposed(answers, state["threshold"]), "shares_received": received}
+        self.audit.append(record)
+        if self.context is not None:
+            write_json(Path(self.context.out_dir) / AUDIT_FILE, {"rounds": self.audit})
+        report = {"aggregator": "secure_aggregation", "threshold": state["threshold"], "survivors": survivors, "dropped": dropped}
+        return mean_update, report
+
+    @staticmethod
+    def _exposed(answers: dict, threshold: int) -> list[str]:
+        """Sites for which the server now holds t shares of BOTH secrets (must be empty)."""
+        b_count, s_count = {}, {}
+        for answer in answers.values():
+            for site in answer.get("b", {}):
+                b_count[site] = b_count.get(site, 0) + 1
+            for site in answer.get("s", {}):
+                s_count[site] = s_count.get(site, 0) + 1
+        return sorted(site for site in b_count if b_count[site] >= threshold and s_count.get(site, 0) >= threshold)
+
+    def _responsible(self, global_model, contributions) -> list[str]:
+        return [c.site for c in contributions]  # single updates are masked: no leave-one-out under he
 
 
-class DecryptedModelReshaper(Filter):
-    """Site task-data filter (``he`` scope, right after ``HEModelDecryptor``): give the decrypted
-    (flat) tensors their shapes from the task meta ``tensor_shapes``, as float32 arrays."""
+class MaskedOnlyCheck(Filter):
+    """Server-side task-result filter of the ``he`` scope: a model update must arrive as one masked
+    uint64 vector; a plaintext tensor is dropped with an error naming the site."""
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
             return shareable
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name(default="?") if peer else "?"
         try:
             dxo = from_shareable(shareable)
-        except Exception:  # noqa: BLE001 - not a model task
+        except Exception:  # noqa: BLE001 - not a DXO: the controller reports it
             return shareable
-        if dxo.data_kind != DataKind.WEIGHTS or not dxo.data:
+        if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
             return shareable
-        shapes = dxo.get_meta_prop(SHAPES_META_KEY)
-        if shapes is None:
-            if any(not isinstance(v, np.ndarray) for v in dxo.data.values()):
-                raise ValueError("he scope: the received model has flat tensors but the task has no 'tensor_shapes' meta")
-            return shareable
-        data = {}
-        for key, value in dxo.data.items():
-            if key not in shapes:
-                raise ValueError(f"he scope: tensor '{key}' has no shape in the task's 'tensor_shapes'")
-            if _is_ciphertext(value) or isinstance(value, (bytes, bytearray)):
-                raise ValueError(f"he scope: tensor '{key}' is still encrypted; HEModelDecryptor must come first")
-            array = np.asarray(value, dtype=np.float32)
-            if array.size != int(np.prod(shapes[key])):
-                raise ValueError(f"he scope: tensor '{key}' has {array.size} values, its shape {shapes[key]} needs {int(np.prod(shapes[key]))}")
-            data[key] = array.reshape(shapes[key])
-        dxo.data = data
-        return dxo.update_shareable(shareable)
+        plain = sorted(key for key in dxo.data if key != MASKED_KEY)
+        vector = dxo.data.get(MASKED_KEY)
+        if plain or not isinstance(vector, np.ndarray) or vector.dtype != np.uint64:
+            message = (f"he scope: site {site} sent a model update that is not one masked uint64 vector "
+                       f"(tensors {', '.join(plain[:3]) or 'none'}); dropped - check the site's privacy.json he scope")
+            self.log_error(fl_ctx, message)
+            return error_reply(message, RELEASE_REFUSED)
+        return shareable
 
 
-def decrypt_global_model(path: str | os.PathLike, context_file: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Decrypt ``global_model_encrypted.npz`` with a hospital's TenSEAL context (which holds the secret key)."""
-    import tenseal as ts
+# ---- sites ---------------------------------------------------------------------------------------
 
-    context = ts.context_from(Path(context_file).read_bytes())
-    if not context.is_private():
-        raise ValueError(f"{context_file} holds no secret key (the server's context cannot decrypt); use a hospital's client_context.tenseal")
-    with np.load(path) as npz:
-        header = json.loads(bytes(npz["__header__"]).decode())
-        weights = {}
-        for key, shape in header["shapes"].items():
-            if header["encrypted"][key]:
-                vector = ts.ckks_vector_from(context, bytes(npz[key]))
-                values = np.asarray(vector.decrypt(), dtype=np.float64)
+_SESSIONS: dict[tuple[str, str], SiteSession] = {}  # (job id, site) -> this round's session
+_PENDING: dict[tuple[str, str], dict] = {}  # (job id, site) -> the train task's secagg meta
+_LOCK = threading.Lock()
+
+
+def _key(fl_ctx: FLContext) -> tuple[str, str]:
+    return str(fl_ctx.get_job_id()), fl_ctx.get_identity_name(default="?")
+
+
+class SecAggPolicy(Filter):
+    def __init__(self, min_sites: int = DEFAULT_MIN_SITES):
+        """Site task-data filter of the ``he`` / ``dp_he`` scope: this site takes part in secure
+        aggregation, with its own floor on the round's cohort (set in its ``local/privacy.json``;
+        the job cannot lower it). It hands the policy to :class:`SecAggSiteExecutor` on every task
+        and remembers the train task's round meta for :class:`SecAggMasker`.
+
+        Args:
+            min_sites: fewest sites this site accepts in a round (>= 3); it also refuses fewer
+                than t + 1 and thresholds with 2 t <= n.
+        """
+        super().__init__()
+        if not isinstance(min_sites, int) or isinstance(min_sites, bool) or min_sites < 3:
+            raise ValueError(f"SecAggPolicy args.min_sites must be an integer >= 3, got {min_sites!r}: with 2 sites each "
+                             "could read the other's update from the aggregate (check local/privacy.json)")
+        self.min_sites = min_sites
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        fl_ctx.set_prop(POLICY_PROP, self.min_sites, private=True, sticky=False)
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # noqa: BLE001 - not a DXO
+            return shareable
+        if dxo.data_kind == DataKind.WEIGHTS and isinstance(dxo.get_meta_prop(ROUND_META_KEY), dict):
+            with _LOCK:
+                _PENDING[_key(fl_ctx)] = dict(dxo.get_meta_prop(ROUND_META_KEY))
+        return shareable
+
+
+class SecAggSiteExecutor(Executor):
+    """Site executor of the protocol tasks (``secagg_keys``, ``secagg_shares``, ``secagg_unmask``).
+    Works only under a scope with :class:`SecAggPolicy` (the site's own minimum); every refusal is
+    an error reply naming the site and the reason."""
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        site = fl_ctx.get_identity_name(default="?")
+        min_sites = fl_ctx.get_prop(POLICY_PROP)
+        if not isinstance(min_sites, int):
+            return error_reply(f"site {site}: secure aggregation refused: this site's privacy scope has no "
+                               "fedmed.flare.he.SecAggPolicy (allow the he scope in local/privacy.json)")
+        try:
+            dxo = from_shareable(shareable)
+            meta = dxo.meta or {}
+            data = dxo.data or {}
+            context = str(meta.get("context", ""))
+            key = _key(fl_ctx)
+            if task_name == KEYS_TASK:
+                session = SiteSession(site, context.encode(), min_sites=min_sites)
+                with _LOCK:
+                    _SESSIONS[key] = session
+                    _PENDING.pop(key, None)
+                answer = session.advertise()
             else:
-                values = np.asarray(npz[key], dtype=np.float64)
-            weights[key] = values.reshape(shape).astype(header["dtypes"][key])
-    return weights
+                with _LOCK:
+                    session = _SESSIONS.get(key)
+                if session is None or session.context != context.encode():
+                    raise SecAggRefused(f"site {site}: {task_name} for a round whose keys this site did not make; refused")
+                if task_name == SHARES_TASK:
+                    answer = {"shares": session.share_keys(data.get("roster") or {}, meta.get("threshold"))}
+                elif task_name == UNMASK_TASK:
+                    mine = (data.get("shares") or {}).get(site, {})
+                    answer = session.unmask(meta.get("survivors") or [], meta.get("dropped") or [], mine)
+                    with _LOCK:
+                        _SESSIONS.pop(key, None)  # the round is over: forget its keys
+                else:
+                    raise SecAggRefused(f"site {site}: unknown secure-aggregation task '{task_name}'")
+        except SecAggRefused as exc:
+            self.log_error(fl_ctx, str(exc))
+            return error_reply(str(exc))
+        except (KeyError, TypeError, ValueError) as exc:
+            message = f"site {site}: malformed {task_name} request ({type(exc).__name__}: {exc}); refused"
+            self.log_error(fl_ctx, message)
+            return error_reply(message)
+        return DXO(data_kind=PROTOCOL_KIND, data=answer, meta={PROTOCOL_META_KEY: task_name}).to_shareable()
 
 
-def apply_he_mode(job_dir: str | os.PathLike) -> Path:
-    """Turn a job folder (in place) into its ``he`` variant: meta scope ``he``, FLARE's HE aggregator
-    and shareable generator as server components, the FedAvgController pointed at them (its plaintext
-    ``aggregation`` / ``server_optimizer`` removed), and only that workflow (cross-site evaluation
-    needs a plaintext global model, which the server never has). The controller refuses to run
-    ``he`` with fewer than 3 sites (see :data:`HE_MIN_SITES_REASON`)."""
-    from fedmed.jobfolder import SERVER_CONFIG_FILE, JobFolder
+class SecAggMasker(Filter):
+    """Site task-result filter of the ``he`` / ``dp_he`` scope (after the release policy, before the
+    transfer meter): the only model data that leaves is the masked vector of this round's secure
+    aggregation. A weight difference is multiplied by its sample count, quantized and masked; any
+    other model result (a full local model for cross-site evaluation, or an update outside a secure
+    aggregation round) is refused."""
 
-    job = JobFolder(job_dir)  # fedmed.jobfolder: the one reader/writer of job folders
-    server_path = job.config_dir / SERVER_CONFIG_FILE
-    config = job.load_server()
-    workflows = [w for w in config.get("workflows", []) if w.get("path") == "fedmed.flare.controller.FedAvgController"]
-    if len(workflows) != 1:
-        raise ValueError(f"{server_path}: expected one fedmed.flare.controller.FedAvgController workflow for the he variant")
-    args = workflows[0].setdefault("args", {})
-    for plaintext_only in ("aggregation", "server_optimizer"):  # the server sees ciphertext only: FLARE's HE aggregator decides
-        args.pop(plaintext_only, None)
-    args.update({"he_aggregator_id": HE_AGGREGATOR_ID, "he_shareable_generator_id": HE_GENERATOR_ID})
-    config["workflows"] = workflows
-    components = [c for c in config.get("components", []) if c.get("id") not in (HE_AGGREGATOR_ID, HE_GENERATOR_ID)]
-    config["components"] = components + copy.deepcopy(HE_COMPONENTS)
-    job.save_server(config)
-    job.set_scope("he")
-    return job.path
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return shareable
+        site = fl_ctx.get_identity_name(default="?")
+        task = fl_ctx.get_prop(FLContextKey.TASK_NAME, "?")
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # noqa: BLE001 - the release policy already refused non-DXO results
+            return shareable
+        if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
+            return shareable
 
+        def refuse(reason: str) -> Shareable:
+            message = f"site {site}: he scope: {reason} (task '{task}'); nothing released"
+            self.log_error(fl_ctx, message)
+            return error_reply(message, RELEASE_REFUSED)
 
-def he_job(job_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Copy a job folder to ``dest`` and make the copy its ``he`` variant (:func:`apply_he_mode`)."""
-    import shutil
-
-    shutil.copytree(Path(job_dir), Path(dest))
-    return apply_he_mode(dest)
-
-
-def decrypt_for_hospital(server_app_dir: str | os.PathLike, context_file: str | os.PathLike) -> Path:
-    """What a hospital does with the result of an ``he`` job: decrypt the encrypted global model
-    with its own ``client_context.tenseal`` and write ``fedmed/global_model.pt`` beside it (so the
-    usual outputs and bundle can be built). Runs where the hospital's key is, never on the server."""
-    import torch
-
-    from fedmed.results import GLOBAL_MODEL_FILE, SERVER_OUTPUT_DIR
-
-    out = Path(server_app_dir) / SERVER_OUTPUT_DIR
-    source = out / ENCRYPTED_MODEL_FILE
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} is missing: the he job did not write its encrypted global model")
-    weights = decrypt_global_model(source, context_file)
-    with atomic_path(out / GLOBAL_MODEL_FILE) as tmp:
-        torch.save({key: torch.as_tensor(value) for key, value in weights.items()}, tmp)
-    return out / GLOBAL_MODEL_FILE
+        key = _key(fl_ctx)
+        with _LOCK:
+            round_meta = _PENDING.pop(key, None)
+            session = _SESSIONS.get(key)
+        if dxo.data_kind != DataKind.WEIGHT_DIFF:
+            return refuse(f"only a masked weight difference may leave, not {dxo.data_kind}")
+        if round_meta is None or session is None or session.context != str(round_meta.get("context", "")).encode():
+            return refuse("no secure-aggregation round is open for this update (the job must run the he step)")
+        num_samples = dxo.get_meta_prop("num_samples")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, float)) or not num_samples > 0:
+            return refuse(f"the update's sample count {num_samples!r} is not a positive number")
+        try:
+            values = flatten(dxo.data, round_meta.get("layout") or [], f"site {site}") * float(num_samples)
+            masked = session.mask(values, round_meta.get("cohort") or [])
+        except SecAggRefused as exc:
+            return refuse(str(exc))
+        meta = dict(dxo.meta)
+        meta[ROUND_META_KEY] = {"masked": True, "threshold": session.threshold, "cohort_size": len(session.cohort)}
+        self.log_info(fl_ctx, f"site {site}: he scope: sent the masked update ({masked.nbytes} bytes) for a cohort of "
+                              f"{len(session.cohort)} (t={session.threshold})")
+        return DXO(data_kind=DataKind.WEIGHT_DIFF, data={MASKED_KEY: masked}, meta=meta).update_shareable(shareable)

@@ -7,7 +7,9 @@ A task result may carry
 - metrics that are single finite numbers (aggregate values, never per-sample lists), or a
   ``*_histogram`` metric: per class, a list of non-negative bin counts over a fixed score grid
   (aggregate counts, e.g. ``val_score_histogram``);
-- meta data made of numbers, short strings and short lists/dicts of those.
+- meta data made of numbers, short strings and short lists/dicts of those;
+- under the ``he`` mode, the secure-aggregation protocol messages (public keys, encrypted key
+  shares, key shares; :func:`fedmed.privacy.secagg.check_protocol_message`).
 Anything else raises :class:`ReleaseRefused` with the reason; the caller blocks the release.
 """
 
@@ -26,6 +28,7 @@ MAX_HISTOGRAM_CLASSES = 16
 MAX_HISTOGRAM_BINS = 1000
 UPDATE_KINDS = ("WEIGHTS", "WEIGHT_DIFF")
 METRICS_KIND = "METRICS"
+SECAGG_KIND, SECAGG_META_KEY = "COLLECTION", "secagg_step"  # fedmed.privacy.secagg protocol messages (he mode)
 
 
 class ReleaseRefused(ValueError):
@@ -136,6 +139,13 @@ def check_release(kind: str, data: Any, meta: Mapping[str, Any], signature: Mapp
         check_model_release(data, signature, kind)
     elif kind == METRICS_KIND:
         check_metrics(data, "metrics")
+    elif kind == SECAGG_KIND and isinstance(meta, Mapping) and isinstance(meta.get(SECAGG_META_KEY), str):
+        from fedmed.privacy.secagg import check_protocol_message  # noqa: PLC0415 - the he mode only
+
+        try:  # public keys and encrypted key shares of secure aggregation (the he mode)
+            check_protocol_message(meta[SECAGG_META_KEY], data)
+        except ValueError as exc:
+            raise ReleaseRefused(str(exc)) from exc
     else:
         raise ReleaseRefused(f"results of kind {kind} may not leave the site (allowed: {', '.join(UPDATE_KINDS + (METRICS_KIND,))})")
     meta = meta or {}

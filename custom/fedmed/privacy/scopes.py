@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 MODES = ("standard", "dp", "he", "compressed", "compressed_int8", "dp_he")
-SIMULATABLE_MODES = ("standard", "dp", "compressed", "compressed_int8")  # he, dp_he need HE-built kits: rehearse
+SIMULATABLE_MODES = MODES  # he / dp_he (secure aggregation) need no provisioned keys
 PRIVACY_FILE = "privacy.json"
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "workspace_templates"
 

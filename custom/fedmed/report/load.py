@@ -175,6 +175,7 @@ class RunData:
     histograms: dict[str, dict[str, list]] = field(default_factory=dict)  # model -> site -> val_score_histogram
     model_thresholds: dict[str, float] = field(default_factory=dict)  # baseline model -> its own decision threshold
     unevaluated_external: list[str] = field(default_factory=list)  # external sets present but never evaluated
+    metrics_doc: Any = None  # metrics.json as read (participation, rounds) for sections that need more of it
 
     def primary_metric(self) -> str:
         for metric in ("val_auc", "val_dice"):
@@ -301,6 +302,7 @@ def load_run(path: str | os.PathLike) -> RunData:
     metrics_doc = None
     if "metrics.json" in files:
         metrics_doc = _read_json(files["metrics.json"])
+        data.metrics_doc = metrics_doc
         data.curves = learning_curves(metrics_doc, str(files["metrics.json"]))
         _read_release(data, metrics_doc)
         external = metrics_doc.get("external") if isinstance(metrics_doc, Mapping) else None

@@ -15,7 +15,6 @@ import html
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from fedmed.report.compute import (
@@ -34,6 +33,7 @@ from fedmed.report.compute import (
 from fedmed.report.formatting import f3, fmt, pct
 from fedmed.report.load import FEDERATED, LOCAL_ONLY_PREFIX, POOLED, ReportError, RunData
 from fedmed.report.plot import cross_site_plot, plot_files
+from fedmed.report.section import Section
 from fedmed.report.stats import Estimate
 
 
@@ -47,13 +47,6 @@ def _rounds(x: float) -> str:
 _f3 = f3
 
 
-@dataclass
-class Section:
-    title: str
-    paragraphs: list[str | list[str]] = field(default_factory=list)  # a list of strings renders as a bullet list
-    tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
-    image: str | None = None  # a file name from plot_files(metric)
-    caption: str = ""
 
 
 def _local_words(local_kind: str) -> str:
@@ -64,11 +57,17 @@ def _local_words(local_kind: str) -> str:
             "better alone; run `simulate --baselines` for true local-only models)")
 
 
+
 def build_sections(data: RunData, plots: Mapping[str, bool]) -> tuple[list[Section], dict[str, Any]]:
     """The report's sections in order (verdict first) and the ``report.json`` summary."""
     metric = data.primary_metric()
     summary: dict[str, Any] = {"metric": metric, "status": _status_summary(data), "release": data.release or None}
     sections = [verdict_section(data, verdict(data, metric), summary)]
+    from fedmed.report.participation import participation_section  # issue 18: hostile or absent hospitals, first screen
+
+    taking_part = participation_section(data.metrics_doc, summary)
+    if taking_part is not None:
+        sections.append(taking_part)
     if data.external:
         sections.append(external_section(data.external, summary))
     sections.append(exam_section(data, metric, plots, summary))

@@ -148,7 +148,8 @@ class ClassificationTask:
     ):
         """Args:
         num_classes: number of classes (labels 0..num_classes-1).
-        image_size: images are square, single channel, this many pixels a side (datalists are resized).
+        image_size: images are square, single channel, this many pixels a side (files and arrays of another
+            size are resized by the image contract, ``fedmed.imaging``).
         class_names: names of the classes by index, written into the bundle; default ``class_<i>``.
         synthetic_train_per_site / synthetic_val_per_site: pool size per site when simulating without data
             (small on purpose: a hospital alone then has too few images, as small hospitals do, and the
@@ -181,7 +182,7 @@ class ClassificationTask:
     def load_arrays(self, data_config: dict) -> site_data.SiteData:
         fmt = data_config["format"]
         if fmt == "npz":
-            return site_data.load_npz(data_config["path"], self.num_classes)
+            return site_data.load_npz(data_config["path"], self.num_classes, self.image_size)
         if fmt == "datalist":
             return site_data.load_datalist(
                 data_config["path"], self.image_size, self.num_classes, data_config.get("base_dir"),
@@ -225,11 +226,7 @@ class ClassificationTask:
         (``{site: {"data": {...}}}``, summary lines).
         """
         if data_path:
-            pool = site_data.load_npz(data_path, self.num_classes)
-            if pool.train.images.shape[-1] != self.image_size:
-                raise site_data.DataError(
-                    f"{data_path}: images are {pool.train.images.shape[-1]} px; the job's task expects {self.image_size}"
-                )
+            pool = site_data.load_npz(data_path, self.num_classes, self.image_size)  # the image contract resizes
         else:
             signal = {"opacity": self.synthetic_opacity, "noise": self.synthetic_noise}
             pool = site_data.SiteData(
@@ -258,7 +255,7 @@ class ClassificationTask:
 
     def load_external(self, path: str | Path) -> Dataset:
         """An external set written by :meth:`prepare_simulation`, as an un-augmented dataset."""
-        return self.to_dataset(site_data.load_split(path, self.num_classes))
+        return self.to_dataset(site_data.load_split(path, self.num_classes, self.image_size))
 
     # ---- training and evaluation ------------------------------------------------------------
 

@@ -1,0 +1,124 @@
+"""When a training round closes: neither waiting on one slow hospital every round nor dropping it for the whole job.
+
+Pure module (no FLARE import); the controller (``fedmed.flare.controller``) polls
+:meth:`DeadlinePolicy.should_close` while a round is open and reports each round's reply times to
+:meth:`DeadlinePolicy.record_round`. The policy:
+
+1. **Grace after the quorum.** A round closes when every site answered, or once ``min_sites`` sites
+   answered and a grace period passed since the ``min_sites``-th answer. The grace adapts to the
+   round: ``grace_factor`` x the median reply time of the sites that answered, kept within
+   [``min_grace``, ``max_grace``] seconds (``max_grace`` is the job's ``wait_after_min_clients``).
+   A round with one slow site costs the median site's pace plus that grace, not a fixed wait.
+2. **Catch-up rounds.** A site left out of ``catch_up_after`` rounds in a row makes the next round
+   wait for it, for at most :meth:`catch_up_limit` seconds (2.5 x its last measured reply time,
+   or 4 x the median site's when it never answered; at least ``max_grace``; at most the round
+   timeout). A slow site that answers then contributes to one round in ``catch_up_after + 1``;
+   one that still misses it waits twice as many rounds for its next catch-up (2, 4, 8, ...), so a
+   dead site costs at most ``log2(rounds)`` catch-up waits.
+3. **Named every time.** The controller logs every left-out site each round; ``metrics.json``
+   ``participation`` counts the rounds each site was left out of.
+
+Wall-time bound per round: ``t_q + max_grace`` where ``t_q`` is the ``min_sites``-th fastest reply,
+plus, in catch-up rounds only, up to ``catch_up_limit`` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+class DeadlinePolicy:
+    """The per-round deadline (see the module docstring).
+
+    Args:
+        min_sites: answers a round needs before it may close early (the job's ``min_clients`` and
+            what its tolerance ``f`` requires).
+        max_grace: most seconds to wait after ``min_sites`` answered (``wait_after_min_clients``).
+        round_timeout: most seconds any round stays open.
+        grace_factor: grace as a fraction of the median reply time of the sites that answered.
+        min_grace: least grace in seconds (absorbs transport jitter).
+        catch_up_after: rounds a site may miss in a row before a round waits for it.
+    """
+
+    def __init__(self, min_sites: int, max_grace: float = 30.0, round_timeout: float = 3600.0, grace_factor: float = 0.5,
+                 min_grace: float = 2.0, catch_up_after: int = 2):
+        if min_sites < 1 or catch_up_after < 1 or not 0 <= min_grace <= max(max_grace, min_grace) or grace_factor < 0:
+            raise ValueError(f"DeadlinePolicy: bad settings min_sites={min_sites}, catch_up_after={catch_up_after}, "
+                             f"min_grace={min_grace}, max_grace={max_grace}, grace_factor={grace_factor}")
+        self.min_sites = int(min_sites)
+        self.max_grace = float(max_grace)
+        self.round_timeout = float(round_timeout)
+        self.grace_factor = float(grace_factor)
+        self.min_grace = min(float(min_grace), float(max_grace))
+        self.catch_up_after = int(catch_up_after)
+        self.missed: dict[str, int] = {}  # rounds missed in a row
+        self.due: dict[str, int] = {}  # missed-in-a-row count at which the next catch-up comes
+        self.reply_seconds: dict[str, float] = {}  # each site's last measured reply time (also late replies)
+        self.median_seconds: float | None = None  # the median site's reply time in the last round
+
+    # -- while a round is open -------------------------------------------------------------
+    def waits_for(self, sites: Sequence[str]) -> list[str]:
+        """The sites this round waits for (their catch-up is due)."""
+        return sorted(s for s in sites if self.missed.get(s, 0) >= self.due.get(s, self.catch_up_after))
+
+    def catch_up_limit(self, site: str) -> float:
+        """Most seconds a catch-up round stays open for ``site``."""
+        known = self.reply_seconds.get(site)
+        estimate = 2.5 * known if known else 4.0 * (self.median_seconds or self.max_grace)
+        return min(self.round_timeout, max(self.max_grace, estimate))
+
+    def grace(self, answered: Mapping[str, float]) -> float:
+        """Seconds to wait after the quorum: ``grace_factor`` x the answered sites' median reply time, clamped."""
+        median = float(np.median(list(answered.values()))) if answered else 0.0
+        return float(min(self.max_grace, max(self.min_grace, self.grace_factor * median)))
+
+    def should_close(self, elapsed: float, answered: Mapping[str, float], expected: Sequence[str],
+                     waiting_for: Sequence[str] = ()) -> bool:
+        """Close the round now? ``answered``: {site: seconds from the round's start to its reply}."""
+        if set(expected) <= set(answered) or elapsed >= self.round_timeout:
+            return True
+        if len(answered) < min(self.min_sites, len(expected)):
+            return False
+        quorum_at = sorted(answered.values())[min(self.min_sites, len(expected)) - 1]
+        deadline = quorum_at + self.grace(answered)
+        pending = [s for s in waiting_for if s not in answered]
+        if pending:
+            deadline = max(deadline, max(self.catch_up_limit(s) for s in pending))
+        return elapsed >= deadline
+
+    # -- after a round ---------------------------------------------------------------------
+    def record_round(self, answered: Mapping[str, float], left_out: Sequence[str], waited_for: Sequence[str] = ()) -> list[str]:
+        """File a closed round; returns notes naming the sites left out and when their catch-up comes."""
+        notes = []
+        if answered:
+            self.median_seconds = float(np.median(list(answered.values())))
+        for site, seconds in answered.items():
+            self.reply_seconds[site] = float(seconds)
+            self.missed[site] = 0
+            self.due.pop(site, None)
+        for site in sorted(left_out):
+            self.missed[site] = self.missed.get(site, 0) + 1
+            if site in waited_for:  # a failed catch-up: back off
+                self.due[site] = 2 * self.missed[site]
+            due = self.due.get(site, self.catch_up_after)
+            notes.append(f"{site} left out ({self.missed[site]} round(s) in a row); "
+                         + (f"a round waits for it after {due} missed in a row" if self.missed[site] < due
+                            else "the next round waits for it"))
+        return notes
+
+    def record_late(self, site: str, seconds: float) -> None:
+        """A reply that came after its round closed: remember how long the site takes."""
+        self.reply_seconds[site] = max(float(seconds), self.reply_seconds.get(site, 0.0))
+
+    def state_dict(self) -> dict:
+        return {"missed": dict(self.missed), "due": dict(self.due), "reply_seconds": dict(self.reply_seconds),
+                "median_seconds": self.median_seconds}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        state = state or {}
+        self.missed = {k: int(v) for k, v in (state.get("missed") or {}).items()}
+        self.due = {k: int(v) for k, v in (state.get("due") or {}).items()}
+        self.reply_seconds = {k: float(v) for k, v in (state.get("reply_seconds") or {}).items()}
+        self.median_seconds = state.get("median_seconds")

@@ -1,0 +1,68 @@
+"""The per-round deadline policy (fedmed.deadline) without FLARE: adaptive grace, catch-up rounds, back-off."""
+
+import pytest
+
+from fedmed.deadline import DeadlinePolicy
+
+pytestmark = pytest.mark.unit
+
+SITES = ["site-1", "site-2", "site-3", "site-4", "site-5"]
+FAST = {"site-1": 4.0, "site-2": 5.0, "site-3": 5.0, "site-4": 6.0}
+
+
+def test_a_round_closes_after_the_quorum_plus_a_grace_that_follows_the_median_site():
+    policy = DeadlinePolicy(min_sites=2, max_grace=30.0)
+    assert not policy.should_close(3.0, {"site-1": 3.0}, SITES)  # below the quorum
+    # quorum at 5 s, median 5 s -> grace 2.5 s: closes at 7.5 s, not after the fixed 30 s wait
+    assert not policy.should_close(7.0, FAST, SITES)
+    assert policy.should_close(7.6, FAST, SITES)
+    assert policy.should_close(6.0, {**FAST, "site-5": 6.0}, SITES)  # everyone answered
+    slow = {"site-1": 100.0, "site-2": 120.0}
+    assert policy.grace(slow) == 30.0 and not policy.should_close(140.0, slow, SITES) and policy.should_close(150.0, slow, SITES)
+
+
+def test_a_slow_site_is_named_every_round_then_waited_for_and_contributes_one_round_in_three():
+    policy = DeadlinePolicy(min_sites=2, max_grace=30.0)
+    contributed, waited, wall = 0, 0.0, 0.0
+    for r in range(9):
+        waiting = policy.waits_for(SITES)
+        answered = dict(FAST)
+        if waiting:  # the slow site (60 s) answers when the round waits for it
+            assert waiting == ["site-5"]
+            limit = policy.catch_up_limit("site-5")
+            assert not policy.should_close(59.0, answered, SITES, waiting)
+            answered["site-5"] = 60.0
+            assert policy.should_close(60.0, answered, SITES, waiting)
+            contributed, wall = contributed + 1, wall + 60.0
+            notes = policy.record_round(answered, [], waiting)
+            assert limit >= 30.0 and notes == []
+        else:
+            assert policy.should_close(7.6, answered, SITES, waiting)
+            wall += 7.6
+            notes = policy.record_round(answered, ["site-5"], waiting)
+            assert len(notes) == 1 and notes[0].startswith("site-5 left out")
+        if r == 0:
+            policy.record_late("site-5", 60.0)  # its late reply tells the policy how long it takes
+    assert contributed == 3  # rounds 3, 6, 9: neither every round nor never
+    assert wall < 9 * 30.0  # the old fixed 30 s wait per round cost 270 s
+
+
+def test_a_site_that_misses_its_catch_up_waits_twice_as_long_for_the_next_one():
+    policy = DeadlinePolicy(min_sites=2, max_grace=10.0, round_timeout=600.0)
+    catch_ups = []
+    for r in range(20):
+        waiting = policy.waits_for(SITES)
+        if waiting:
+            catch_ups.append(r)
+            assert policy.catch_up_limit("site-5") <= 600.0
+        policy.record_round(FAST, ["site-5"], waiting)  # site-5 is dead: never answers
+    assert catch_ups == [2, 6, 14]  # after 2, then 4, then 8 missed rounds in a row: log2(rounds) waits
+
+
+def test_the_policy_state_round_trips_for_resume():
+    policy = DeadlinePolicy(min_sites=2)
+    policy.record_round(FAST, ["site-5"])
+    policy.record_round(FAST, ["site-5"])
+    again = DeadlinePolicy(min_sites=2)
+    again.load_state_dict(policy.state_dict())
+    assert again.waits_for(SITES) == ["site-5"] and again.median_seconds == policy.median_seconds
