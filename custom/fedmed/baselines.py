@@ -28,7 +28,6 @@ Pure module: never imports ``nvflare``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -43,7 +42,7 @@ from fedmed.atomic import write_json
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.provenance import weights_sha256
 from fedmed.tasks import build_task
-from fedmed.training import LocalTrainer
+from fedmed.training import LocalTrainer, TrainerSettings
 
 BASELINES_FILE = "baselines.json"
 BASELINES_FORMAT = "fedmed-baselines/1"
@@ -59,7 +58,7 @@ class BaselineError(ValueError):
 
 
 def _trainer_parameters() -> set[str]:
-    return {name for name in inspect.signature(LocalTrainer.__init__).parameters if name not in ("self", "task", "train_dataset", "val_dataset")}
+    return set(TrainerSettings.keys())
 
 
 def job_settings(job_dir: str | os.PathLike) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """FLARE Controller: scatter-gather rounds run by the pure round engine (:mod:`fedmed.rounds`).
 
 A thin orchestration layer. Every round the global model goes to every connected site; the round
-closes by :class:`fedmed.deadline.DeadlinePolicy`: when all answered, or once the quorum answered
-(``min_clients``, or more when a stated tolerance ``f`` needs more) and a grace that adapts to the
-median site's reply time passed (at most ``wait_after_min_clients`` s), or, when a site missed
+closes by :class:`fedmed.deadline.DeadlinePolicy`: when all answered, or once the sites the
+tolerance ``f`` needs answered (waited for up to 4x the median reply time) and a grace that adapts
+to the median site's reply time passed (at most ``wait_after_min_clients`` s; never before
+``min_clients`` answered), or, when a site missed
 rounds in a row, once it answered or its catch-up limit passed; ``round_timeout`` bounds every
 round. Sites left out are named in the log each round and counted in ``metrics.json``
 ``participation``. At start the job's tolerance ``f`` (``aggregation.args.f``: hostile sites
@@ -208,8 +209,7 @@ class FedAvgController(Controller):
                                    sites=lambda: [c.name for c in fl_ctx.get_engine().get_clients()], platform=fl_ctx)
         self.global_model = self.step.create(weights, self.context)
         self.engine = RoundEngine(self.step, self.job_name, task.key_metric, self.num_rounds, self.min_clients)
-        self.deadline = DeadlinePolicy(max(self.min_clients, getattr(self.step, "min_sites", 1)), max_grace=self.wait_after_min_clients,
-                                       round_timeout=self.round_timeout)
+        self.deadline = self._deadline_policy()
         settings = self.step.settings()
         plain = self.step.plaintext(self.global_model)
         if plain is not None:
@@ -271,6 +271,18 @@ class FedAvgController(Controller):
         self.log_info(fl_ctx, f"[fedmed] tolerates f={step.tolerance} hostile site(s) of {num_sites} "
                               f"({self.aggregation['name']}); every round needs {max(step.min_sites, self.min_clients)} contributing site(s)")
         return step
+
+    def _deadline_policy(self) -> DeadlinePolicy:
+        """The round deadline (fedmed.deadline): at least ``min_clients`` answers (or what a stated f
+        needs), patience for the answers the job's tolerance f needs, then an adaptive grace."""
+        from fedmed.aggregation import sites_needed
+
+        floor = max(self.min_clients, getattr(self.step, "min_sites", 1))
+        tolerance = getattr(self.step, "tolerance", None)
+        spec = getattr(self.step, "spec", None) or {}
+        target = (sites_needed(spec.get("name", ""), tolerance) or 1) if tolerance else floor
+        return DeadlinePolicy(floor, max_grace=self.wait_after_min_clients, round_timeout=self.round_timeout,
+                              target_sites=max(floor, target))
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
