@@ -51,6 +51,7 @@ from fedmed.aggregation import (
     validate_update,
 )
 from fedmed.server_optim import build_server_optimizer
+from fedmed.threshold import derive_histogram_metrics
 
 WEIGHT_DIFF = "WEIGHT_DIFF"  # the data kind a site's training reply carries (FLARE's DataKind.WEIGHT_DIFF)
 STATE_FORMAT = "fedmed-round-engine/1"
@@ -104,6 +105,10 @@ def check_site_metrics(site: str, metrics: Mapping[str, Any] | None) -> tuple[di
         return {}, []
     if not isinstance(metrics, Mapping):
         raise MetricError(f"site {site}: metrics must be a mapping of name -> value, got {type(metrics).__name__}")
+    try:  # a dp site sends only a noised histogram: the server derives AUC / accuracy from it
+        metrics = derive_histogram_metrics(metrics)
+    except ValueError as exc:
+        raise MetricError(f"site {site}: {exc}") from exc
     clean, notes = {}, []
     for key, value in metrics.items():
         lowered = str(key).lower()
