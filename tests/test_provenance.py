@@ -10,6 +10,8 @@ import torch
 from fedmed import provenance
 from fedmed.cli import main as cli_main
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _weights(seed):
     rng = np.random.default_rng(seed)

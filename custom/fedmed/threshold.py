@@ -1,6 +1,8 @@
 """The decision threshold of a binary classifier, chosen on the sites' validation data.
 
-Pure module. A site never sends its validation predictions: it sends, per class, a histogram of
+Pure module. Under the ``dp`` privacy scope a site sends only a DP-noised histogram (coarser bins,
+``val_dp_epsilon`` beside it); the server derives AUC and accuracy from it
+(:func:`histogram_metrics`) and chooses the threshold the same way. A site never sends its validation predictions: it sends, per class, a histogram of
 the model's probability for the positive class (``val_score_histogram``, ``SCORE_BINS`` equal bins
 on [0, 1]). Summing the sites' histograms gives the federation's ROC curve at the bin edges; the
 threshold maximising Youden's J (sensitivity + specificity - 1) is chosen. J does not depend on
@@ -19,6 +21,7 @@ import numpy as np
 
 SCORE_BINS = 100
 HISTOGRAM_KEY = "val_score_histogram"
+DP_EPSILON_KEY = "val_dp_epsilon"  # a site's histogram was DP-noised with this epsilon (fedmed.privacy.dp)
 
 
 def score_histogram(positive_scores: np.ndarray, labels: np.ndarray, bins: int = SCORE_BINS) -> list[list[int]]:
@@ -36,6 +39,31 @@ def _check_histogram(histogram, source: str) -> np.ndarray:
     if not np.all(np.isfinite(counts)) or np.any(counts < 0):
         raise ValueError(f"{source}: {HISTOGRAM_KEY} holds negative or non-finite counts")
     return counts
+
+
+def histogram_metrics(histogram) -> dict:
+    """What the server derives from one site's (possibly DP-noised) score histogram: ``val_auc``
+    (the ROC area at the bin edges, ties within a bin counted half), ``val_accuracy`` at 0.5 (the
+    argmax rule) and ``num_val_samples`` (the histogram's total). Post-processing only: under dp
+    these are as private as the histogram. Values not computable (one class empty) are left out."""
+    counts = _check_histogram(histogram, "histogram")
+    negatives, positives = counts[0].sum(), counts[1].sum()
+    out = {"num_val_samples": int(round(negatives + positives))} if negatives + positives > 0 else {}
+    if negatives > 0 and positives > 0:
+        below = np.concatenate([[0.0], np.cumsum(counts[0])[:-1]])  # negatives in lower bins
+        out["val_auc"] = float(np.sum(counts[1] * (below + 0.5 * counts[0])) / (negatives * positives))
+        half = counts.shape[1] // 2 if counts.shape[1] % 2 == 0 else None
+        if half is not None:
+            out["val_accuracy"] = float((counts[0][:half].sum() + counts[1][half:].sum()) / (negatives + positives))
+    return out
+
+
+def derive_histogram_metrics(metrics: Mapping) -> dict:
+    """A site's metrics with ``val_auc`` / ``val_accuracy`` / ``num_val_samples`` derived from its
+    histogram where the site sent only a DP histogram (``val_dp_epsilon`` present); else unchanged."""
+    if DP_EPSILON_KEY not in metrics or HISTOGRAM_KEY not in metrics:
+        return dict(metrics)
+    return {**histogram_metrics(metrics[HISTOGRAM_KEY]), **metrics}
 
 
 def choose_threshold(site_metrics: Mapping[str, Mapping]) -> dict | None:
@@ -63,14 +91,20 @@ def choose_threshold(site_metrics: Mapping[str, Mapping]) -> dict | None:
     # among ties take the middle of the flat stretch (robust to a shift of the score distribution)
     ties = np.flatnonzero(youden >= youden.max() - 1e-12)
     best = int(ties[len(ties) // 2])
-    return {
+    out = {
         "threshold": best / bins,
         "method": "youden_j_on_site_validation",
         "sensitivity": float(sensitivity[best]),
         "specificity": float(specificity[best]),
-        "num_val_samples": int(negatives + positives),
+        "num_val_samples": int(round(negatives + positives)),
         "sites": sites,
     }
+    dp = {site: site_metrics[site][DP_EPSILON_KEY] for site in sites if DP_EPSILON_KEY in site_metrics[site]}
+    if dp:  # chosen from DP-noised histograms: the threshold is post-processing of each site's validation release
+        out["method"] = "youden_j_on_dp_site_validation"
+        out["dp"] = {"mechanism": "discrete-laplace-histogram", "epsilon_per_site": dp,
+                     "note": "each site's histogram was released under its validation account (privacy_ledger.json)"}
+    return out
 
 
 def binary_metrics(positive_scores: Sequence[float], labels: Sequence[int], threshold: float) -> dict:
