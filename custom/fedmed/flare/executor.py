@@ -157,11 +157,11 @@ class FedMedExecutor(Executor):
     def _evaluate(self, trainer: LocalTrainer, network: dict, weights: dict, what: str, fl_ctx: FLContext) -> dict:
         """Validation metrics of ``weights``; at a dp site only the DP release (noised histogram),
         charged to the site's validation account."""
-        metrics = trainer.evaluate(network, weights)
         settings = dp_policy(fl_ctx)
         if settings is None:
-            return metrics
-        return self._dp_account(settings, fl_ctx).release_validation(fl_ctx.get_job_id(), what, metrics)
+            return trainer.evaluate(network, weights)
+        scored = trainer.positive_scores(network, weights)
+        return self._dp_account(settings, fl_ctx).release_validation(fl_ctx.get_job_id(), what, scored)
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
