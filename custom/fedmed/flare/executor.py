@@ -182,11 +182,11 @@ class FedMedExecutor(Executor):
             account = self._dp_account(settings, fl_ctx)
             if account.stopped:
                 raise PrivacyBudgetExceeded(account.stopped)
+            # the entering global model, validated first: the update's ledger then includes this query
+            val_metrics = self._evaluate(trainer, network, global_weights, f"round {round_num} global model", fl_ctx)
             result, privacy = account.train_round(fl_ctx.get_job_id(), trainer, network, global_weights, round_num,
                                                   num_rounds, should_abort)
             privacy["scope"] = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or "dp"
-            # the entering global model, validated after the round is charged (a refused round asks nothing)
-            val_metrics = self._evaluate(trainer, network, global_weights, f"round {round_num} global model", fl_ctx)
         return self._update(trainer, result, global_weights, val_metrics, network, round_num, fl_ctx, privacy)
 
     def _update(self, trainer: LocalTrainer, result, global_weights: dict, val_metrics: dict, network: dict,
