@@ -112,7 +112,9 @@ def _check_no_exact_counts(where: str, value) -> None:
         if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
             assert leaf not in (NUM_TRAIN, NUM_VAL), f"{where}{path} = {leaf}: an exact count left the dp site"
         if isinstance(leaf, str):
-            assert not re.search(rf"\b({NUM_TRAIN}|{NUM_VAL})\b", leaf), f"{where}{path} = {leaf!r}: an exact count left the dp site"
+            # a count as a number of its own (not a part of 18.53 or of an id)
+            assert not re.search(rf"(?<![\w.])({NUM_TRAIN}|{NUM_VAL})(?![\w]|\.\d)", leaf), \
+                f"{where}{path} = {leaf!r}: an exact count left the dp site"
 
 
 def check_what_left_a_dp_site(records: list[dict], site: str) -> dict:
