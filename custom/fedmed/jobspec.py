@@ -68,6 +68,7 @@ CONTROLLER_SETTINGS: dict[str, str] = {
     "allow_partial_updates": "accept updates lacking some keys (a privacy filter removed them)",
     "aggregation": 'robust aggregation {"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median", "args": {...}}',
     "server_optimizer": 'server optimizer {"name": "fedavg"|"fedavgm"|"fedadam"|"fedyogi", "args": {...}}',
+    "release_tolerance": "release gate: how far below the best version the final model may score and still be released (default 0.02)",
 }
 EXECUTOR_SETTINGS: dict[str, str] = {
     "local_epochs": "epochs over the site's training data per round",
