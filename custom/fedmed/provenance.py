@@ -469,6 +469,17 @@ class CardSigner:
         return {**{key: value for key, value in card.items() if key != SIGNATURE_KEY}, SIGNATURE_KEY: block}
 
 
+def signing_note(card_path: str | os.PathLike) -> str:
+    """One line for the commands that write a card: who signed it, or plainly that it is unsigned."""
+    try:
+        block = load_card(card_path).get(SIGNATURE_KEY)
+    except ProvenanceError:
+        return "no provenance card"
+    if not isinstance(block, Mapping):
+        return "UNSIGNED: no kit signed it (a simulator run); its hash chain shows internal consistency only"
+    return f"signed by '{block.get('signer')}'; check it against your project with --kit YOUR_KIT"
+
+
 @dataclass
 class SignatureCheck:
     """``status``: "verified" (signed with a certificate of the given root CA), "signed" (the signature

@@ -200,8 +200,10 @@ def finish_outputs(server_app: Path, out_dir: Path, spec: JobSpec, site_configs:
     evaluate_run(out_dir, log=lambda line: log("  " + line))
     mark_complete(out_dir)  # every output is in place: the report may call the run finished
     build_report(out_dir, log=lambda line: log("  " + line))
+    from fedmed.provenance import signing_note
+
     log(f"  report: {out_dir / 'report' / 'report.html'}\n  provenance card: {out_dir / 'provenance.json'} "
-        f"(python -m fedmed verify-provenance {out_dir})")
+        f"(python -m fedmed verify-provenance {out_dir}; {signing_note(out_dir / 'provenance.json')})")
     return json.loads((out_dir / METRICS_FILE).read_text())
 
 
