@@ -18,6 +18,8 @@ from fedmed.rounds import (
     split_arrays,
 )
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 SITES = ["site-1", "site-2", "site-3", "site-4", "site-5"]
 
 

@@ -6,8 +6,8 @@ Pure module (no FLARE import); the controller (``fedmed.flare.controller``) poll
 
 1. **Patience for the tolerance, grace after it.** A round closes when every site answered. Until
    ``target_sites`` answered (the sites the job's tolerance f needs, 2f + 1 for the median rules),
-   it waits for every site not yet known to be slow up to ``patience_factor`` x the median reply
-   time of the sites that answered: an honest site with more data (slower in proportion) is not
+   it waits for every site not known to be slow (:meth:`DeadlinePolicy.known_slow`) up to
+   ``patience_factor`` x the median reply time of the sites that answered: an honest site with more data (slower in proportion) is not
    left out, which would leave the round fewer sites than f needs. Once ``target_sites`` answered
    (and never before ``min_sites``, the job's ``min_clients``), a grace follows that adapts to the
    round: ``grace_factor`` x the answered sites' median reply time, kept within [``min_grace``,
@@ -50,7 +50,7 @@ class DeadlinePolicy:
     """
 
     def __init__(self, min_sites: int, max_grace: float = 30.0, round_timeout: float = 3600.0, grace_factor: float = 0.5,
-                 min_grace: float = 2.0, catch_up_after: int = 2, target_sites: int | None = None, patience_factor: float = 3.0):
+                 min_grace: float = 2.0, catch_up_after: int = 2, target_sites: int | None = None, patience_factor: float = 4.0):
         if min_sites < 1 or catch_up_after < 1 or not 0 <= min_grace <= max(max_grace, min_grace) or grace_factor < 0:
             raise ValueError(f"DeadlinePolicy: bad settings min_sites={min_sites}, catch_up_after={catch_up_after}, "
                              f"min_grace={min_grace}, max_grace={max_grace}, grace_factor={grace_factor}")
@@ -71,6 +71,11 @@ class DeadlinePolicy:
     def waits_for(self, sites: Sequence[str]) -> list[str]:
         """The sites this round waits for (their catch-up is due)."""
         return sorted(s for s in sites if self.missed.get(s, 0) >= self.due.get(s, self.catch_up_after))
+
+    def known_slow(self, site: str, patience: float) -> bool:
+        """A site the patience does not wait for: its last measured reply took longer than the
+        patience, or it missed ``catch_up_after`` rounds in a row (then only catch-up rounds wait)."""
+        return self.reply_seconds.get(site, 0.0) > patience or self.missed.get(site, 0) >= self.catch_up_after
 
     def catch_up_limit(self, site: str) -> float:
         """Most seconds a catch-up round stays open for ``site``."""
@@ -94,10 +99,10 @@ class DeadlinePolicy:
         deadline = quorum_at + self.grace(answered)
         target = min(self.target_sites, len(expected))
         if len(answered) < target:  # the tolerance needs more: patience for the sites not known to be slow
-            fresh = [s for s in expected if s not in answered and self.missed.get(s, 0) == 0]
-            if fresh:
-                median = float(np.median(list(answered.values())))
-                deadline = max(deadline, min(self.round_timeout, self.patience_factor * median))
+            median = float(np.median(list(answered.values())))
+            patience = min(self.round_timeout, self.patience_factor * median)
+            if any(s not in answered and not self.known_slow(s, patience) for s in expected):
+                deadline = max(deadline, patience)
         else:
             target_at = sorted(answered.values())[target - 1]
             deadline = max(quorum_at, target_at) + self.grace(answered)

@@ -26,6 +26,8 @@ from fedmed.flare.filters import (
 from fedmed.privacy.compression import CompressionError
 from fedmed.privacy.dp import DPSettings, PrivacyConfigError
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _ctx(job="job-1", site="site-1", task="train", scope="dp"):
     ctx = FLContext()
