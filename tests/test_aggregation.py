@@ -3,6 +3,8 @@ import pytest
 
 from fedmed.aggregation import UpdateError, apply_update, validate_update, weight_difference, weighted_mean
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _w(value, shape=(2, 2)):
     return {"conv.weight": np.full(shape, value, dtype=np.float32), "fc.bias": np.full((3,), value, dtype=np.float32)}

@@ -6,6 +6,8 @@ import pytest
 
 from fedmed.atomic import atomic_path, write_json
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def test_write_json_replaces_target_and_leaves_no_temp(tmp_path):
     target = tmp_path / "sub" / "metrics.json"

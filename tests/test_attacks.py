@@ -5,6 +5,8 @@ import pytest
 
 from fedmed.attacks import ATTACK_KINDS, AttackSyntaxError, apply_attack, parse_attack
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _reply():
     update = {"w": np.ones((2, 2), dtype=np.float32), "steps": np.array(3, dtype=np.int64)}

@@ -6,6 +6,8 @@ import pytest
 from fedmed import data
 from fedmed.data import DataError
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _pool(n_train=600, n_val=200, seed=0):
     return data.synthetic_site_data(n_train, n_val, image_size=28, seed=seed)

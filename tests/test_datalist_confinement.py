@@ -9,6 +9,8 @@ from fedmed import data
 from fedmed.data import DataError
 from fedmed.site_config import SiteConfigError, load_site_config
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _png(path):
     from PIL import Image

@@ -66,3 +66,19 @@ def test_the_policy_state_round_trips_for_resume():
     again = DeadlinePolicy(min_sites=2)
     again.load_state_dict(policy.state_dict())
     assert again.waits_for(SITES) == ["site-5"] and again.median_seconds == policy.median_seconds
+
+
+def test_the_round_waits_with_patience_for_the_sites_the_tolerance_needs_but_not_for_a_known_slow_one():
+    """3 sites tolerating f=1 need all 3 answers: a bigger (slower) honest site is waited for up to
+    4x the median reply time, so the round keeps its tolerance; a site measured slower than that is
+    waited for only in catch-up rounds."""
+    sites = ["site-1", "site-2", "site-3"]
+    policy = DeadlinePolicy(min_sites=2, max_grace=30.0, target_sites=3)
+    two = {"site-1": 8.0, "site-2": 9.0}
+    assert not policy.should_close(30.0, two, sites)  # would have closed at 9 + 4.25 s without the target
+    assert policy.should_close(34.1, two, sites)  # 4 x the median (8.5 s) = 34 s: bounded
+    assert policy.should_close(18.0, {**two, "site-3": 18.0}, sites)
+    policy.record_round(two, ["site-3"])  # missed once, never measured: still waited for with patience
+    assert not policy.should_close(30.0, two, sites)
+    policy.record_round({**two, "site-3": 70.0}, [])  # answered in 70 s: measured slower than the patience
+    assert policy.should_close(13.3, two, sites) and not policy.waits_for(sites)

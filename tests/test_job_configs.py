@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 REPO = Path(__file__).resolve().parents[1]
 JOBS = sorted(p for p in (REPO / "jobs").iterdir() if (p / "meta.json").is_file())
 

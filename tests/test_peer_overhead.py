@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 _PATH = Path(__file__).resolve().parent / "benchmarks" / "stock_flare_peer.py"
 _spec = importlib.util.spec_from_file_location("stock_flare_peer", _PATH)
 peer = importlib.util.module_from_spec(_spec)

@@ -10,6 +10,8 @@ import torch
 from fedmed import provenance
 from fedmed.cli import main as cli_main
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _weights(seed):
     rng = np.random.default_rng(seed)
@@ -183,3 +185,86 @@ def test_federated_round_records_reported_scopes_privacy_ledger_and_val_counts()
     card["chain"][1]["contributors"][1]["privacy"]["epsilon"] = 0.1  # understate the privacy loss
     result = provenance.verify_card(card)
     assert not result.ok and result.broken_record == 1
+
+
+# ---- signed cards (issue 19): a chain rewritten from the start fails against the project's root CA ----------
+
+
+def _ca_and_cert(name):
+    """(root CA PEM, server key PEM, server certificate PEM) of a throwaway PKI, as FLARE's CertBuilder makes them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    def make(subject, issuer, public_key, signing_key, ca):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .sign(signing_key, hashes.SHA256()))
+
+    root_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # small: a test key
+    server_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # small: a test key
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}-root")])
+    root = make(root_name, root_name, root_key.public_key(), root_key, True)
+    server = make(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), root_name, server_key.public_key(), root_key, False)
+    pem = serialization.Encoding.PEM
+    key_pem = server_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    return root.public_bytes(pem), key_pem, server.public_bytes(pem)
+
+
+def rewrite_chain(card, model_sha256="b" * 64):
+    """A wholesale rewrite: another model in round 0, every hash after it recomputed, the head too."""
+    card = copy.deepcopy(card)
+    card["chain"][1]["model_sha256"] = model_sha256  # round 0's global model
+    if card["chain"][-1].get("released_from_record") == 1:  # a 1-round card releases that model
+        card["chain"][-1]["model_sha256"] = model_sha256
+    for index, record in enumerate(card["chain"]):
+        if index:
+            record["prev_record_sha256"] = card["chain"][index - 1]["record_sha256"]
+        record["record_sha256"] = provenance.record_sha256(record)
+    card["head_sha256"] = card["chain"][-1]["record_sha256"]
+    return card
+
+
+@pytest.mark.unit
+def test_a_signed_card_verifies_against_its_root_ca_and_a_rewritten_chain_does_not(tmp_path, capsys):
+    root_pem, key_pem, cert_pem = _ca_and_cert("project")
+    (tmp_path / "kit" / "startup").mkdir(parents=True)
+    for name, content in (("rootCA.pem", root_pem), ("server.key", key_pem), ("server.crt", cert_pem)):
+        (tmp_path / "kit" / "startup" / name).write_bytes(content)
+    signer = provenance.CardSigner.from_startup_kit(tmp_path / "kit" / "startup")
+    assert provenance.CardSigner.from_startup_kit(tmp_path) is None  # no key there (the simulator): unsigned
+    rec = _recorder(rounds=2)
+    rec.signer = signer
+    card = rec.write(tmp_path / "run" / "provenance.json")
+    assert card["signature"]["signer"] == "localhost"
+    assert "signed by 'localhost'" in provenance.signing_note(tmp_path / "run" / "provenance.json")
+    kit = ["--kit", str(tmp_path / "kit")]
+    assert cli_main(["verify-provenance", str(tmp_path / "run"), *kit]) == 0
+    assert "VERIFIED: signed by 'localhost'" in capsys.readouterr().out
+    assert provenance.verify_signature(card).status == "signed"  # no root CA given: matches, not anchored
+
+    rewritten = rewrite_chain(card)
+    assert provenance.verify_card(rewritten).ok  # the hash chain alone cannot tell
+    (tmp_path / "run" / "provenance.json").write_text(json.dumps(rewritten))
+    assert cli_main(["verify-provenance", str(tmp_path / "run")]) == 1  # the old signature no longer matches
+    assert "does not match the card's content" in capsys.readouterr().err
+    # ... re-signed with a key of another PKI: fails against the project's root CA
+    other_root, other_key, other_cert = _ca_and_cert("forger")
+    (tmp_path / "run" / "provenance.json").write_text(json.dumps(provenance.CardSigner(other_key, other_cert, other_root).sign(rewritten)))
+    assert cli_main(["verify-provenance", str(tmp_path / "run"), *kit]) == 1
+    assert "did not issue: not this project's key" in capsys.readouterr().err
+    # ... signature removed: reported as unsigned, and fails when a root CA is given
+    del rewritten["signature"]
+    (tmp_path / "run" / "provenance.json").write_text(json.dumps(rewritten))
+    assert cli_main(["verify-provenance", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "UNSIGNED" in out and "VERIFIED" not in out
+    assert provenance.signing_note(tmp_path / "run" / "provenance.json").startswith("UNSIGNED")
+    assert cli_main(["verify-provenance", str(tmp_path / "run"), "--root-ca", str(tmp_path / "kit" / "startup" / "rootCA.pem")]) == 1
+    assert "NOT VERIFIED" in capsys.readouterr().err

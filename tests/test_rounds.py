@@ -18,6 +18,8 @@ from fedmed.rounds import (
     split_arrays,
 )
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 SITES = ["site-1", "site-2", "site-3", "site-4", "site-5"]
 
 
@@ -252,3 +254,4 @@ def test_the_plaintext_step_owns_create_send_save_and_restore_of_the_model(tmp_p
     assert saved["n"].dtype == torch.long and torch.equal(saved["w"], torch.ones(2, 3))  # int buffers stay int
     restored = step.restore(step.plaintext(model), context)
     assert np.array_equal(restored["w"], model["w"]) and step.settings()["aggregation"]["name"] == "fedavg"
+

@@ -5,6 +5,8 @@ import pytest
 
 from fedmed.server_optim import build_server_optimizer
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _weights():
     return {"w": np.array([1.0, -2.0], dtype=np.float32), "count": np.array(3, dtype=np.int64)}

@@ -138,10 +138,13 @@ def test_external_hospital_is_held_out_and_evaluated(sim_run):
 
 
 def test_bundle_threshold_is_the_one_chosen_on_site_validation(sim_run):
-    from fedmed.threshold import choose_threshold, final_site_metrics
+    from fedmed.release import released_evaluation
+    from fedmed.threshold import choose_threshold
 
     metrics = json.loads((sim_run / "metrics.json").read_text())
-    final = final_site_metrics(metrics["evaluations"])
+    release = metrics["release"]  # the gate's decision: the threshold is chosen on the released version's validation
+    assert release["action"] in ("final", "rollback") and release["model_file"] == "global_model.pt"
+    final = released_evaluation(metrics["evaluations"], release["version"])["sites"]
     assert set(final) == {"site-1", "site-2", "site-3"} and all("val_score_histogram" in m for m in final.values())
     expected = choose_threshold(final)
     meta = json.loads((sim_run / "bundle" / "configs" / "metadata.json").read_text())

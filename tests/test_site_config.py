@@ -4,6 +4,8 @@ import pytest
 
 from fedmed.site_config import SiteConfigError, load_site_config
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _write(tmp_path, payload):
     path = tmp_path / "fedmed_site.json"

@@ -5,6 +5,8 @@ import pytest
 
 from fedmed.threshold import binary_metrics, choose_threshold, score_histogram
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _site(rng, n_neg, n_pos, shift=0.0):
     scores = np.concatenate([rng.beta(2, 5, n_neg), np.clip(rng.beta(5, 2, n_pos) + shift, 0, 1)])

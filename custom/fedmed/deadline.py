@@ -4,22 +4,26 @@ Pure module (no FLARE import); the controller (``fedmed.flare.controller``) poll
 :meth:`DeadlinePolicy.should_close` while a round is open and reports each round's reply times to
 :meth:`DeadlinePolicy.record_round`. The policy:
 
-1. **Grace after the quorum.** A round closes when every site answered, or once ``min_sites`` sites
-   answered and a grace period passed since the ``min_sites``-th answer. The grace adapts to the
-   round: ``grace_factor`` x the median reply time of the sites that answered, kept within
-   [``min_grace``, ``max_grace``] seconds (``max_grace`` is the job's ``wait_after_min_clients``).
-   A round with one slow site costs the median site's pace plus that grace, not a fixed wait.
+1. **Patience for the tolerance, grace after it.** A round closes when every site answered. Until
+   ``target_sites`` answered (the sites the job's tolerance f needs, 2f + 1 for the median rules),
+   it waits for every site not known to be slow (:meth:`DeadlinePolicy.known_slow`) up to
+   ``patience_factor`` x the median reply time of the sites that answered: an honest site with more data (slower in proportion) is not
+   left out, which would leave the round fewer sites than f needs. Once ``target_sites`` answered
+   (and never before ``min_sites``, the job's ``min_clients``), a grace follows that adapts to the
+   round: ``grace_factor`` x the answered sites' median reply time, kept within [``min_grace``,
+   ``max_grace``] seconds (``max_grace`` is the job's ``wait_after_min_clients``). A round with one
+   slow site costs the median site's pace times ``patience_factor`` at most, not a fixed wait.
 2. **Catch-up rounds.** A site left out of ``catch_up_after`` rounds in a row makes the next round
    wait for it, for at most :meth:`catch_up_limit` seconds (2.5 x its last measured reply time,
-   or 4 x the median site's when it never answered; at least ``max_grace``; at most the round
+   or 10 x the median site's when it never answered; at least ``max_grace``; at most the round
    timeout). A slow site that answers then contributes to one round in ``catch_up_after + 1``;
    one that still misses it waits twice as many rounds for its next catch-up (2, 4, 8, ...), so a
    dead site costs at most ``log2(rounds)`` catch-up waits.
 3. **Named every time.** The controller logs every left-out site each round; ``metrics.json``
    ``participation`` counts the rounds each site was left out of.
 
-Wall-time bound per round: ``t_q + max_grace`` where ``t_q`` is the ``min_sites``-th fastest reply,
-plus, in catch-up rounds only, up to ``catch_up_limit`` seconds.
+Wall-time bound per round: ``max(patience_factor x median reply, t_q + max_grace)`` where ``t_q`` is
+the ``min_sites``-th fastest reply, plus, in catch-up rounds only, up to ``catch_up_limit`` seconds.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ class DeadlinePolicy:
     """The per-round deadline (see the module docstring).
 
     Args:
-        min_sites: answers a round needs before it may close early (the job's ``min_clients`` and
-            what its tolerance ``f`` requires).
+        min_sites: answers a round needs before it may close early (the job's ``min_clients``, and
+            what a stated tolerance ``f`` requires).
+        target_sites: answers the job's tolerance ``f`` needs (default ``min_sites``); waited for with
+            patience (sites not known to be slow).
+        patience_factor: how long to wait for ``target_sites``, as a multiple of the median reply time.
         max_grace: most seconds to wait after ``min_sites`` answered (``wait_after_min_clients``).
         round_timeout: most seconds any round stays open.
         grace_factor: grace as a fraction of the median reply time of the sites that answered.
@@ -43,11 +50,13 @@ class DeadlinePolicy:
     """
 
     def __init__(self, min_sites: int, max_grace: float = 30.0, round_timeout: float = 3600.0, grace_factor: float = 0.5,
-                 min_grace: float = 2.0, catch_up_after: int = 2):
+                 min_grace: float = 2.0, catch_up_after: int = 2, target_sites: int | None = None, patience_factor: float = 4.0):
         if min_sites < 1 or catch_up_after < 1 or not 0 <= min_grace <= max(max_grace, min_grace) or grace_factor < 0:
             raise ValueError(f"DeadlinePolicy: bad settings min_sites={min_sites}, catch_up_after={catch_up_after}, "
                              f"min_grace={min_grace}, max_grace={max_grace}, grace_factor={grace_factor}")
         self.min_sites = int(min_sites)
+        self.target_sites = max(int(target_sites or min_sites), self.min_sites)
+        self.patience_factor = float(patience_factor)
         self.max_grace = float(max_grace)
         self.round_timeout = float(round_timeout)
         self.grace_factor = float(grace_factor)
@@ -63,10 +72,15 @@ class DeadlinePolicy:
         """The sites this round waits for (their catch-up is due)."""
         return sorted(s for s in sites if self.missed.get(s, 0) >= self.due.get(s, self.catch_up_after))
 
+    def known_slow(self, site: str, patience: float) -> bool:
+        """A site the patience does not wait for: its last measured reply took longer than the
+        patience, or it missed ``catch_up_after`` rounds in a row (then only catch-up rounds wait)."""
+        return self.reply_seconds.get(site, 0.0) > patience or self.missed.get(site, 0) >= self.catch_up_after
+
     def catch_up_limit(self, site: str) -> float:
         """Most seconds a catch-up round stays open for ``site``."""
         known = self.reply_seconds.get(site)
-        estimate = 2.5 * known if known else 4.0 * (self.median_seconds or self.max_grace)
+        estimate = 2.5 * known if known else 10.0 * (self.median_seconds or self.max_grace)
         return min(self.round_timeout, max(self.max_grace, estimate))
 
     def grace(self, answered: Mapping[str, float]) -> float:
@@ -83,6 +97,15 @@ class DeadlinePolicy:
             return False
         quorum_at = sorted(answered.values())[min(self.min_sites, len(expected)) - 1]
         deadline = quorum_at + self.grace(answered)
+        target = min(self.target_sites, len(expected))
+        if len(answered) < target:  # the tolerance needs more: patience for the sites not known to be slow
+            median = float(np.median(list(answered.values())))
+            patience = min(self.round_timeout, self.patience_factor * median)
+            if any(s not in answered and not self.known_slow(s, patience) for s in expected):
+                deadline = max(deadline, patience)
+        else:
+            target_at = sorted(answered.values())[target - 1]
+            deadline = max(quorum_at, target_at) + self.grace(answered)
         pending = [s for s in waiting_for if s not in answered]
         if pending:
             deadline = max(deadline, max(self.catch_up_limit(s) for s in pending))

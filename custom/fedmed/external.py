@@ -50,7 +50,7 @@ def evaluate_run(out_dir: str | Path, log: Callable[[str], None] = print) -> dic
 
     from fedmed.networks import build_network
     from fedmed.provenance import load_model_weights
-    from fedmed.tasks import build_task
+    from fedmed.tasks import ExternalEvaluation, build_task
 
     out_dir = Path(out_dir)
     sets = external_sets(out_dir)
@@ -60,7 +60,7 @@ def evaluate_run(out_dir: str | Path, log: Callable[[str], None] = print) -> dic
     metrics = json.loads(metrics_path.read_text())
     run_config = json.loads((out_dir / "run_config.json").read_text())
     task = build_task(run_config["task"])
-    if not hasattr(task, "external_metrics"):
+    if not isinstance(task, ExternalEvaluation):
         return None
     threshold = (metrics.get("decision_threshold") or {}).get("threshold")
     datasets = {name: task.load_external(path) for name, path in sets.items()}

@@ -8,7 +8,9 @@ software versions built the model, and it carries a hash chain:
 - one record per round (``kind: "round"``) holds the hash of that round's aggregated global model
   and the sites that contributed to it with their sample counts;
 - the last record (``kind: "release"``) holds the hash of the released model, the index of the
-  round record it was released from and the hash of the card's ``summary`` section.
+  round record it was released from, the hash of the card's ``summary`` section and, from the
+  release gate (:mod:`fedmed.release`), the ``release`` entry: the version released and why
+  (``action`` final or rollback, ``reason``, the figures compared).
 
 Every record holds ``prev_record_sha256`` (the previous record's ``record_sha256``; 64 zeros for
 record 0) and its own ``record_sha256`` (SHA-256 of the record's canonical JSON without that key).
@@ -16,14 +18,21 @@ Changing any record, any model hash or the summary breaks the chain at that reco
 ``python -m fedmed verify-provenance PATH`` names the first broken record.
 
 A hash chain shows that a card is internally consistent; it cannot stop someone who rewrites the
-whole card. The bundle's ``metadata.json`` therefore also records the chain head
-(``provenance.head_sha256``); publishing that value (or the bundle) pins the lineage.
+whole card. A card written by a deployed server is therefore also **signed** (:class:`CardSigner`):
+the server's private key from its startup kit signs the card's canonical JSON, and the card carries
+the server's certificate. ``verify-provenance --kit KIT`` (any kit of the project: its
+``startup/rootCA.pem``) checks that the certificate was issued by the project's root CA and that the
+signature matches, so a chain rewritten from the start fails unless it was re-signed with a key the
+project's root CA certified. A simulator run has no kit and no key: its card is unsigned, and
+``verify-provenance`` says so ("UNSIGNED") instead of "VERIFIED". The bundle's ``metadata.json`` also
+records the chain head (``provenance.head_sha256``); publishing that value (or the bundle) pins the lineage.
 
-Pure module: numpy and (for loading model files) torch; never imports ``nvflare``.
+Pure module: numpy, ``cryptography`` (signatures) and (for loading model files) torch; never imports ``nvflare``.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -167,6 +176,7 @@ class ProvenanceRecorder:
         self.sites: dict[str, dict[str, Any]] = {}
         self.chain: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
+        self.signer: CardSigner | None = None  # a deployed server's key: write() signs the card
 
     # -- chain ---------------------------------------------------------------------------
     def _append(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -286,11 +296,14 @@ class ProvenanceRecorder:
             **self.extra,
         }
 
-    def card(self, released_weights: Mapping[str, Any] | None = None, released_model_file: str | None = None) -> dict[str, Any]:
+    def card(self, released_weights: Mapping[str, Any] | None = None, released_model_file: str | None = None,
+             release: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The card with a release record appended (the recorder's own chain is left untouched).
 
         ``released_weights`` defaults to the last round's global model; when given, they must equal
         one of the chained models (e.g. the best round's), else the release would not be in the lineage.
+        ``release``: the release gate's decision (``metrics.json``'s ``release`` block), chained in the
+        release record.
         """
         rounds = [r for r in self.chain if r["kind"] in ("initial", "round")]
         if not rounds:
@@ -307,7 +320,7 @@ class ProvenanceRecorder:
                 )
             source = matches[-1]
         summary = self.summary(released_model_file)
-        release = {
+        record = {
             "index": len(self.chain),
             "prev_record_sha256": self.chain[-1]["record_sha256"],
             "kind": "release",
@@ -317,12 +330,16 @@ class ProvenanceRecorder:
             "summary_sha256": summary_sha256(summary),
             "timestamp_utc": _now_utc(),
         }
-        release["record_sha256"] = record_sha256(release)
-        chain = [dict(r) for r in self.chain] + [release]
-        return {"format": CARD_FORMAT, "summary": summary, "chain": chain, "head_sha256": release["record_sha256"]}
+        if release is not None:
+            record["release"] = _jsonable(dict(release), "release decision")
+        record["record_sha256"] = record_sha256(record)
+        chain = [dict(r) for r in self.chain] + [record]
+        return {"format": CARD_FORMAT, "summary": summary, "chain": chain, "head_sha256": record["record_sha256"]}
 
     def write(self, path: str | os.PathLike, **card_kwargs: Any) -> dict[str, Any]:
         card = self.card(**card_kwargs)
+        if self.signer is not None:
+            card = self.signer.sign(card)
         write_card(card, path)
         # record-level DP (privacy scope dp): every site's ledger, recomputable, beside the card
         from fedmed.privacy.dp import LEDGER_FILE, ledger_file_payload
@@ -370,9 +387,153 @@ def bundle_metadata(card_path: str | os.PathLike, card_ref: str = "../provenance
             "head_sha256": card.get("head_sha256"),
             "model_sha256": release.get("model_sha256"),
             "released_from_round": release.get("round"),
+            **({"release": {k: release["release"].get(k) for k in ("action", "version", "reason")}}
+               if isinstance(release.get("release"), Mapping) else {}),
             "verify": f"python -m fedmed verify-provenance {card_ref} --head {card.get('head_sha256')}",
         }
     }
+
+
+# --------------------------------------------------------------------------------------------
+# signing: a key of the project's PKI (the server's, from its startup kit)
+# --------------------------------------------------------------------------------------------
+SIGNATURE_KEY = "signature"
+SIGNATURE_SCHEME = "fedmed-card-signature/1"
+SIGNATURE_ALGORITHM = "RSA-PSS-SHA256"
+
+
+def card_payload(card: Mapping[str, Any]) -> bytes:
+    """The bytes a card's signature covers: the card's canonical JSON without its ``signature`` entry."""
+    return canonical_json({key: value for key, value in card.items() if key != SIGNATURE_KEY})
+
+
+def _pss():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256()
+
+
+def _common_name(cert) -> str:
+    from cryptography.x509.oid import NameOID
+
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else cert.subject.rfc4514_string()
+
+
+def _fingerprint(cert) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+class CardSigner:
+    """Signs provenance cards with a private key whose certificate the project's root CA issued."""
+
+    def __init__(self, private_key_pem: bytes, certificate_pem: bytes, root_ca_pem: bytes | None = None):
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        self._key = load_pem_private_key(private_key_pem, password=None)
+        self.certificate_pem = certificate_pem
+        self.certificate = x509.load_pem_x509_certificate(certificate_pem)
+        self.root_ca = x509.load_pem_x509_certificate(root_ca_pem) if root_ca_pem else None
+
+    @classmethod
+    def from_startup_kit(cls, startup_dir: str | os.PathLike | None,
+                         cert_name: str = "server.crt", key_name: str = "server.key") -> "CardSigner | None":
+        """The signer of a deployed server: ``startup/server.crt`` and ``server.key`` of its kit; None
+        where there are none (the FLARE simulator has no kit)."""
+        if not startup_dir:
+            return None
+        startup = Path(startup_dir)
+        cert, key, root = startup / cert_name, startup / key_name, startup / "rootCA.pem"
+        if not (cert.is_file() and key.is_file()):
+            return None
+        return cls(key.read_bytes(), cert.read_bytes(), root.read_bytes() if root.is_file() else None)
+
+    def sign(self, card: Mapping[str, Any]) -> dict[str, Any]:
+        """``card`` with a ``signature`` entry over :func:`card_payload` (any previous one replaced)."""
+        pss, digest = _pss()
+        value = self._key.sign(card_payload(card), pss, digest)
+        block = {
+            "scheme": SIGNATURE_SCHEME,
+            "algorithm": SIGNATURE_ALGORITHM,
+            "covers": "the card's canonical JSON without this 'signature' entry (fedmed.provenance.card_payload)",
+            "signer": _common_name(self.certificate),
+            "certificate": self.certificate_pem.decode("ascii"),
+            "value": base64.b64encode(value).decode("ascii"),
+        }
+        if self.root_ca is not None:
+            block["root_ca_sha256"] = _fingerprint(self.root_ca)
+        return {**{key: value for key, value in card.items() if key != SIGNATURE_KEY}, SIGNATURE_KEY: block}
+
+
+def signing_note(card_path: str | os.PathLike) -> str:
+    """One line for the commands that write a card: who signed it, or plainly that it is unsigned."""
+    try:
+        block = load_card(card_path).get(SIGNATURE_KEY)
+    except ProvenanceError:
+        return "no provenance card"
+    if not isinstance(block, Mapping):
+        return "UNSIGNED: no kit signed it (a simulator run); its hash chain shows internal consistency only"
+    return f"signed by '{block.get('signer')}'; check it against your project with --kit YOUR_KIT"
+
+
+@dataclass
+class SignatureCheck:
+    """``status``: "verified" (signed with a certificate of the given root CA), "signed" (the signature
+    matches its certificate, no root CA given to check it), "unsigned", or "invalid"."""
+
+    status: str
+    message: str
+    signer: str | None = None
+
+
+def verify_signature(card: Mapping[str, Any], root_ca_pem: bytes | None = None) -> SignatureCheck:
+    """Check a card's signature, and with ``root_ca_pem`` (the project's ``rootCA.pem``) that the
+    signing certificate was issued by that root CA."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    block = card.get(SIGNATURE_KEY)
+    if block is None:
+        return SignatureCheck("unsigned", "UNSIGNED: the card carries no signature (a simulator run has no kit to sign "
+                                          "with, or the signature was removed); the hash chain shows internal "
+                                          "consistency only, not who wrote the card")
+    if not isinstance(block, Mapping) or block.get("scheme") != SIGNATURE_SCHEME or block.get("algorithm") != SIGNATURE_ALGORITHM:
+        return SignatureCheck("invalid", f"the card's 'signature' is not a {SIGNATURE_SCHEME} {SIGNATURE_ALGORITHM} signature")
+    try:
+        cert = x509.load_pem_x509_certificate(str(block.get("certificate", "")).encode("ascii"))
+        value = base64.b64decode(str(block.get("value", "")), validate=True)
+    except (ValueError, TypeError) as exc:
+        return SignatureCheck("invalid", f"the card's signature block cannot be read ({exc})")
+    signer = _common_name(cert)
+    pss, digest = _pss()
+    try:
+        cert.public_key().verify(value, card_payload(card), pss, digest)
+    except (InvalidSignature, TypeError, ValueError):
+        return SignatureCheck("invalid", f"the signature of '{signer}' does not match the card's content (the card was "
+                                         f"changed after it was signed)", signer)
+    if root_ca_pem is None:
+        return SignatureCheck("signed", f"signed by '{signer}' (the signature matches the certificate in the card; its "
+                                        f"root CA has SHA-256 {block.get('root_ca_sha256', '?')}, not checked: pass "
+                                        f"--kit KIT or --root-ca rootCA.pem to check it is your project's)", signer)
+    try:
+        root = x509.load_pem_x509_certificate(root_ca_pem)
+    except ValueError as exc:
+        return SignatureCheck("invalid", f"the root CA given cannot be read ({exc})", signer)
+    try:
+        root.public_key().verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm)
+        issued = cert.issuer == root.subject
+    except (InvalidSignature, TypeError, ValueError):
+        issued = False
+    if not issued:
+        return SignatureCheck("invalid", f"the card was signed by '{signer}' with a certificate the project's root CA "
+                                         f"(SHA-256 {_fingerprint(root)}) did not issue: not this project's key", signer)
+    return SignatureCheck("verified", f"VERIFIED: signed by '{signer}' with a certificate issued by the project's root "
+                                      f"CA (SHA-256 {_fingerprint(root)[:16]}...)", signer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,6 +619,26 @@ def add_arguments(parser) -> None:
         "repeatable. Without it, the card's released_model_file is checked when it exists next to the card",
     )
     parser.add_argument("--head", help="the expected chain head hash (e.g. from the bundle's metadata.json)")
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument("--kit", help="a startup kit of the project (yours: admin, hospital or server); its "
+                       "startup/rootCA.pem must have issued the certificate that signed the card. With it (or "
+                       "--root-ca) an unsigned or foreign-signed card fails")
+    trust.add_argument("--root-ca", help="the project's rootCA.pem (instead of --kit)")
+
+
+def _trusted_root_ca(args) -> bytes | None:
+    """The root CA the signature must chain to: ``--root-ca FILE`` or ``--kit KIT``'s ``startup/rootCA.pem``."""
+    kit, root = getattr(args, "kit", None), getattr(args, "root_ca", None)
+    if kit:
+        root = Path(kit) / "startup" / "rootCA.pem"
+        if not root.is_file():
+            raise ProvenanceError(f"{root} does not exist: --kit must be a startup kit of the project (the folder holding startup/)")
+    if not root:
+        return None
+    root = Path(root)
+    if not root.is_file():
+        raise ProvenanceError(f"root CA {root} does not exist")
+    return root.read_bytes()
 
 
 def main(args) -> int:
@@ -468,6 +649,15 @@ def main(args) -> int:
         result = verify_card(card)
         if not result:
             print(f"TAMPERED: {card_path}: {result.message}", file=sys.stderr)
+            return 1
+        root_ca_pem = _trusted_root_ca(args)
+        signature = verify_signature(card, root_ca_pem)
+        if signature.status == "invalid":
+            print(f"TAMPERED: {card_path}: {signature.message}", file=sys.stderr)
+            return 1
+        if root_ca_pem is not None and signature.status != "verified":
+            print(f"NOT VERIFIED: {card_path}: {signature.message}; a card from a deployment is signed by its server",
+                  file=sys.stderr)
             return 1
         if args.head and args.head != card["head_sha256"]:
             print(f"TAMPERED: {card_path}: head_sha256 {card['head_sha256']} differs from the expected head {args.head}", file=sys.stderr)
@@ -498,6 +688,7 @@ def main(args) -> int:
                 return 1
             print(f"model {model_file} matches the released model_sha256")
         print(f"OK: {card_path}: {result.message}")
+        print(signature.message if signature.status != "signed" else f"SIGNED (root CA not checked): {signature.message}")
         return 0
     except ProvenanceError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)

@@ -51,6 +51,7 @@ from fedmed.aggregation import (
     validate_update,
 )
 from fedmed.server_optim import build_server_optimizer
+from fedmed.threshold import derive_histogram_metrics
 
 WEIGHT_DIFF = "WEIGHT_DIFF"  # the data kind a site's training reply carries (FLARE's DataKind.WEIGHT_DIFF)
 STATE_FORMAT = "fedmed-round-engine/1"
@@ -104,6 +105,10 @@ def check_site_metrics(site: str, metrics: Mapping[str, Any] | None) -> tuple[di
         return {}, []
     if not isinstance(metrics, Mapping):
         raise MetricError(f"site {site}: metrics must be a mapping of name -> value, got {type(metrics).__name__}")
+    try:  # a dp site sends only a noised histogram: the server derives AUC / accuracy from it
+        metrics = derive_histogram_metrics(metrics)
+    except ValueError as exc:
+        raise MetricError(f"site {site}: {exc}") from exc
     clean, notes = {}, []
     for key, value in metrics.items():
         lowered = str(key).lower()
@@ -190,11 +195,13 @@ WEIGHTS = "WEIGHTS"  # the data kind of a task carrying a plaintext global model
 
 class Exchange(Protocol):
     """One extra task on the sites, run by the workflow for a step (e.g. secure aggregation's key
-    exchange): send ``(kind, data, meta)`` to ``targets`` (every connected site when None) and wait;
-    return ({site: SiteReply}, {site: error message})."""
+    exchange): send ``(kind, data, meta)`` to ``targets`` (every connected site when None) and wait
+    for all of them, or, once ``min_responses`` answered, for the workflow's grace period at most
+    (the round timeout bounds the wait); return ({site: SiteReply}, {site: error message})."""
 
     def __call__(self, task_name: str, kind: str, data: Mapping[str, Any], meta: Mapping[str, Any],
-                 targets: Sequence[str] | None = None) -> tuple[dict[str, "SiteReply"], dict[str, str]]: ...
+                 targets: Sequence[str] | None = None,
+                 min_responses: int | None = None) -> tuple[dict[str, "SiteReply"], dict[str, str]]: ...
 
 
 @dataclass

@@ -15,8 +15,8 @@ import math
 import secrets
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -87,61 +87,95 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How a site trains: the one declaration of the trainer's settings (the executor's and the
+    baselines' ``args`` are these keys).
+
+    local_epochs: epochs over the local training data per call to :meth:`LocalTrainer.train`.
+    lr: Adam learning rate.
+    batch_size: mini-batch size (under DP-SGD: the expected Poisson batch size).
+    fedprox_mu: FedProx proximal weight; 0 is plain FedAvg local training.
+    seed: seeds shuffling (combined with the round number) and the network's initialisation.
+    device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
+    amp: mixed precision on CUDA (ignored on CPU).
+    num_workers: DataLoader worker processes.
+    lr_schedule: "cosine" decays the learning rate over the federation's rounds (round r of R
+        trains at lr * (1 + cos(pi * r / R)) / 2), so the final global model settles; "constant"
+        keeps ``lr``.
+    """
+
+    local_epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 32
+    fedprox_mu: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    lr_schedule: str = "cosine"
+
+    def __post_init__(self):
+        if not isinstance(self.local_epochs, int) or self.local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1 (an integer), got {self.local_epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (an integer), got {self.batch_size!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.fedprox_mu, (int, float)) or self.fedprox_mu < 0:
+            raise ValueError(f"fedprox_mu must be >= 0, got {self.fedprox_mu!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping, where: str = "the trainer settings") -> "TrainerSettings":
+        """Settings from a dict (e.g. a job's executor args); an unknown key or a bad value raises
+        ``ValueError`` naming ``where``, the key and the valid keys."""
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ValueError(f"{where}: unknown trainer setting(s) {', '.join(unknown)}; valid: {', '.join(cls.keys())}")
+        try:
+            return cls(**dict(values))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 class LocalTrainer:
-    def __init__(
-        self,
-        task,
-        train_dataset: Dataset,
-        val_dataset: Dataset,
-        local_epochs: int = 1,
-        lr: float = 1e-3,
-        batch_size: int = 32,
-        fedprox_mu: float = 0.0,
-        seed: int = 0,
-        device: str = "auto",
-        amp: bool = True,
-        num_workers: int = 0,
-        lr_schedule: str = "cosine",
-    ):
+    def __init__(self, task, train_dataset: Dataset, val_dataset: Dataset, settings: TrainerSettings | None = None,
+                 **overrides):
         """Args:
         task: a task object from :mod:`fedmed.tasks` (loss, metrics, batch handling).
         train_dataset / val_dataset: this site's data.
-        local_epochs: epochs over the local training data per call to :meth:`train`.
-        lr: Adam learning rate.
-        batch_size: mini-batch size.
-        fedprox_mu: FedProx proximal weight; 0 is plain FedAvg local training.
-        seed: seeds shuffling (combined with the round number).
-        device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
-        amp: mixed precision on CUDA (ignored on CPU).
-        num_workers: DataLoader worker processes.
-        lr_schedule: "cosine" decays the learning rate over the federation's rounds (round r of R
-            trains at lr * (1 + cos(pi * r / R)) / 2), so the final global model settles;
-            "constant" keeps ``lr``.
+        settings: :class:`TrainerSettings` (default: its defaults); keyword ``overrides`` replace
+            single settings (``LocalTrainer(task, tr, va, lr=0.01)``).
         """
-        if local_epochs < 1:
-            raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if fedprox_mu < 0:
-            raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        settings = settings if settings is not None else TrainerSettings()
+        if overrides:
+            settings = TrainerSettings.from_mapping({**settings.to_json(), **overrides}, "LocalTrainer")
         if len(train_dataset) == 0:
             raise ValueError("the site's training set is empty")
+        self.settings = settings
         self.task = task
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
-        self.local_epochs = local_epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.fedprox_mu = fedprox_mu
-        self.seed = seed
-        self.device = pick_device(device)
-        self.amp = amp and self.device.type == "cuda"
-        self.num_workers = num_workers
-        self.lr_schedule = lr_schedule
+        self.local_epochs = settings.local_epochs
+        self.lr = settings.lr
+        self.batch_size = settings.batch_size
+        self.fedprox_mu = settings.fedprox_mu
+        self.seed = settings.seed
+        self.device = pick_device(settings.device)
+        self.amp = settings.amp and self.device.type == "cuda"
+        self.num_workers = settings.num_workers
+        self.lr_schedule = settings.lr_schedule
         self._model = None
         self._model_spec = None
         self._dp_checked_spec = None
@@ -254,9 +288,14 @@ class LocalTrainer:
             max_grad_norm=dp.max_grad_norm, poisson_sampling=False, noise_generator=noise,
         )
         private_model.forbid_grad_accumulation()  # as make_private(poisson_sampling=True) does
+        # Opacus' floating-point-safe Gaussian (Holohan & Braghin 2021: the sum of 4 draws rescaled, so the
+        # low bits of the noise do not reveal the unnoised gradient). PrivacyEngine(secure_mode=True) would also
+        # demand torchcsprng; the DP optimizer's own flag needs nothing: our generators are seeded from os entropy.
+        private_optimizer.secure_mode = True
+        sample_rate = float(loader.sample_rate)  # the Poisson sampler's own rate: what is charged
         loss_fn = self.task.loss()
         started = time.perf_counter()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, steps = 0.0, 0, 0
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")  # the first layer's input needs no grad
@@ -267,15 +306,23 @@ class LocalTrainer:
                         inputs, targets = self.task.batch_to_device(batch, self.device)
                         private_optimizer.zero_grad(set_to_none=True)
                         loss = loss_fn(private_model(inputs), targets)
+                        if len(inputs) == 0:  # an empty Poisson batch is still a step: clipped sum 0, noise added
+                            loss.backward()
+                            private_optimizer.step()
+                            steps += 1
+                            continue
                         if not torch.isfinite(loss):
                             raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rate")
                         loss.backward()
                         private_optimizer.step()
+                        steps += 1
                         loss_sum += float(loss.detach()) * len(inputs)
                         seen += len(inputs)
         finally:
             private_model._close()  # remove Opacus' hooks and per-sample gradients
-        return self._result(model, lr, loss_sum, seen, started, [tuple(step) for step in engine.accountant.history])
+        # the steps the optimizer really took, each at the sampler's rate (Opacus' own accountant would record
+        # 1 / len(loader), which differs from the sampler's rate where int(1 / q) < ceil(n / batch_size))
+        return self._result(model, lr, loss_sum, seen, started, [(dp.noise_multiplier, sample_rate, steps)] if steps else [])
 
     def _result(self, model, lr: float, loss_sum: float, seen: int, started: float, privacy_steps=()) -> TrainResult:
         """The round's TrainResult: the local weights, the real sample count and the training metrics."""
@@ -291,6 +338,15 @@ class LocalTrainer:
             },
             privacy_steps=list(privacy_steps),
         )
+
+    def positive_scores(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None):
+        """(positive-class probabilities, labels) on the validation data for a two-class task that
+        predicts probabilities; None otherwise (e.g. segmentation)."""
+        if not hasattr(self.task, "predict") or getattr(self.task, "num_classes", None) != 2:
+            return None
+        model = self.model(network_spec, weights)
+        probs, labels, _ = self.task.predict(model, self._loader(self.val_dataset, shuffle=False, seed=0), self.device, self.amp)
+        return probs[:, 1], labels
 
     def evaluate(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None, dataset=None) -> dict:
         """Validation metrics of ``weights`` on this site's validation data (or ``dataset``)."""

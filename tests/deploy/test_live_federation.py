@@ -15,11 +15,13 @@ import pytest
 
 from fedmed.deploy import kit as kit_files
 from fedmed.deploy.federation import LocalFederation
-from fedmed.deploy.processes import free_port, is_loopback, listening_addresses, process_tree, stop_processes
+from fedmed.deploy.launch_check import bytecode_in
+from fedmed.deploy.processes import free_port, kit_environment, is_loopback, listening_addresses, process_tree, stop_processes
 from fedmed.deploy.rehearse import FINISHED_OK, prepare_job_copy
 from fedmed.results import export_run_outputs, find_server_app_dir
 
-from deploy_helpers import LEAD, PROJECT_ADMIN, REPO, fill_site, process_env, provision_kits
+from deploy_helpers import LEAD, PROJECT_ADMIN, REPO, fill_site, preflight_env, process_env, provision_kits
+from test_provenance import rewrite_chain
 
 pytestmark = pytest.mark.slow
 
@@ -99,9 +101,25 @@ def test_lead_submits_the_job_it_finishes_and_the_global_model_downloads(live, t
     assert metrics["finished"] and metrics["rounds"][0]["contributors"] == ["hospital-01", "hospital-02"]
     # both hospitals ran the fedmed package pre-deployed in their own kit (no BYOC in the job)
     assert not (REPO / JOB / "app" / "custom").exists()
-    for hospital in ("hospital-01", "hospital-02"):
-        cache = live.prod / hospital / "local" / "custom" / "fedmed" / "flare" / "__pycache__"
-        assert any(p.name.startswith("executor.") for p in cache.glob("*.pyc")), f"{hospital} did not import its kit's fedmed"
+    # ... and kept its bytecode outside the kit: the job processes FLARE spawned inherited the start
+    # environment (PYTHONPYCACHEPREFIX), whose tree mirrors the path of the source each one imported
+    # (the server's job process likewise: its controller)
+    prefix = Path(kit_environment(process_env())["PYTHONPYCACHEPREFIX"])
+    for site, module in (("hospital-01", "executor."), ("hospital-02", "executor."), (SERVER, "controller.")):
+        kit = (live.prod / site).resolve()
+        cache = prefix / kit.relative_to(kit.anchor) / "local" / "custom" / "fedmed" / "flare"
+        assert any(p.name.startswith(module) for p in cache.glob("*.pyc")), f"{site} did not import its kit's fedmed"
+        assert bytecode_in(str(kit)) == [], f"{site}: bytecode written inside the kit"
+    # the provenance card is signed by the server's kit key (the project's PKI); a rewritten chain fails (issue 19)
+    card_dir = find_server_app_dir(download) / "fedmed"
+    card = json.loads((card_dir / "provenance.json").read_text())
+    assert card["signature"]["signer"] == SERVER
+    verify = [sys.executable, "-m", "fedmed", "verify-provenance", str(download), "--kit", str(live.prod / LEAD)]
+    run = subprocess.run(verify, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0 and f"VERIFIED: signed by '{SERVER}'" in run.stdout, run.stdout + run.stderr
+    (card_dir / "provenance.json").write_text(json.dumps(rewrite_chain(card)))
+    run = subprocess.run(verify, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 1 and "TAMPERED" in run.stderr and "does not match the card's content" in run.stderr, run.stderr
     # the job store is inside the server's workspace
     assert (live.prod / SERVER / "jobs-storage" / "jobs" / job_id).is_dir()
 
@@ -164,9 +182,9 @@ def test_a_client_with_certificates_from_another_provisioning_run_is_refused_and
 
 def test_preflight_passes_for_a_genuine_hospital_kit_with_its_data_config_filled(live):
     result = subprocess.run([sys.executable, "-m", "fedmed", "preflight", str(live.prod / "hospital-02")],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+                            capture_output=True, text=True, cwd=REPO, timeout=120, env=preflight_env())
     assert result.returncode == 0, result.stdout
-    for check in ("signature", "certificates", "site config", "allow-list", "server"):
+    for check in ("signature", "certificates", "bytecode", "package copy", "start check", "site config", "allow-list", "server"):
         assert f"OK   {check}" in result.stdout
     assert "ready to start" in result.stdout
 

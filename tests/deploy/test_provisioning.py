@@ -22,7 +22,7 @@ from fedmed.deploy.processes import start_kit, stop_processes
 from fedmed.flare.allow_list import class_allow_list
 from fedmed.site_config import SiteConfigError, load_site_config
 
-from deploy_helpers import LEAD, PROJECT_ADMIN, REPO, provision_kits
+from deploy_helpers import LEAD, PROJECT_ADMIN, REPO, kit_shell_env, preflight_env, process_env, provision_kits
 
 HOSPITALS = [f"hospital-{i:02d}" for i in range(1, 21)]
 
@@ -97,6 +97,12 @@ def test_every_kit_holds_the_templates_the_package_and_a_valid_signature(kits20)
     assert len(admins) == 22
     for admin in admins:
         assert kit_files.verify_startup_signature(kits20 / admin) == [], admin
+    # every server and hospital kit checks itself before FLARE starts, with a signed check script (issue 19)
+    for name in ("localhost", "hospital-01"):
+        sub_start = (kits20 / name / "startup" / "sub_start.sh").read_text()
+        assert 'python3 -I "$KIT_WORKSPACE/startup/fedmed_check.py"' in sub_start and "export PYTHONPYCACHEPREFIX=" in sub_start
+        assert "fedmed_check.py" in json.loads((kits20 / name / "startup" / "signature.json").read_text())
+        assert "fedmed.deploy.integrity.KitIntegrityGuard" in (kits20 / name / "local" / "resources.json").read_text()
     # the server does not wait FLARE's 900 s for the outcome of a dead hospital's job (rehearse --fault kill-hospital)
     assert "--set secure_train=true client_outcome_wait_timeout=30" in (kits20 / "localhost" / "startup" / "sub_start.sh").read_text()
     # the server keeps jobs and snapshots in its own workspace, never in /tmp/nvflare
@@ -166,9 +172,9 @@ def test_an_edited_startup_file_makes_the_kit_refuse_to_start(kits20, tmp_path):
             proc.popen.wait(timeout=120)
             log = proc.log_text()
             assert proc.popen.returncode != 0
-            # a hospital's own kit check (fedmed.deploy.integrity) refuses first; the server has FLARE's
-            refusal = "refusing to start" if name.startswith("hospital") else "The following files are not secure content"
-            assert refusal in log and config in log
+            # the kit's own check (fedmed.deploy.integrity) refuses first, the server's as a hospital's (issue 19)
+            assert "refusing to start" in log and config in log
+            assert "Server started" not in log and "Successfully registered" not in log
     finally:
         assert stop_processes(procs) == []
 
@@ -278,7 +284,7 @@ def test_a_client_kit_without_signature_json_or_with_an_edited_package_or_start_
                            lambda kit: _edit(kit / "local/custom/fedmed/aggregation.py", "import", "import os, sys  # x\nimport")),
         # an edited start script that no longer runs the check is noticed by the guard
         "edited-sub-start": ("startup/sub_start.sh",
-                             lambda kit: _edit(kit / "startup" / "sub_start.sh", "python3 -m fedmed.deploy.integrity", "true")),
+                             lambda kit: _edit(kit / "startup" / "sub_start.sh", 'python3 -I "$KIT_WORKSPACE/startup/fedmed_check.py"', "true")),
     }
     procs = []
     try:
@@ -310,7 +316,7 @@ def test_the_start_script_refuses_a_kit_whose_resources_no_longer_load_the_guard
     (kit / "local" / "resources.json").write_text(json.dumps(resources))
     # sub_start.sh checks before it would start FLARE (it exits instead of entering its restart loop)
     result = subprocess.run(["bash", str(kit / "startup" / "sub_start.sh")], capture_output=True, text=True,
-                            timeout=120, cwd=kit, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+                            timeout=120, cwd=kit, env=kit_shell_env())
     assert result.returncode == 1, result.stdout + result.stderr
     assert "fedmed.deploy.integrity.KitIntegrityGuard" in result.stderr and str(kit / "local" / "resources.json") in result.stderr
     assert "not starting" in result.stdout and not (kit / "daemon_pid.fl").exists()
@@ -375,7 +381,7 @@ def test_preflight_warns_when_local_policy_is_weaker_than_provisioned_naming_fil
     fill = {"data": {"format": "synthetic"}}
     (kit / "local" / "fedmed_site.json").write_text(json.dumps(fill))
     result = subprocess.run([sys.executable, "-m", "fedmed", "preflight", str(kit), "--no-server"],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+                            capture_output=True, text=True, cwd=REPO, timeout=60, env=preflight_env())
     assert result.returncode == 0, result.stdout
     assert "WARN local policy weaker than provisioned" in result.stdout and "permissions.lead.byoc" in result.stdout
     # tightening is not a warning
@@ -384,3 +390,153 @@ def test_preflight_warns_when_local_policy_is_weaker_than_provisioned_naming_fil
     authz_path.write_text(json.dumps(authz))
     privacy_path.write_text((kits20 / "hospital-08" / "local" / "privacy.json").read_text())
     assert policy_warnings(kit) == []
+
+
+# ---- the code that runs is the code that was signed (issue 19): bytecode, a shadowing fedmed, the server kit ------
+
+
+def _forge_pyc(source: Path, extra: str) -> Path:
+    """A .pyc of ``source`` with ``extra`` code appended, its header matching the unchanged source (size and
+    mtime), where Python looks for it: Python runs it instead of the source."""
+    import importlib._bootstrap_external as bootstrap
+
+    code = compile(source.read_text() + "\n" + extra, str(source), "exec")
+    stat_ = source.stat()
+    target = source.parent / "__pycache__" / f"{source.stem}.{sys.implementation.cache_tag}.pyc"
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(bootstrap._code_to_timestamp_pyc(code, int(stat_.st_mtime), stat_.st_size))
+    return target
+
+
+def _marker_code(marker: Path, what: str) -> str:
+    return f"open({str(marker)!r}, 'a').write({what!r} + '\\n')\n"
+
+
+@pytest.mark.slow
+def test_a_kit_with_forged_bytecode_is_refused_before_any_kit_code_runs_and_preflight_names_it(kits20, tmp_path):
+    kit = tmp_path / "forged"
+    shutil.copytree(kits20 / "hospital-09", kit)
+    marker = tmp_path / "forged-code-ran.txt"
+    package = kit / "local" / "custom" / "fedmed"
+    forged = [_forge_pyc(package / "__init__.py", _marker_code(marker, "fedmed/__init__")),
+              # the integrity module itself, with both checks switched off
+              _forge_pyc(package / "deploy" / "integrity.py", _marker_code(marker, "integrity") +
+                         "verify_kit = lambda kit_dir: []\nlaunch_main = lambda kit_dir: 0\n")]
+    # the forgery works: a plain import of the kit's package runs it (the test could fail)
+    probe = subprocess.run([sys.executable, "-B", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                            "import fedmed.deploy.integrity as i; print(i.verify_kit(sys.argv[2]))", str(package.parent), str(kit)],
+                           capture_output=True, text=True, timeout=120, env=process_env())
+    assert probe.stdout.strip() == "[]" and marker.read_text().split() == ["fedmed/__init__", "integrity"], probe.stderr
+    marker.unlink()
+    assert kit_files.verify_package_signature(kit) == []  # the signed sources are untouched
+    proc = start_kit(kit, tmp_path / "forged.log", env=process_env())
+    try:
+        proc.popen.wait(timeout=120)
+        log = proc.log_text()
+        assert proc.popen.returncode == 3, log[-2000:]
+        for path in forged:
+            assert f"{path.parent} is Python bytecode inside the kit" in log, log[-2000:]
+        assert "Delete the named folders/files" in log and "Successfully registered" not in log
+        assert not marker.exists(), "code from the forged .pyc ran"
+    finally:
+        assert stop_processes([proc]) == []
+    result = subprocess.run([sys.executable, "-m", "fedmed", "preflight", str(kit), "--no-server"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert "FAIL bytecode" in result.stdout and f"{forged[0].parent} is Python bytecode" in result.stdout, result.stdout
+    assert "what to do: Delete the named" in result.stdout and not marker.exists()
+
+
+def _foreign_fedmed(root: Path, marker: Path) -> Path:
+    """Another fedmed package (as a stray `pip install` or a working copy would be), whose import leaves a marker."""
+    package = root / "fedmed"
+    (package / "deploy").mkdir(parents=True)
+    (package / "__init__.py").write_text(_marker_code(marker, "foreign fedmed imported"))
+    (package / "deploy" / "__init__.py").write_text("")
+    (package / "deploy" / "integrity.py").write_text("def verify_kit(kit_dir):\n    return []\n")
+    return package / "__init__.py"
+
+
+@pytest.mark.slow
+def test_a_kit_never_runs_another_fedmed_ahead_of_it_on_pythonpath_or_installed_in_its_python(kits20, tmp_path):
+    import sysconfig
+
+    marker = tmp_path / "foreign-code-ran.txt"
+    kit = tmp_path / "hospital-10"
+    shutil.copytree(kits20 / "hospital-10", kit)
+    own = kit.resolve() / "local" / "custom" / "fedmed" / "__init__.py"
+    # 1. another fedmed ahead of the kit on PYTHONPATH, the kit started as rehearse starts it
+    foreign = _foreign_fedmed(tmp_path / "working-copy", marker)
+    proc = start_kit(kit, tmp_path / "pythonpath.log", env={**process_env(), "PYTHONPATH": str(foreign.parents[1])})
+    try:
+        proc.popen.wait(timeout=120)
+        log = proc.log_text()
+        assert proc.popen.returncode == 3, log[-2000:]
+        assert f"fedmed resolves to {foreign.resolve()}, not to the kit's signed copy {own}" in log, log[-2000:]
+        assert "pip uninstall fedmed" in log and "Successfully registered" not in log
+    finally:
+        assert stop_processes([proc]) == []
+    # 2. fedmed pip-installed in the hospital's Python (a throwaway venv whose site-packages holds it; the
+    # requirements reached through a .pth), the kit started with its own startup/sub_start.sh
+    venv = tmp_path / "hospital-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    installed = _foreign_fedmed(site, marker)
+    (site / "requirements.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = kit_shell_env(PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(kit / "startup" / "sub_start.sh")], capture_output=True, text=True, timeout=180,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"fedmed resolves to {installed.resolve()}, not to the kit's signed copy {own}" in result.stderr, result.stderr
+    assert "not starting" in result.stdout and not (kit / "daemon_pid.fl").exists()
+    assert not marker.exists(), f"the foreign fedmed ran: {marker.read_text()}"
+    # preflight says the same, naming both paths
+    run = subprocess.run(["bash", str(kit / "startup" / "preflight.sh"), "--no-server"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 1 and "FAIL package copy" in run.stdout, run.stdout + run.stderr
+    assert str(installed.resolve()) in run.stdout and str(own) in run.stdout
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_an_edited_server_kit_refuses_to_start_naming_the_file(kits20, tmp_path):
+    """The server kit is checked as a hospital kit is: by its start check (as sub_start.sh runs it) and, when
+    started without it, by the guard in its resources.json, before FLARE binds the server's ports."""
+    cases = {
+        "no-signature": ("startup/signature.json", lambda kit: (kit / "startup" / "signature.json").unlink()),
+        "edited-package": ("local/custom/fedmed/flare/resume.py",
+                           lambda kit: _edit(kit / "local/custom/fedmed/flare/resume.py", "import", "import os  # x\nimport")),
+        "edited-start-script": ("startup/sub_start.sh",
+                                lambda kit: _edit(kit / "startup" / "sub_start.sh", "exit 1", "true")),
+    }
+    procs = []
+    try:
+        for name, (named_file, tamper) in cases.items():
+            kit = tmp_path / name
+            shutil.copytree(kits20 / "localhost", kit)
+            tamper(kit)
+            proc = start_kit(kit, tmp_path / f"{name}.log", env=process_env())
+            procs.append(proc)
+            proc.popen.wait(timeout=120)
+            log = proc.log_text()
+            assert proc.popen.returncode == 3 and "refusing to start" in log and str(kit / named_file) in log, (name, log[-2000:])
+            assert "Server started" not in log
+        # FLARE's server process started directly (no start check): the guard refuses before the server binds
+        kit = tmp_path / "edited-package"
+        from fedmed.deploy.processes import MODULES, kit_environment, kit_org
+
+        log_path = tmp_path / "direct.log"
+        with open(log_path, "wb") as log:
+            direct = subprocess.Popen([sys.executable, "-u", "-m", MODULES["server"], "-m", str(kit), "-s", "fed_server.json",
+                                       "--set", "secure_train=true", "config_folder=config", f"org={kit_org(kit)}"],
+                                      cwd=kit, stdout=log, stderr=subprocess.STDOUT, env=kit_environment(process_env()))
+        try:
+            assert direct.wait(timeout=180) == 3
+        finally:
+            if direct.poll() is None:
+                direct.kill()
+        text = log_path.read_text()
+        assert "refusing to start" in text and str(kit / "local/custom/fedmed/flare/resume.py") in text, text[-2000:]
+        assert "Server started" not in text
+    finally:
+        assert stop_processes(procs) == []

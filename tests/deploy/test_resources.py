@@ -5,6 +5,8 @@ import torch
 
 from fedmed.deploy.resources import SiteGPUResourceManager, visible_gpus
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def test_auto_uses_every_gpu_this_process_can_see():
     manager = SiteGPUResourceManager()  # what the hospital template ships: auto / auto

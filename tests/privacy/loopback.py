@@ -63,12 +63,14 @@ def tiny_job(dest: Path, num_rounds: int = 1, scope: str | None = None, width: i
 
 class LoopbackFederation:
     def __init__(self, root: Path, sites=("site-1", "site-2"), site_privacy: dict | None = None,
-                 num_train: int = 48, num_val: int = 24, site_configs: dict | None = None):
+                 num_train: int = 48, num_val: int = 24, site_configs: dict | None = None,
+                 server_privacy: Path | None = None):
         self.root = Path(root)
         self.sites = list(sites)
         self.site_privacy = site_privacy or {}
         self.num_train, self.num_val = num_train, num_val
         self.site_configs = site_configs or {}  # {site: {"data": {...}}}; default tiny synthetic data
+        self.server_privacy = server_privacy  # the server's local/privacy.json (default: the project's template)
         self.procs: dict[str, subprocess.Popen] = {}
         self.kits: dict[str, Path] = {}
         self.session = None
@@ -111,8 +113,13 @@ class LoopbackFederation:
             for component in resources["components"]:
                 if component["id"] == "job_manager":
                     component["args"]["uri_root"] = str(storage / "jobs-storage")
-            shutil.copy(template_privacy_file("server"), local / "privacy.json")
+            shutil.copy(self.server_privacy or template_privacy_file("server"), local / "privacy.json")
         else:
+            # log streaming as the project's client template sets it (off; FLARE's default kit streams site logs)
+            template = json.loads((template_privacy_file("client").parent / "resources.json").read_text())
+            resources["allow_log_streaming"] = template["allow_log_streaming"]
+            resources["components"] = [c for c in resources["components"] if "LogStreamer" not in c.get("path", "")
+                                       or any(c.get("path") == t.get("path") for t in template["components"])]
             shutil.copy(self.site_privacy.get(name, template_privacy_file("client")), local / "privacy.json")
             index = self.sites.index(name)
             site_config = self.site_configs.get(name) or {

@@ -23,6 +23,7 @@ from opacus.accountants import RDPAccountant
 from fedmed.flare.he import AUDIT_FILE, he_job
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.privacy.scopes import template_privacy_file
+from fedmed.threshold import choose_threshold, final_site_metrics
 
 from loopback import LoopbackFederation, tiny_job
 
@@ -68,6 +69,87 @@ def _dp_job(dest: Path, num_rounds: int) -> Path:
     return job
 
 
+NUM_TRAIN, NUM_VAL = 53, 29  # distinctive: neither may appear in anything that leaves a dp site
+PUBLIC_TRAIN_SIZE = 64  # ceil(53 / batch 16) x 16: what the guarantee declares public
+RECEIVED_LOG = "received_results.jsonl"
+
+
+def _recording_server_privacy(path: Path) -> Path:
+    """The server's template privacy.json with a recorder of every result arriving under dp."""
+    policy = json.loads(template_privacy_file("server").read_text())
+    for scope in policy["scopes"]:
+        if scope["name"] == "dp":
+            scope.setdefault("task_result_filters", []).insert(
+                0, {"path": "fedmed.flare.filters.ReceivedResultLog", "args": {"log_file": RECEIVED_LOG}})
+    path.write_text(json.dumps(policy, indent=2))
+    return path
+
+
+# what the dp guarantee covers (docs/privacy.md, "What leaves a dp site"): every key of every message
+DP_UPDATE_META = {"num_samples", "NUM_STEPS_CURRENT_ROUND", "site", "round", "privacy_scope", "metrics", "privacy", "transfer"}
+DP_UPDATE_METRICS = {"val_logit_histogram", "val_dp_epsilon", "learning_rate", "privacy_epsilon", "upload_bytes"}
+DP_PRIVACY_META = {"scope", "unit", "mechanism", "noise_multiplier", "sample_rate", "max_grad_norm", "steps", "public_train_size",
+                   "accountant", "delta", "epsilon", "budget", "history", "validation"}
+DP_VALIDATE_DATA = {"val_logit_histogram", "val_dp_epsilon"}
+DP_VALIDATE_META = {"site", "model_name"}
+
+
+def _leaves(value, path=""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def _check_no_exact_counts(where: str, value) -> None:
+    import re
+
+    for path, leaf in _leaves(value):
+        if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+            assert leaf not in (NUM_TRAIN, NUM_VAL), f"{where}{path} = {leaf}: an exact count left the dp site"
+        if isinstance(leaf, str):
+            # a count as a number of its own (not a part of 18.53 or of an id)
+            assert not re.search(rf"(?<![\w.])({NUM_TRAIN}|{NUM_VAL})(?![\w]|\.\d)", leaf), \
+                f"{where}{path} = {leaf!r}: an exact count left the dp site"
+
+
+def check_what_left_a_dp_site(records: list[dict], site: str) -> dict:
+    """Fail on anything in a dp site's results that the guarantee does not cover; count what was seen."""
+    seen = {"train": 0, "validate": 0, "errors": 0}
+    for record in (r for r in records if r["site"] == site):
+        where = f"{site} {record['task']} result"
+        _check_no_exact_counts(where, record)
+        assert set(record["body_keys"]) <= {"DXO"}, f"{where}: body {record['body_keys']}"
+        if record["return_code"] != "OK":
+            seen["errors"] += 1
+            assert record["kind"] is None and record["data"] is None, f"{where}: an error reply carried data"
+            continue
+        if record["task"] == "train":
+            seen["train"] += 1
+            assert record["kind"] == "WEIGHT_DIFF"
+            assert all(set(d) == {"array", "shape"} and d["array"] == "float32" for d in record["data"].values())
+            meta = record["meta"]
+            assert set(meta) <= DP_UPDATE_META, f"{where}: meta {sorted(set(meta) - DP_UPDATE_META)}"
+            assert meta["num_samples"] == meta["NUM_STEPS_CURRENT_ROUND"] == PUBLIC_TRAIN_SIZE
+            assert set(meta["metrics"]) <= DP_UPDATE_METRICS, f"{where}: metrics {sorted(set(meta['metrics']) - DP_UPDATE_METRICS)}"
+            assert set(meta["privacy"]) <= DP_PRIVACY_META, f"{where}: privacy {sorted(set(meta['privacy']) - DP_PRIVACY_META)}"
+            assert set(meta["transfer"]) == {"bytes", "tensors"}
+        elif record["task"] == "validate":
+            seen["validate"] += 1
+            assert record["kind"] == "METRICS"
+            assert set(record["data"]) <= DP_VALIDATE_DATA and set(record["meta"]) <= DP_VALIDATE_META, where
+        else:
+            raise AssertionError(f"{where}: task {record['task']!r} is not one a dp site answers with data")
+        released = (record["meta"] or {}).get("metrics", record["data"])
+        if "val_logit_histogram" in released:
+            assert released["val_dp_epsilon"] > 0 and len(released["val_logit_histogram"][0]) == 32
+    return seen
+
+
 def test_dp_only_site_refuses_standard_and_dp_sgd_ledger_budget_and_what_leaves(tmp_path):
     fed = LoopbackFederation(
         tmp_path / "fed",
@@ -75,6 +157,7 @@ def test_dp_only_site_refuses_standard_and_dp_sgd_ledger_budget_and_what_leaves(
             "site-1": _dp_policy(tmp_path / "site1_privacy.json", 8.0, only_dp=True),
             "site-2": _dp_policy(tmp_path / "site2_privacy.json", 2.0, only_dp=False),
         },
+        num_train=NUM_TRAIN, num_val=NUM_VAL, server_privacy=_recording_server_privacy(tmp_path / "server_privacy.json"),
     )
     fed.provision()
     # site-2 spent its budget in earlier jobs: its ledger already holds steps worth more than epsilon 2
@@ -98,6 +181,8 @@ def test_dp_only_site_refuses_standard_and_dp_sgd_ledger_budget_and_what_leaves(
         metrics = json.loads((_server_out(result) / "metrics.json").read_text())
         server_ledger = json.loads((_server_out(result) / "privacy_ledger.json").read_text())
         ledger_after_job1 = json.loads((fed.kits["site-1"] / "privacy_ledger.json").read_text())
+        received = [json.loads(line) for line in (_server_out(result) / RECEIVED_LOG).read_text().splitlines()]
+        job_result = result
 
         # 3. a later job at site-1 (a fresh job process) continues the same ledger
         _, meta, result = fed.run_job(_dp_job(tmp_path / "job_dp2", 1), timeout=300)
@@ -106,16 +191,46 @@ def test_dp_only_site_refuses_standard_and_dp_sgd_ledger_budget_and_what_leaves(
     finally:
         fed.stop()
 
-    # nothing unaccounted left site-1: no training loss, counts rounded, validation coarsened
+    # every message that left the dp sites, as the server received it: only what the guarantee covers
+    seen = check_what_left_a_dp_site(received, "site-1")
+    assert seen["train"] == 2 and seen["validate"] >= 1  # two rounds, the final validation
+    seen2 = check_what_left_a_dp_site(received, "site-2")
+    assert seen2["errors"] >= 1 and seen2["train"] == 0
+    # TensorBoard events from the dp sites: only the public numbers and the DP epsilon of each release
+    for tb_site in (job_result / "workspace").rglob("tb_events/site-*"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tb_site))
+        events.Reload()
+        assert set(events.Tags()["scalars"]) <= {"learning_rate", "privacy_epsilon", "val_dp_epsilon"}, tb_site
+        for tag in events.Tags()["scalars"]:
+            _check_no_exact_counts(f"{tb_site} {tag}", [e.value for e in events.Scalars(tag)])
+    # site logs: none reached the server (no log streamer; the site's own log stays at the site)
+    marker = "trained with DP-SGD noise multiplier"
+    assert marker in fed.site_log("site-1") or any(marker in p.read_text(errors="replace") for p in fed.kits["site-1"].rglob("log.txt"))
+    server_files = [p for p in (job_result / "workspace").rglob("*") if p.is_file() and p.suffix in (".txt", ".log", "")]
+    assert not any(marker in p.read_text(errors="replace") for p in server_files), "a dp site's log reached the server"
+    # the dp site's own log at INFO holds no exact counts either
+    for log in fed.kits["site-1"].rglob("log.txt"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "INFO" in line and "site site-1" in line:  # fedmed's messages (the timestamp before them is not checked)
+                _check_no_exact_counts(f"{log} INFO", line[line.index("site site-1"):])
+
     rounds = metrics["rounds"]
     assert [r["contributors"] for r in rounds] == [["site-1"], ["site-1"]]
     for r in rounds:
         reported = r["sites"]["site-1"]
         assert "train_loss" not in reported and "train_seconds" not in reported
-        assert reported["num_samples"] % 10 == 0
-    for evaluation in metrics["evaluations"]:
+        assert reported["num_samples"] == PUBLIC_TRAIN_SIZE
+    for evaluation in metrics["evaluations"]:  # the server derived AUC from the noised histogram
         for site_metrics in evaluation["sites"].values():
-            assert site_metrics["val_auc"] == round(site_metrics["val_auc"], 2) and site_metrics["num_val_samples"] % 10 == 0
+            assert site_metrics["val_dp_epsilon"] == 1.0 and 0 <= site_metrics["val_auc"] <= 1
+    assert choose_threshold(final_site_metrics(metrics["evaluations"]))["method"] == "youden_j_on_dp_site_validation"
+    # the validation account: each query charged, recomputable from its queries
+    validation = server_ledger["sites"]["site-1"]["validation"]
+    assert validation["mechanism"] == "discrete-laplace-histogram" and validation["delta"] == 0.0
+    assert validation["epsilon"] == pytest.approx(sum(q["epsilon"] * q["count"] for q in validation["queries"]))
+    assert validation["epsilon"] >= 2.0  # the two rounds' entering models (the final validation came after this update)
 
     # the budget: site-2 stopped contributing, with the reason in the job result and its log
     assert "budget" in rounds[0]["failed"]["site-2"] and "stops contributing" in rounds[0]["failed"]["site-2"]

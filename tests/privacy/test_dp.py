@@ -12,13 +12,11 @@ from fedmed.privacy.dp import (
     PrivacyLedger,
     accountant_epsilon,
     check_delta_for_dataset,
-    coarsen_metrics,
     compact_history,
     ledger_file_payload,
     noise_multiplier_for_budget,
     poisson_sampling,
     recompute_ledger_file,
-    round_count,
 )
 
 
@@ -133,17 +131,6 @@ def test_delta_must_be_below_one_over_the_training_size():
         check_delta_for_dataset(0.01, 400)
 
 
-def test_coarsened_metrics_drop_training_loss_and_lists_and_round_the_rest():
-    kept, dropped = coarsen_metrics(
-        {"val_auc": 0.87654, "val_loss": 0.41234, "num_val_samples": 123, "train_loss": 0.3, "train_seconds": 2.0,
-         "samples_per_second": 100.0, "learning_rate": 0.003, "privacy_epsilon": 2.5, "val_score_histogram": [[1, 2], [3, 4]]},
-        keep_extra=("learning_rate", "privacy_epsilon"),
-    )
-    assert kept == {"val_auc": 0.88, "val_loss": 0.41, "num_val_samples": 120, "learning_rate": 0.003, "privacy_epsilon": 2.5}
-    assert dropped == ["samples_per_second", "train_loss", "train_seconds", "val_score_histogram"]
-    assert [round_count(n) for n in (3, 14, 15, 256)] == [10, 10, 20, 260]
-
-
 def test_ledger_file_payload_is_recomputable():
     history = compact_history([(1.0, 0.1, 10), (0.8, 0.1, 5), (1.0, 0.1, 10)])
     assert history == [{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 20}, {"noise_multiplier": 0.8, "sample_rate": 0.1, "steps": 5}]
@@ -153,6 +140,6 @@ def test_ledger_file_payload_is_recomputable():
         "site-2": {"scope": "standard"},
     })
     assert payload["unit"] == "record" and list(payload["sites"]) == ["site-1"]
-    assert set(payload["sites"]["site-1"]) == {"accountant", "delta", "epsilon", "budget", "history"}
+    assert set(payload["sites"]["site-1"]) == {"accountant", "delta", "epsilon", "budget", "history"}  # no validation sent
     assert recompute_ledger_file(payload)["site-1"] == pytest.approx(eps, rel=1e-12)
     assert ledger_file_payload({"site-2": {"scope": "standard"}}) is None

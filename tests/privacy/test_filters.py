@@ -20,9 +20,13 @@ from fedmed.flare.filters import (
     ReleasePolicyFilter,
     TransferMeter,
     dp_policy,
+    log_streamer_components,
+    resources_allow_log_streaming,
 )
 from fedmed.privacy.compression import CompressionError
 from fedmed.privacy.dp import DPSettings, PrivacyConfigError
+
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
 
 
 def _ctx(job="job-1", site="site-1", task="train", scope="dp"):
@@ -73,25 +77,56 @@ def _dp_update(weights, privacy=True, num_samples=47):
     meta = {
         "num_samples": num_samples, MetaKey.NUM_STEPS_CURRENT_ROUND: num_samples, "site": "site-1", "round": 0,
         "metrics": {"train_loss": 0.5, "train_seconds": 1.0, "samples_per_second": 47.0, "learning_rate": 0.003,
-                    "val_auc": 0.87654, "val_loss": 0.5432, "num_val_samples": 24, "privacy_epsilon": 1.5},
+                    "val_auc": 0.87654, "val_loss": 0.5432, "num_val_samples": 24, "privacy_epsilon": 1.5,
+                    "val_score_histogram": [[3, 1, 0, 0], [0, 0, 2, 5]], "val_logit_histogram": [[3, 1, 0, 0], [0, 0, 2, 5]],
+                    "val_dp_epsilon": 1.0},
+        "secret_note": "n=47",  # anything the dp release does not know is dropped
     }
     if privacy:
         history = [{"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 4}]
         meta["privacy"] = {"scope": "dp", "unit": "record", "mechanism": "dp-sgd", "accountant": "rdp", "delta": 1e-5,
                            "epsilon": 1.5, "budget": 8.0, "history": history, "noise_multiplier": 1.0, "sample_rate": 0.25,
-                           "max_grad_norm": 1.0, "steps": 4}
+                           "max_grad_norm": 1.0, "steps": 4, "public_train_size": 64,
+                           "validation": {"epsilon": 1.0, "delta": 0.0, "mechanism": "discrete-laplace-histogram",
+                                          "sensitivity": 1, "budget": 12.0, "queries": [{"epsilon": 1.0, "count": 1}]}}
     return diff, DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
 
 
 def test_dp_training_policy_hands_the_sites_settings_to_the_executor_through_the_context():
     ctx = _ctx(job="job-policy")
-    policy = DPTrainingPolicy(epsilon=3.0, delta=1e-6, max_grad_norm=0.5, accountant="prv", ledger_file="l.json")
+    policy = DPTrainingPolicy(epsilon=3.0, delta=1e-6, max_grad_norm=0.5, accountant="prv", ledger_file="l.json",
+                              validation_epsilon=4.0, validation_queries=8)
     assert dp_policy(ctx) is None
     policy.process(DXO(DataKind.WEIGHTS, data=_global(), meta={}).to_shareable(), ctx)
-    assert dp_policy(ctx) == DPSettings(epsilon=3.0, delta=1e-6, max_grad_norm=0.5, accountant="prv", ledger_file="l.json")
+    assert dp_policy(ctx) == DPSettings(epsilon=3.0, delta=1e-6, max_grad_norm=0.5, accountant="prv", ledger_file="l.json",
+                                        validation_epsilon=4.0, validation_queries=8)
+    assert dp_policy(ctx).query_epsilon == 0.5
 
 
-def test_dp_release_sends_no_training_loss_rounds_counts_and_coarsens_validation():
+class _Streamer:  # named like FLARE's JobLogStreamer: the check goes by the class name
+    pass
+
+
+_Streamer.__name__ = "JobLogStreamer"
+
+
+def test_log_streaming_is_refused_under_dp():
+    assert log_streamer_components({"auto_log_streamer": _Streamer(), "tb_writer": object()}) == ["auto_log_streamer"]
+    assert log_streamer_components({"tb_writer": object()}) == []
+    site_streamer = [{"path": "nvflare.app_common.logging.site_log_streamer.SiteLogStreamer"}]
+    assert resources_allow_log_streaming({"components": site_streamer}) is True  # FLARE's default is to stream
+    assert resources_allow_log_streaming({"allow_log_streaming": True, "components": site_streamer}) is True
+    assert resources_allow_log_streaming({"allow_log_streaming": False, "components": site_streamer}) is False
+    assert resources_allow_log_streaming({"allow_log_streaming": True}) is False  # nothing configured to stream
+    # the shipped client template streams nothing
+    import json
+
+    from fedmed.privacy.scopes import template_privacy_file
+    resources = json.loads((template_privacy_file("client").parent / "resources.json").read_text())
+    assert resources_allow_log_streaming(resources) is False
+
+
+def test_dp_release_sends_no_training_loss_no_exact_count_and_only_the_dp_histogram():
     ctx = _ctx(job="job-dp")
     weights = _global()
     _receive(ctx, weights)
@@ -100,10 +135,12 @@ def test_dp_release_sends_no_training_loss_rounds_counts_and_coarsens_validation
     assert out.get_return_code(ReturnCode.OK) == ReturnCode.OK
     dxo = from_shareable(out)
     np.testing.assert_array_equal(dxo.data["fc.weight"], diff["fc.weight"])  # DP-SGD noised it already
-    assert dxo.meta["num_samples"] == 50 and dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == 50
+    # the public training size the ledger declares, never the exact 47
+    assert dxo.meta["num_samples"] == 64 and dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == 64
+    assert "secret_note" not in dxo.meta
     metrics = dxo.meta["metrics"]
-    assert "train_loss" not in metrics and "train_seconds" not in metrics and "samples_per_second" not in metrics
-    assert metrics["val_auc"] == 0.88 and metrics["val_loss"] == 0.54 and metrics["num_val_samples"] == 20
+    # the exact 100-bin histogram does not leave; the DP one does
+    assert set(metrics) == {"val_logit_histogram", "val_dp_epsilon", "learning_rate", "privacy_epsilon", "upload_bytes"}
     assert metrics["privacy_epsilon"] == 1.5 and metrics["upload_bytes"] > 0
     assert dxo.meta["privacy"]["history"] == [{"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 4}]
 
@@ -120,14 +157,17 @@ def test_dp_release_refuses_an_update_not_trained_with_dp_sgd_and_raw_weights():
     assert out.get_return_code() == RELEASE_REFUSED and "submit_model" in out.get_header(ERROR_HEADER)
 
 
-def test_dp_release_coarsens_validation_results_and_drops_the_score_histogram():
+def test_dp_release_of_validation_sends_only_a_dp_histogram():
     ctx = _ctx(job="job-dp-validate", task="validate")
     metrics = {"val_auc": 0.91234, "val_accuracy": 0.8333, "num_val_samples": 37, "val_score_histogram": [[3, 1], [0, 4]]}
     shareable = DXO(DataKind.METRICS, data=metrics, meta={"site": "site-1", "model_name": "global"}).to_shareable()
     assert ReleasePolicyFilter().process(shareable, ctx).get_return_code(ReturnCode.OK) == ReturnCode.OK  # standard lets it leave
     dxo = from_shareable(DPReleaseFilter().process(shareable, ctx))
-    assert dxo.data == {"val_auc": 0.91, "val_accuracy": 0.83, "num_val_samples": 40}
+    assert dxo.data == {}  # an exact histogram (no val_dp_epsilon) is not DP: nothing of it leaves
     assert dxo.meta["model_name"] == "global"
+    noised = dict(metrics, val_dp_epsilon=1.0, val_logit_histogram=[[2, 1], [0, 5]])
+    dxo = from_shareable(DPReleaseFilter().process(DXO(DataKind.METRICS, data=noised, meta={}).to_shareable(), ctx))
+    assert dxo.data == {"val_logit_histogram": [[2, 1], [0, 5]], "val_dp_epsilon": 1.0}
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ class Federation:
         self.sent.setdefault(task, []).append(dxo.data)
         return SiteReply(dxo.data_kind, dxo.data, dxo.meta), None
 
-    def exchange(self, task, kind, data, meta, targets=None):
+    def exchange(self, task, kind, data, meta, targets=None, min_responses=None):
         answers, errors = {}, {}
         for site in targets if targets is not None else self.sites:
             reply, error = self.call(site, task, kind, data, meta)

@@ -11,6 +11,8 @@ from fedmed.flare.filters import DPReleaseFilter, DPTrainingPolicy, Float16Compr
 from fedmed.privacy import MODES
 from fedmed.privacy.scopes import ScopeError, get_scope, inject_scope_filters, scope_filter_chains, scope_names, template_privacy_file
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 
 def _manager(tmp_path, role, policy_path=None):
     (tmp_path / "local").mkdir()

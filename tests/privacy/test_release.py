@@ -3,6 +3,8 @@ import pytest
 
 from fedmed.privacy.release import ReleaseRefused, check_release, model_signature
 
+pytestmark = pytest.mark.unit  # pure and fast: the `pytest -m unit` tier
+
 SIGNATURE = model_signature({"conv.weight": np.zeros((4, 1, 3, 3)), "fc.bias": np.zeros(2)})
 
 

@@ -59,6 +59,8 @@ def test_job_copy_gets_the_scope_filters_and_names_the_scope(tmp_path):
 def test_simulated_dp_hospitals_train_with_dp_sgd_keep_ledgers_and_send_no_training_loss(tmp_path):
     from opacus.accountants import RDPAccountant
 
+    from fedmed.privacy.dp import recompute_validation_accounts
+
     policy = json.loads(template_privacy_file("client").read_text())
     for scope in policy["scopes"]:
         for f in scope.get("task_data_filters", []):
@@ -73,10 +75,13 @@ def test_simulated_dp_hospitals_train_with_dp_sgd_keep_ledgers_and_send_no_train
     for r in rounds:
         for site_metrics in r["sites"].values():
             assert "train_loss" not in site_metrics and "samples_per_second" not in site_metrics
-            assert site_metrics["num_samples"] % 10 == 0
+            assert site_metrics["num_samples"] % 32 == 0  # the public size: ceil(n / batch) x batch (batch 32)
     for evaluation in metrics["evaluations"]:
         for site_metrics in evaluation["sites"].values():
-            assert site_metrics["val_auc"] == round(site_metrics["val_auc"], 2)
+            # the server derived AUC from the site's DP-noised histogram (32 log-odds bins), the only validation it got
+            assert site_metrics["val_dp_epsilon"] == 1.0 and len(site_metrics["val_logit_histogram"][0]) == 32
+            assert "val_score_histogram" not in site_metrics and "val_loss" not in site_metrics
+            assert 0 <= site_metrics["val_auc"] <= 1
     eps = [r["sites"]["site-1"]["privacy_epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1] <= 3.0
     assert eps[1] == pytest.approx(3.0, abs=0.05)  # the noise was planned to spend the budget over the job's rounds
@@ -91,6 +96,16 @@ def test_simulated_dp_hospitals_train_with_dp_sgd_keep_ledgers_and_send_no_train
         assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(delta=entry["delta"]), rel=1e-9)
         site_file = json.loads((out / "workspace" / site / "privacy_ledger.json").read_text())
         assert site_file["history"] == entry["history"] and len(site_file["entries"]) == 2
+        # the validation account: one query per round's entering model (+ the final validation), recomputable
+        validation = site_file["validation"]
+        assert validation["mechanism"] == "discrete-laplace-histogram" and validation["delta"] == 0.0
+        assert validation["epsilon"] == pytest.approx(sum(q["epsilon"] * q["count"] for q in validation["queries"]))
+        assert validation["epsilon"] >= 2.0 and validation["epsilon"] <= validation["budget"] == 12.0
+        assert recompute_validation_accounts(ledger)[site] == pytest.approx(entry["validation"]["epsilon"])
+    threshold = metrics["decision_threshold"]
+    assert threshold["method"] == "youden_j_on_dp_site_validation" and 0 <= threshold["threshold"] <= 1
+    bundle_meta = json.loads(next(out.glob("**/configs/metadata.json")).read_text())
+    assert bundle_meta["decision_threshold"]["method"] == "youden_j_on_dp_site_validation"
     assert ledger["sites"]["site-1"]["epsilon"] == pytest.approx(eps[1])
     card = json.loads((out / "provenance.json").read_text())
     card_sites = {s["site"]: s for s in card["summary"]["sites"]}

@@ -7,8 +7,9 @@ its SignatureBuilder. For every participant it
    the folder, so files other engineers add ship automatically), filling ``"@fedmed:NAME"`` values;
 2. pre-deploys the ``fedmed`` package into the kit's ``local/custom/`` (FLARE puts that folder on
    ``sys.path`` of every server/client process), so jobs need no bring-your-own-code;
-3. makes every hospital kit's ``startup/sub_start.sh`` check the kit before it starts FLARE
-   (:mod:`fedmed.deploy.integrity`; the client template's ``resources.json`` checks it again in-process);
+3. makes every server and hospital kit's ``startup/sub_start.sh`` keep Python's bytecode outside the
+   kit and run ``startup/fedmed_check.py`` (:mod:`fedmed.deploy.launch_check`) before it starts FLARE;
+   the templates' ``resources.json`` check the kit again in-process (:mod:`fedmed.deploy.integrity`);
 4. signs every kit's ``startup/`` with the root CA (``startup/signature.json``) and the package plus
    the kit's manifest (``local/fedmed_package.signature.json``); see :mod:`fedmed.deploy.kit`.
 
@@ -27,6 +28,8 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
 import fedmed
 from fedmed.deploy import kit as kit_files
+from fedmed.deploy import launch_check
+from fedmed.deploy.integrity import CHECK_SCRIPT, PYCACHE_DEFAULT
 from fedmed.deploy.preflight_entry import write_preflight_script
 
 TOKEN_PREFIX = "@fedmed:"
@@ -89,24 +92,32 @@ def fill_tokens(value, values: dict, where: str):
     return value
 
 
-START_CHECK_ANCHOR = 'echo "WORKSPACE set to $WORKSPACE"'
-START_CHECK = """# fedmed: refuse to start a kit that is not the signed one (fedmed.deploy.integrity; the client checks again in-process)
-PYTHONPATH="$KIT_WORKSPACE/local/custom${PYTHONPATH:+:$PYTHONPATH}" python3 -m fedmed.deploy.integrity "$KIT_WORKSPACE"
+START_CHECK_ANCHOR = "SECONDS=0\n"  # FLARE's sub_start.sh: every export done, the restart loop not yet entered
+START_CHECK = """# fedmed: the code that runs is the code that was signed (fedmed.deploy.integrity). Python keeps its bytecode
+# outside the kit (FLARE's job processes inherit PYTHONPYCACHEPREFIX); startup/fedmed_check.py, run isolated from
+# PYTHONPATH (-I), refuses a kit holding bytecode, an edited file, or another fedmed ahead of the kit's own.
+export PYTHONPYCACHEPREFIX="%s"
+python3 -I "$KIT_WORKSPACE/startup/%s" "$KIT_WORKSPACE"
 if [[ $? -ne 0 ]]; then
   echo "fedmed: kit integrity check failed; not starting (see the message above)"
   exit 1
 fi
-"""
+""" % (PYCACHE_DEFAULT, CHECK_SCRIPT)
 
 
 def add_start_check(kit_dir: Path) -> None:
-    """Make a client kit's ``startup/sub_start.sh`` run the kit check before it starts FLARE."""
-    script = Path(kit_dir) / kit_files.STARTUP / "sub_start.sh"
+    """Make a server or client kit's ``startup/sub_start.sh`` keep bytecode outside the kit and run
+    ``startup/fedmed_check.py`` (written here, a copy of :mod:`fedmed.deploy.launch_check`) before it
+    starts FLARE."""
+    startup = Path(kit_dir) / kit_files.STARTUP
+    check = startup / CHECK_SCRIPT
+    check.write_text(Path(launch_check.__file__).read_text())
+    script = startup / "sub_start.sh"
     text = script.read_text()
-    if "fedmed.deploy.integrity" in text:
+    if CHECK_SCRIPT in text:
         return
     if START_CHECK_ANCHOR not in text:
-        raise RuntimeError(f"FedMedKitBuilder: {script} has no line '{START_CHECK_ANCHOR}' to put the kit check "
+        raise RuntimeError(f"FedMedKitBuilder: {script} has no line '{START_CHECK_ANCHOR.strip()}' to put the kit check "
                            f"before (FLARE's start script changed); update fedmed.deploy.builder.add_start_check")
     script.write_text(text.replace(START_CHECK_ANCHOR, START_CHECK + START_CHECK_ANCHOR, 1))
 
@@ -168,7 +179,7 @@ class FedMedKitBuilder(Builder):
                 if self.deploy_package:
                     self._deploy_package(local_dir)
                     write_preflight_script(ws_dir)  # startup/preflight.sh: preflight with the kit's package; signed below
-            if side == "client" and self.deploy_package:
+            if side in ("server", "client") and self.deploy_package:
                 add_start_check(ws_dir)
             if side == "server":
                 add_server_settings(ws_dir)

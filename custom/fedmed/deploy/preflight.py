@@ -5,6 +5,13 @@ Checks (each prints OK or FAIL with what to do):
 - signature: ``startup/`` matches the root CA's signatures (an edited file makes FLARE refuse to
   start) and the pre-deployed ``fedmed`` package in ``local/custom/`` is the signed one;
 - certificates: the kit's certificate was issued by the kit's ``rootCA.pem`` and is valid today;
+- bytecode (server and hospital kits): no ``__pycache__`` folder or ``.pyc`` file anywhere in the kit
+  (a forged ``.pyc`` would run instead of the signed source);
+- package copy (server and hospital kits): ``fedmed`` resolves to the kit's signed copy for
+  ``startup/start.sh`` run from this shell, not to a copy ahead of it (``PYTHONPATH``, a pip-installed
+  copy, a ``.pth`` file);
+- start check (server and hospital kits): ``startup/sub_start.sh`` still runs ``startup/fedmed_check.py``
+  and ``local/resources.json`` still loads the in-process guard (:mod:`fedmed.deploy.integrity`);
 - site config (hospital kits): ``local/fedmed_site.json`` is filled in and its data exists;
 - site data (hospital kits): the data read with the job's own loaders, every problem naming the file
   and the entry, counts per split and class (``--job``, ``--sample``; :mod:`fedmed.deploy.data_check`);
@@ -23,11 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fedmed.deploy import integrity
 from fedmed.deploy import kit as kit_files
+from fedmed.deploy.launch_check import WHAT_TO_DO_BYTECODE
 
 PACKAGE_PREFIX = "fedmed."
 
@@ -225,6 +237,39 @@ def print_policy_warnings(kit: Path) -> None:
         print("  OK   local policy")
 
 
+def start_environment(env: dict | None = None) -> dict:
+    """The environment the kit's ``startup/start.sh`` would run FLARE with, from this shell:
+    ``PYTHONPATH`` as the caller had it (``startup/preflight.sh`` passes it on as
+    ``FEDMED_START_PYTHONPATH``) behind FLARE's own ``/local/custom`` entry."""
+    env = dict(os.environ if env is None else env)
+    caller = env.pop("FEDMED_START_PYTHONPATH", None)
+    caller = env.get("PYTHONPATH", "") if caller is None else caller
+    env["PYTHONPATH"] = f"{integrity.FLARE_PYTHONPATH_PREFIX}:{caller}"
+    return env
+
+
+def code_checks(kit: Path) -> list[tuple[str, list[str]]]:
+    """The checks that the code a server or hospital kit runs is its signed code, each with what to do:
+    bytecode in the kit, another ``fedmed`` that would shadow the kit's copy, the kit's own start check."""
+    bytecode = integrity.bytecode_problems(kit)
+    if bytecode:
+        bytecode.append(f"what to do: {WHAT_TO_DO_BYTECODE}")
+    python = shutil.which("python3") or sys.executable
+    try:
+        origin = integrity.resolved_package(kit, start_environment(), os.getcwd(), python)
+        shadow = integrity.shadow_problems(kit, origin)
+    except (kit_files.KitError, OSError, subprocess.SubprocessError) as exc:
+        shadow = [str(exc)]
+    if shadow:
+        shadow.append(f"(checked for startup/start.sh run from {os.getcwd()} with {python} and this shell's PYTHONPATH)")
+        shadow.append(f"what to do: {integrity.WHAT_TO_DO_SHADOW}")
+    start_check = integrity.guard_problems(kit)
+    if start_check:
+        start_check.append("what to do: restore the named file(s) from the kit as the project lead sent it, or ask for "
+                           "a fresh kit; the kit checks itself at every start only with both in place")
+    return [("bytecode", bytecode), ("package copy", shadow), ("start check", start_check)]
+
+
 def run_checks(kit_dir: str | Path, timeout: float = 5.0, check_server: bool = True) -> list[tuple[str, list[str]]]:
     """[(check name, problems)] for the kit; a check with no problems passed."""
     kit = Path(kit_dir).resolve()
@@ -236,6 +281,8 @@ def run_checks(kit_dir: str | Path, timeout: float = 5.0, check_server: bool = T
     if info.kind != "admin":
         signature += kit_files.verify_startup_manifest(kit) + kit_files.verify_package_signature(kit)
     results = [("signature", signature), ("certificates", kit_files.verify_certificate_chain(kit))]
+    if info.kind != "admin":
+        results += code_checks(kit)
     if info.kind == "client":
         results.append(("site config", check_site_config(kit, info.name)))
     if info.kind in ("client", "server"):

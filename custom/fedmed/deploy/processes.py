@@ -2,7 +2,8 @@
 
 Used by ``rehearse`` and the deployment tests. A kit is started the way its ``startup/sub_start.sh``
 starts it (``server_train`` / ``client_train`` with ``secure_train=true``), without the restart loop,
-with the kit's folder as the working folder and the output in a log file. Processes are stopped by
+with the kit's folder as the working folder and the output in a log file, after the kit's own check
+(``startup/fedmed_check.py``) and with Python's bytecode kept outside the kit, as ``sub_start.sh`` does. Processes are stopped by
 PID: the process we started and the job processes it started (found through the process tree).
 """
 
@@ -23,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from nvflare.lighter.utils import load_crt
 
+from fedmed.deploy.integrity import CHECK_SCRIPT, PYCACHE_ENV, default_pycache
 from fedmed.deploy.kit import SERVER_SETTINGS, STARTUP, read_kit
 
 MODULES = {
@@ -73,16 +75,39 @@ class KitProcess:
         return self.popen.poll() is None
 
 
+def kit_environment(env: dict | None = None) -> dict:
+    """The environment :func:`start_kit` starts a kit with: ``env`` as given, else this process's
+    without ``PYTHONPATH`` (a hospital's ``start.sh`` has none: a developer's ``PYTHONPATH`` naming a
+    working copy of fedmed would shadow the kit's signed copy, and the kit would refuse to start),
+    and, as the kit's ``sub_start.sh`` sets it, ``PYTHONPYCACHEPREFIX`` (bytecode outside the kit)."""
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env = dict(env)
+    env.setdefault(PYCACHE_ENV, default_pycache(env))
+    return env
+
+
+# start_kit's command: the kit's own check (startup/fedmed_check.py, isolated from PYTHONPATH), then FLARE in
+# the same process (exec), as sub_start.sh runs them; a refused kit exits with the check's code (3)
+_LAUNCH = 'py="$1"; check="$2"; kit="$3"; shift 3; "$py" -I "$check" "$kit" || exit $?; exec "$py" "$@"'
+
+
 def start_kit(kit_dir: str | Path, log_path: str | Path, env: dict | None = None,
               prefix: list[str] | None = None) -> KitProcess:
     """Start a server or client kit as ``sub_start.sh`` does; return at once (see :func:`wait_for_log`).
 
+    As in ``sub_start.sh``, the kit's ``startup/fedmed_check.py`` runs first (``python -I``) and the
+    process ends with its exit code (3) when it refuses the kit; ``env``: see :func:`kit_environment`.
     ``prefix`` runs the command through another one that ``exec``s it (``ip netns exec NS``: the kit's
     own network host), so the PID is still the kit process's."""
     kit = Path(kit_dir).resolve()
     info = read_kit(kit)
     if info.kind not in MODULES:
         raise DeploymentError(f"{kit} is an {info.kind} kit; only server and client kits run as processes")
+    check = kit / STARTUP / CHECK_SCRIPT
+    if not check.is_file():
+        raise DeploymentError(f"{check} is missing: the kit cannot check itself before it starts; provision the kits "
+                              f"again with python -m fedmed provision")
     command = [sys.executable, "-u", "-m", MODULES[info.kind], "-m", str(kit), "-s", f"fed_{info.kind}.json",
                "--set", "secure_train=true", "config_folder=config", f"org={kit_org(kit)}"]
     if info.kind == "client":
@@ -92,8 +117,9 @@ def start_kit(kit_dir: str | Path, log_path: str | Path, env: dict | None = None
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        popen = subprocess.Popen([*(prefix or []), *command], cwd=kit, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env if env is not None else os.environ.copy())
+        popen = subprocess.Popen([*(prefix or []), "bash", "-c", _LAUNCH, "fedmed-start", sys.executable, str(check), str(kit),
+                                  *command[1:]], cwd=kit, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=kit_environment(env))
     return KitProcess(info.name, info.kind, kit, log_path, popen)
 
 

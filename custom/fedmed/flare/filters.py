@@ -6,11 +6,11 @@ Site side (task results leaving the site, in this order in every scope):
   server sent, so the release policy can check what leaves against it.
 - :class:`ReleasePolicyFilter` (``standard`` policy, first in every scope): only model tensors
   shaped exactly like the received model, aggregate metrics and small meta data leave.
-- :class:`DPTrainingPolicy` (``dp``, task data in): hands the site's DP-SGD settings (budget,
-  delta, clip norm, accountant, ledger file) to the executor, which trains with Opacus and
-  charges the site's record-level ledger.
-- :class:`DPReleaseFilter` (``dp``): only DP-SGD-trained weight differences leave, with rounded
-  sample counts and coarsened validation metrics; no training loss.
+- :class:`DPTrainingPolicy` (``dp``, task data in): hands the site's DP settings (training and
+  validation budgets, delta, clip norm, accountant, ledger file) to the executor, which trains with
+  Opacus and charges the site's record-level ledger; refuses the task while logs could stream.
+- :class:`DPReleaseFilter` (``dp``): only DP-SGD-trained weight differences leave, with the public
+  training size and DP-noised validation histograms; no exact count, metric or training loss.
 - :class:`Float16CompressFilter` (``compressed``) / :class:`CompressFilter` with ``codec`` ``int8``
   (``compressed_int8``): float16 or 8-bit transfer of model tensors.
 - :class:`TransferMeter` (last in every scope): measures the serialized bytes of what leaves.
@@ -26,6 +26,7 @@ its constructor, so the site refuses to start the job. The math lives in :mod:`f
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -50,18 +51,16 @@ from fedmed.privacy.compression import (
     dequantize_int8,
     quantize_int8,
 )
-from fedmed.privacy.dp import LEDGER_UNIT, DPSettings, coarsen_metrics, round_count
+from fedmed.privacy.dp import DP_PUBLIC_METRICS, LEDGER_UNIT, DPSettings, PrivacyConfigError, dp_release_metrics
 from fedmed.privacy.release import SECAGG_KIND, SECAGG_META_KEY, ReleaseRefused, check_release, model_signature
+from fedmed.privacy.site_account import DP_MECHANISM, EPSILON_METRIC
 
 RELEASE_REFUSED = "FEDMED_RELEASE_REFUSED"  # return code of a result the site's privacy policy blocked
 BUDGET_SPENT = "FEDMED_PRIVACY_BUDGET_SPENT"  # return code once the site's epsilon budget is spent
 PRIVACY_META_KEY = "privacy"  # DXO meta: {"scope", "mechanism", "epsilon", "delta", ...}
 TRANSFER_META_KEY = "transfer"  # DXO meta: {"bytes": serialized size, "array_bytes": raw tensor bytes}
 UPLOAD_BYTES_METRIC = "upload_bytes"  # also copied into meta["metrics"] so metrics.json records it
-EPSILON_METRIC = "privacy_epsilon"
 DP_POLICY_PROP = "fedmed.dp_training_policy"  # FLContext property: the site's DPSettings (dp scope)
-DP_MECHANISM = "dp-sgd"
-DP_PUBLIC_METRICS = ("learning_rate", EPSILON_METRIC)  # public numbers a dp update may carry besides validation
 
 # model signatures the site received, per job (task-data filter -> task-result filter)
 _SIGNATURES: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -146,29 +145,84 @@ class DPTrainingPolicy(Filter):
         max_grad_norm: float = 1.0,
         accountant: str = "rdp",
         ledger_file: str = "privacy_ledger.json",
+        validation_epsilon: float = 12.0,
+        validation_queries: int = 12,
     ):
-        """Task-data filter of the ``dp`` scope: this site trains with record-level DP-SGD.
+        """Task-data filter of the ``dp`` scope: this site trains with record-level DP-SGD and
+        answers validation only with DP-noised histograms.
 
         It hands the site's own DP settings to the executor (an FLContext property set on every
-        task arriving under this scope; the server cannot set or change it). The executor derives
-        the noise multiplier from them, trains with Opacus and charges its ledger
-        (:mod:`fedmed.privacy.dp`); :class:`DPReleaseFilter` refuses any update not trained so.
+        task arriving under this scope; the server cannot set or change it). The executor's
+        :class:`fedmed.privacy.site_account.DPSiteAccount` derives the noise multiplier from them,
+        trains with Opacus and charges the ledger's training account; every validation query is
+        charged to its validation account. :class:`DPReleaseFilter` refuses anything else.
+
+        It refuses every task (the job fails at this site, naming why) while the job carries a
+        log streamer (FLARE's ``JobLogStreamer``, injected by a site's ``SiteLogStreamer``) or
+        the site's ``resources.json`` allows log streaming: a site log is not covered by DP.
 
         Args:
-            epsilon: the site's total record-level budget (across every job sharing the ledger).
+            epsilon: the site's total record-level training budget (across every job sharing the ledger).
             delta: the delta epsilon is accounted at; must be below 1 / (training-set size).
             max_grad_norm: C, every record's gradient is clipped to this L2 norm.
             accountant: Opacus accountant, ``rdp`` (default) or ``prv``.
             ledger_file: the site's privacy ledger; a relative path is relative to the site's
                 workspace root (the kit folder), so restarts and later jobs continue it.
+            validation_epsilon: the validation account's total budget (pure epsilon-DP).
+            validation_queries: the most validation queries it pays for (each spends
+                ``validation_epsilon / validation_queries``); later queries are answered empty.
         """
         super().__init__()
         self.settings = DPSettings(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm, accountant=accountant,
-                                   ledger_file=ledger_file)  # raises PrivacyConfigError naming the key
+                                   ledger_file=ledger_file, validation_epsilon=validation_epsilon,
+                                   validation_queries=validation_queries)  # raises PrivacyConfigError naming the key
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        streamers = log_streaming(fl_ctx)
+        if streamers:
+            raise PrivacyConfigError(
+                f"site {_site(fl_ctx)}: dp scope: site logs would leave this site ({streamers}); logs are not covered by "
+                "differential privacy: set \"allow_log_streaming\": false in local/resources.json, remove SiteLogStreamer "
+                "there and any JobLogStreamer from the job, then restart the client"
+            )
         fl_ctx.set_prop(DP_POLICY_PROP, self.settings, private=True, sticky=False)
         return shareable
+
+
+LOG_STREAMER_NAMES = ("JobLogStreamer", "SiteLogStreamer", "LogStreamer")
+
+
+def log_streamer_components(components: dict) -> list[str]:
+    """Ids of components that stream logs off the site (FLARE's log streamers or anything named like one)."""
+    return sorted(str(cid) for cid, obj in (components or {}).items()
+                  if any(name in type(obj).__name__ for name in LOG_STREAMER_NAMES))
+
+
+def resources_allow_log_streaming(resources: dict) -> bool:
+    """Whether a site's ``resources.json`` makes FLARE stream its logs: a ``SiteLogStreamer``
+    component (it injects a ``JobLogStreamer`` into every job and uploads ``error_log.txt``
+    afterwards) while ``allow_log_streaming`` is not false (FLARE's default is true)."""
+    streamer = any("LogStreamer" in str(c.get("path", "")) for c in resources.get("components", []) if isinstance(c, dict))
+    return streamer and resources.get("allow_log_streaming", True) is not False
+
+
+def log_streaming(fl_ctx: FLContext) -> str:
+    """Why logs could leave this site in this job ("" when they cannot)."""
+    import json
+
+    found = log_streamer_components(fl_ctx.get_engine().get_all_components() if hasattr(fl_ctx.get_engine(), "get_all_components") else {})
+    if found:
+        return f"the job's component(s) {', '.join(found)}"
+    workspace = fl_ctx.get_engine().get_workspace() if hasattr(fl_ctx.get_engine(), "get_workspace") else None
+    found_file = workspace.get_resources_file_path() if workspace is not None else None
+    if found_file and Path(found_file).is_file():  # a deployed site (the simulator's sites have none and stream nowhere)
+        try:
+            resources = json.loads(Path(found_file).read_text())
+        except ValueError as exc:
+            return f"{found_file} cannot be read ({exc})"
+        if resources_allow_log_streaming(resources):
+            return f"{found_file} allows log streaming"
+    return ""
 
 
 def dp_policy(fl_ctx: FLContext) -> DPSettings | None:
@@ -185,15 +239,16 @@ def dp_ledger_path(fl_ctx: FLContext, settings: DPSettings) -> Path:
 
 
 class DPReleaseFilter(Filter):
-    """Task-result filter of the ``dp`` scope: only what the DP-SGD accounting covers leaves, plus
-    coarse, public numbers.
+    """Task-result filter of the ``dp`` scope: only what the site's two DP accounts cover leaves,
+    plus public numbers.
 
     - a weight difference leaves only if the executor trained it with record-level DP-SGD (meta
       ``privacy`` with ``unit`` ``record``); any integer tensor is refused;
-    - its sample counts are rounded to a multiple of 10;
-    - metrics: validation of the global model only, rounded to 2 decimals (``num_val_samples`` to
-      a multiple of 10), the learning rate and the ledger's epsilon; the training loss, timings
-      and lists (score histograms) are dropped;
+    - its sample count is the public training size the ledger declares (``public_train_size``:
+      ceil(n / batch size) x batch size, the same every round), never the exact count;
+    - metrics: only a DP-noised validation histogram with the epsilon it spent
+      (``val_score_histogram`` + ``val_dp_epsilon``), the learning rate and the ledger's epsilon;
+      exact AUC / accuracy / loss, counts, the training loss and timings are dropped;
     - a full local model (``submit_model``) is refused.
     """
 
@@ -213,8 +268,8 @@ class DPReleaseFilter(Filter):
         if dxo.data_kind == SECAGG_KIND and isinstance(dxo.get_meta_prop(SECAGG_META_KEY), str):
             return shareable  # dp_he: secure-aggregation keys and shares (data-independent; checked by the release policy)
         if dxo.data_kind == DataKind.METRICS:
-            kept, dropped = coarsen_metrics(dxo.data)
-            meta = {k: v for k, v in dxo.meta.items() if k != "metrics"}
+            kept, dropped = dp_release_metrics(dxo.data, keep_extra=())
+            meta = {k: v for k, v in dxo.meta.items() if k in ("site", "model_name")}
             return DXO(data_kind=DataKind.METRICS, data=kept, meta=meta).update_shareable(shareable)
         if dxo.data_kind != DataKind.WEIGHT_DIFF:
             return refuse(f"only weight differences trained with DP-SGD may leave, not {dxo.data_kind}")
@@ -223,18 +278,23 @@ class DPReleaseFilter(Filter):
             return refuse("the update was not trained with record-level DP-SGD (no DP-SGD ledger entry in its meta); "
                           "the scope needs fedmed.flare.filters.DPTrainingPolicy in task_data_filters and the job's "
                           "executor fedmed.flare.executor.FedMedExecutor")
+        public_size = privacy.get("public_train_size")
+        if not isinstance(public_size, int) or isinstance(public_size, bool) or public_size < 1:
+            return refuse("the DP-SGD ledger entry declares no public training size")
         integers = [key for key, value in dxo.data.items() if not np.issubdtype(np.asarray(value).dtype, np.floating)]
         if integers:
             return refuse(f"integer tensor(s) {', '.join(integers[:3])} are not covered by DP-SGD")
-        meta = dict(dxo.meta)
-        for key in ("num_samples", MetaKey.NUM_STEPS_CURRENT_ROUND):
-            if key in meta:
-                meta[key] = round_count(meta[key])
-        kept, dropped = coarsen_metrics(meta.get("metrics") or {}, keep_extra=DP_PUBLIC_METRICS)
+        meta = {k: v for k, v in dxo.meta.items() if k in DP_UPDATE_META}
+        meta["num_samples"] = meta[MetaKey.NUM_STEPS_CURRENT_ROUND] = public_size
+        kept, dropped = dp_release_metrics(meta.get("metrics") or {}, keep_extra=DP_PUBLIC_METRICS)
         meta["metrics"] = kept
         self.log_info(fl_ctx, f"site {site}: dp scope: released the DP-SGD update of task '{task}' (epsilon "
-                              f"{privacy.get('epsilon'):.4g}); counts rounded, metrics coarsened, not sent: {', '.join(dropped) or 'nothing'}")
+                              f"{privacy.get('epsilon'):.4g}); not sent: {', '.join(dropped) or 'nothing'}")
         return DXO(data_kind=DataKind.WEIGHT_DIFF, data=dxo.data, meta=meta).update_shareable(shareable)
+
+
+# the meta keys a dp update may carry (the public count replaces num_samples; everything else is dropped)
+DP_UPDATE_META = ("num_samples", MetaKey.NUM_STEPS_CURRENT_ROUND, "site", "round", "privacy_scope", "metrics", PRIVACY_META_KEY)
 
 
 class CompressFilter(Filter):
@@ -363,7 +423,66 @@ class TransferMeter(Filter):
         return dxo.update_shareable(shareable)
 
 
+def _describe(value, depth: int = 0):
+    """A JSON-able description of what a message carries: arrays by dtype and shape, the rest as is."""
+    if isinstance(value, np.ndarray):
+        return {"array": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": len(value)}
+    if isinstance(value, dict):
+        return {str(k): _describe(v, depth + 1) for k, v in value.items()} if depth < 8 else "..."
+    if isinstance(value, (list, tuple)):
+        return [_describe(v, depth + 1) for v in value] if depth < 8 else "..."
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "get_all_public_props"):  # a peer's FLContext travels with its public properties
+        return {"fl_context": _describe(value.get_all_public_props(), depth + 1)}
+    return {"object": type(value).__name__}
+
+
+class ReceivedResultLog(Filter):
+    def __init__(self, log_file: str = "received_results.jsonl"):
+        """Server-side task-result filter (an audit aid): appends, per task result arriving from a
+        site, everything it carries — return code, every header, the DXO kind, the tensors' dtypes
+        and shapes, the whole meta — as one JSON line in the job's ``app_server/fedmed/`` folder.
+        It changes nothing; the dp deployment test enumerates what leaves a dp site with it.
+
+        Args:
+            log_file: plain file name of the JSON-lines log.
+        """
+        super().__init__()
+        if not isinstance(log_file, str) or not log_file or os.sep in log_file:
+            raise ValueError(f"log_file must be a plain file name, got {log_file!r}")
+        self.log_file = log_file
+        self._lock = threading.Lock()
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        import json
+
+        from fedmed.results import SERVER_OUTPUT_DIR
+
+        peer = fl_ctx.get_peer_context()
+        dxo = _dxo_or_none(shareable)
+        record = {
+            "site": peer.get_identity_name(default="?") if peer else "?",
+            "task": fl_ctx.get_prop(FLContextKey.TASK_NAME, "?"),
+            "return_code": shareable.get_return_code(ReturnCode.OK),
+            "headers": _describe({k: v for k, v in (shareable.get("__headers__") or {}).items()}),
+            "body_keys": sorted(str(k) for k in shareable.keys() if k != "__headers__"),
+            "kind": dxo.data_kind if dxo is not None else None,
+            "data": _describe(dxo.data) if dxo is not None else None,
+            "meta": _describe(dxo.meta) if dxo is not None else None,
+        }
+        out = Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())) / SERVER_OUTPUT_DIR
+        with self._lock:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / self.log_file, "a") as handle:
+                handle.write(json.dumps(record, default=str) + "\n")
+        return shareable
+
+
 __all__ = [
+    "ReceivedResultLog",
     "ModelSignatureRecorder",
     "ReleasePolicyFilter",
     "DPTrainingPolicy",

@@ -118,8 +118,9 @@ class SecureAggregation(FLComponent, PlaintextAggregation):
         self.shapes = {key: list(np.asarray(value).shape) for key, value in model.items()}
         return model
 
-    def _exchange(self, task: str, data: dict, meta: dict, targets):
-        answers, errors = self.context.exchange(task, PROTOCOL_KIND, data, {PROTOCOL_META_KEY: task, **meta}, targets)
+    def _exchange(self, task: str, data: dict, meta: dict, targets, min_responses: int | None = None):
+        answers, errors = self.context.exchange(task, PROTOCOL_KIND, data, {PROTOCOL_META_KEY: task, **meta}, targets,
+                                                min_responses)
         good = {}
         for site, reply in answers.items():
             if reply.kind != PROTOCOL_KIND:
@@ -133,7 +134,7 @@ class SecureAggregation(FLComponent, PlaintextAggregation):
         job = getattr(context.platform, "get_job_id", lambda: "job")()
         ctx = f"{job}|{round_num}|{secrets.token_hex(8)}"
         base = {"round": round_num, "context": ctx}
-        keys, errors = self._exchange(KEYS_TASK, {}, base, None)
+        keys, errors = self._exchange(KEYS_TASK, {}, base, None, min_cohort(self.threshold_arg or 2, self.floor))
         roster = {}
         for site, answer in keys.items():
             if isinstance(answer.get("cipher_pk"), bytes) and isinstance(answer.get("mask_pk"), bytes):
@@ -146,7 +147,8 @@ class SecureAggregation(FLComponent, PlaintextAggregation):
             check_threshold(threshold, len(roster), "server")
         except SecAggRefused as exc:
             raise RoundFailed(f"round {round_num}: {exc}") from exc
-        shares, share_errors = self._exchange(SHARES_TASK, {"roster": roster}, {**base, "threshold": threshold}, sorted(roster))
+        shares, share_errors = self._exchange(SHARES_TASK, {"roster": roster}, {**base, "threshold": threshold}, sorted(roster),
+                                              min_cohort(threshold, self.floor))
         errors.update(share_errors)
         outgoing = {site: dict(answer.get("shares") or {}) for site, answer in shares.items()}
         cohort = sorted(site for site, out in outgoing.items() if set(out) == set(roster) - {site})
@@ -185,7 +187,7 @@ class SecureAggregation(FLComponent, PlaintextAggregation):
         shares = {site: state["routed"].get(site, {}) for site in survivors}
         answers, errors = self._exchange(UNMASK_TASK, {"shares": shares},
                                          {"round": state["round"], "context": state["context"], "survivors": survivors,
-                                          "dropped": dropped}, survivors)
+                                          "dropped": dropped}, survivors, state["threshold"] + 1)
         try:
             ring = unmask_sum(masked, state["roster"], state["cohort"], answers, state["threshold"], state["context"].encode())
         except SecAggRefused as exc:

@@ -125,10 +125,6 @@ class FedMedRecipe(Recipe):
     def job(self) -> FedJob:
         return self._job
 
-    @property
-    def controller_args(self) -> dict:
-        return self.spec.controller_args()
-
 
 def recipe_from_spec(spec: JobSpec) -> FedMedRecipe:
     """The FLARE recipe of ``spec`` (every component constructed once: a bad argument raises naming its class)."""
@@ -179,11 +175,9 @@ def check_spec(spec: JobSpec, settings: dict | None = None) -> None:
         raise blame("task", exc) from exc
     if spec.executor_path == EXECUTOR_PATH:
         try:
-            from fedmed.training import LocalTrainer
+            from fedmed.training import TrainerSettings
 
-            trainer_keys = [n for n in inspect.signature(LocalTrainer.__init__).parameters
-                            if n not in ("self", "task", "train_dataset", "val_dataset")]
-            LocalTrainer(task, [None], [], **{k: v for k, v in executor.items() if k in trainer_keys})
+            TrainerSettings.from_mapping({k: v for k, v in executor.items() if k in TrainerSettings.keys()}, "executor args")
         except Exception as exc:
             raise blame("executor", exc) from exc
     try:

@@ -37,8 +37,6 @@ LEDGER_FORMAT = "fedmed-privacy-ledger/2"
 LEDGER_UNIT = "record"
 PRIVACY_FILE_HINT = "the site's local/privacy.json, dp scope, DPTrainingPolicy args"
 MAX_NOISE_MULTIPLIER = 1e4  # beyond this the budget is too small for the planned training
-METRIC_DECIMALS = 2  # validation metrics leave a dp site rounded to this many decimals
-COUNT_ROUNDING = 10  # sample counts leave a dp site rounded to a multiple of this
 
 
 class PrivacyConfigError(ValueError):
@@ -47,6 +45,10 @@ class PrivacyConfigError(ValueError):
 
 class PrivacyBudgetExceeded(RuntimeError):
     """Training one more round would take the site past its epsilon budget."""
+
+
+class ValidationBudgetSpent(RuntimeError):
+    """One more validation query would take the site's validation account past its budget."""
 
 
 def _is_positive_number(value) -> bool:
@@ -65,6 +67,10 @@ class DPSettings:
     max_grad_norm: C, each record's gradient is clipped to this L2 norm.
     accountant: ``rdp`` (default) or ``prv`` (Opacus).
     ledger_file: the site's ledger; relative paths are relative to the site's workspace root.
+    validation_epsilon: the site's total budget for validation queries (its validation records,
+        disjoint from training: a separate account, pure epsilon-DP, delta 0).
+    validation_queries: the most validation queries the budget pays for; each spends
+        ``validation_epsilon / validation_queries``.
     """
 
     epsilon: float = 8.0
@@ -72,9 +78,17 @@ class DPSettings:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     ledger_file: str = "privacy_ledger.json"
+    validation_epsilon: float = 12.0
+    validation_queries: int = 12
 
     def __post_init__(self):
         check_dp_settings(self.epsilon, self.delta, self.max_grad_norm, self.accountant, self.ledger_file)
+        check_validation_settings(self.validation_epsilon, self.validation_queries)
+
+    @property
+    def query_epsilon(self) -> float:
+        """The epsilon each validation query spends: the validation budget over the query cap."""
+        return float(self.validation_epsilon) / int(self.validation_queries)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -94,6 +108,13 @@ def check_dp_settings(epsilon, delta, max_grad_norm=1.0, accountant="rdp", ledge
         raise PrivacyConfigError(f"DP setting 'ledger_file' ({where}) must name the site's privacy ledger file, got {ledger_file!r}")
 
 
+def check_validation_settings(validation_epsilon, validation_queries, where: str = PRIVACY_FILE_HINT) -> None:
+    if not _is_positive_number(validation_epsilon):
+        raise PrivacyConfigError(f"DP setting 'validation_epsilon' ({where}) must be a positive number, got {validation_epsilon!r}")
+    if isinstance(validation_queries, bool) or not isinstance(validation_queries, int) or validation_queries < 1:
+        raise PrivacyConfigError(f"DP setting 'validation_queries' ({where}) must be an integer >= 1, got {validation_queries!r}")
+
+
 def check_delta_for_dataset(delta: float, num_train: int, where: str = PRIVACY_FILE_HINT) -> None:
     """delta must be below 1/n: a larger delta allows leaking a whole record with that probability."""
     if num_train < 1:
@@ -109,12 +130,14 @@ def check_delta_for_dataset(delta: float, num_train: int, where: str = PRIVACY_F
 # sampling, noise and accounting (Opacus)
 # --------------------------------------------------------------------------------------------
 def poisson_sampling(num_train: int, batch_size: int) -> tuple[float, int]:
-    """(sample_rate, steps per epoch) as Opacus' Poisson data loader uses them for this data size:
-    ``steps = ceil(n / batch_size)`` and ``sample_rate = 1 / steps``."""
+    """(sample_rate, steps per epoch) exactly as Opacus' Poisson data loader runs them for this data
+    size: ``DPDataLoader.from_data_loader`` sets ``sample_rate = 1 / ceil(n / batch_size)`` and its
+    sampler runs ``int(1 / sample_rate)`` steps, which floating point makes one fewer than
+    ``ceil(n / batch_size)`` for some sizes (k = 93, 99, 105, ... batches: where ``1 / (1 / k) < k``). Planning and charging both use these two numbers."""
     if num_train < 1 or batch_size < 1:
         raise PrivacyConfigError(f"need a positive training-set size and batch size, got {num_train} and {batch_size}")
-    steps = math.ceil(num_train / batch_size)
-    return 1.0 / steps, steps
+    sample_rate = 1 / math.ceil(num_train / batch_size)
+    return sample_rate, int(1 / sample_rate)
 
 
 def _history_tuples(history: Iterable) -> list[tuple[float, float, int]]:
@@ -206,31 +229,74 @@ def noise_multiplier_for_budget(epsilon: float, delta: float, sample_rate: float
 
 
 # --------------------------------------------------------------------------------------------
-# what leaves a dp site besides the update
+# what leaves a dp site besides the update: validation as noised histograms, public numbers
 # --------------------------------------------------------------------------------------------
-def round_count(count, multiple: int = COUNT_ROUNDING) -> int:
-    """A count rounded to the nearest ``multiple`` (never below ``multiple``)."""
-    return max(multiple, int(multiple * round(float(count) / multiple)))
+VALIDATION_MECHANISM = "discrete-laplace-histogram"  # two-sided geometric noise on integer bin counts
+DP_EPSILON_METRIC = "val_dp_epsilon"  # the epsilon one noised validation histogram spent (public)
+DP_PUBLIC_METRICS = ("learning_rate", "privacy_epsilon")  # public numbers a dp update may carry
 
 
-def coarsen_metrics(metrics: Mapping, keep_extra: Iterable[str] = ()) -> tuple[dict, list[str]]:
-    """The metrics a dp site may send: validation numbers (``val_*``) rounded to 2 decimals,
-    ``num_val_samples`` rounded to a multiple of 10, plus ``keep_extra`` keys (public numbers such as
-    the learning rate and the ledger's epsilon). Everything else (training loss, timings, lists such
-    as score histograms) is dropped. Returns ``(kept, dropped keys)``."""
+def discrete_laplace(epsilon: float, size: int, rng) -> list[int]:
+    """``size`` draws of the two-sided geometric (discrete Laplace) distribution with
+    P(k) proportional to exp(-epsilon |k|): added to counts of L1 sensitivity 1 it gives pure
+    epsilon-DP (Ghosh, Roughgarden, Sundararajan 2009). Integer noise on integer counts has no
+    floating-point least-significant bits to leak (unlike a float Laplace sample, Mironov 2012)."""
+    if not _is_positive_number(epsilon):
+        raise PrivacyConfigError(f"validation query epsilon must be a positive number, got {epsilon!r}")
+    p = 1.0 - math.exp(-float(epsilon))
+    return [int(a) - int(b) for a, b in zip(rng.geometric(p, size), rng.geometric(p, size))]
+
+
+def noised_histogram(histogram: Sequence[Sequence[int]], epsilon: float, rng) -> list[list[int]]:
+    """A validation score histogram released under ``epsilon``-DP for the site's validation records.
+
+    Adding or removing one validation record changes one count of one class by 1 (L1 sensitivity
+    1), so discrete Laplace noise of scale 1/epsilon on every count is pure epsilon-DP; clamping
+    at 0 is post-processing. Everything the server derives from it (AUC, accuracy, the decision
+    threshold, the validation-set size) is post-processing too."""
+    exact = [[int(c) for c in row] for row in histogram]
+    bins = len(exact[0])
+    flat = [c for row in exact for c in row]
+    noise = discrete_laplace(epsilon, len(flat), rng)
+    noised = [max(0, c + e) for c, e in zip(flat, noise)]
+    return [noised[i * bins:(i + 1) * bins] for i in range(len(exact))]
+
+
+def validation_rng():
+    """Noise for validation releases from the OS entropy pool (never seeded from job settings)."""
+    import secrets
+
+    import numpy as np
+
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def dp_release_metrics(metrics: Mapping, keep_extra: Iterable[str] = DP_PUBLIC_METRICS) -> tuple[dict, list[str]]:
+    """The metrics a dp site may send: the DP-noised validation histogram with the epsilon it spent
+    (only together), plus ``keep_extra`` public numbers (the learning rate, the ledger's epsilon).
+    Everything else (exact AUC / accuracy / loss, counts, training loss, timings) is dropped.
+    Returns ``(kept, dropped keys)``."""
+    from fedmed.threshold import DP_HISTOGRAM_KEY
+
     keep_extra = set(keep_extra)
     kept, dropped = {}, []
+    noised = _is_positive_number(metrics.get(DP_EPSILON_METRIC)) and DP_HISTOGRAM_KEY in metrics
     for key, value in metrics.items():
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key == "num_val_samples" and is_number:
-            kept[key] = round_count(value)
-        elif key.startswith("val_") and is_number:
-            kept[key] = round(float(value), METRIC_DECIMALS) if math.isfinite(float(value)) else None
+        if noised and key in (DP_HISTOGRAM_KEY, DP_EPSILON_METRIC):
+            kept[key] = value
         elif key in keep_extra and is_number:
             kept[key] = value
         else:
             dropped.append(key)
     return kept, sorted(dropped)
+
+
+def public_train_size(num_train: int, batch_size: int) -> int:
+    """The training-set size a dp site publishes: ceil(n / batch size) x batch size. The DP-SGD
+    sampling rate 1 / ceil(n / batch size) already makes ceil(n / batch size) public; nothing finer
+    is sent (it is the update's FedAvg weight, the same number every round)."""
+    return math.ceil(num_train / batch_size) * batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,9 +317,12 @@ class PrivacyLedger:
     """
 
     def __init__(self, site: str, delta: float, epsilon_budget: float, accountant: str = "rdp",
-                 path: str | os.PathLike | None = None):
+                 path: str | os.PathLike | None = None, validation_budget: float | None = None):
         check_dp_settings(epsilon_budget, delta, 1.0, accountant)
         self.site = site
+        self.validation_budget = None if validation_budget is None else float(validation_budget)
+        self.validation_queries: list[dict] = []  # [{"epsilon": per query, "count": queries}]
+        self.validation_entries: list[dict] = []  # kept at the site: which job asked what
         self.delta = float(delta)
         self.epsilon_budget = float(epsilon_budget)
         self.accountant = accountant
@@ -286,6 +355,9 @@ class PrivacyLedger:
                 )
         self.history = compact_history(payload.get("history", []))
         self.entries = list(payload.get("entries", []))
+        validation = payload.get("validation") or {}
+        self.validation_queries = compact_queries(validation.get("queries", []))
+        self.validation_entries = list(validation.get("entries", []))
 
     def to_json(self) -> dict:
         return {
@@ -298,12 +370,21 @@ class PrivacyLedger:
             "budget": self.epsilon_budget,
             "history": self.history,
             "entries": self.entries,
+            "validation": {**self.validation_record(), "entries": self.validation_entries},
         }
 
     def record(self) -> dict:
-        """The site's entry of ``privacy_ledger.json``: what anyone can recompute."""
+        """The site's entry of ``privacy_ledger.json``: what anyone can recompute (the training
+        account, and the validation account under ``validation``)."""
         return {"accountant": self.accountant, "delta": self.delta, "epsilon": self.epsilon,
-                "budget": self.epsilon_budget, "history": [dict(h) for h in self.history]}
+                "budget": self.epsilon_budget, "history": [dict(h) for h in self.history],
+                "validation": self.validation_record()}
+
+    def validation_record(self) -> dict:
+        """The validation account: pure epsilon-DP queries (delta 0) composed by summing."""
+        return {"epsilon": validation_epsilon(self.validation_queries), "delta": 0.0, "mechanism": VALIDATION_MECHANISM,
+                "sensitivity": 1, "budget": self.validation_budget,
+                "queries": [dict(q) for q in self.validation_queries]}
 
     def save(self) -> None:
         if self.path is not None:
@@ -344,6 +425,39 @@ class PrivacyLedger:
         return entry
 
 
+    # -- the validation account -------------------------------------------------------------
+    def charge_validation(self, job_id: str, what: str, epsilon: float) -> dict:
+        """Charge one validation query of ``epsilon`` and persist; raise
+        :class:`ValidationBudgetSpent` (nothing charged) when it would pass the validation budget."""
+        if self.validation_budget is None:
+            raise PrivacyConfigError(f"site {self.site}: the ledger has no validation budget; set 'validation_epsilon'")
+        spent = validation_epsilon(self.validation_queries)
+        if spent + float(epsilon) > self.validation_budget * (1 + 1e-9):
+            raise ValidationBudgetSpent(
+                f"site {self.site}: validation budget spent (epsilon {spent:.4g} of {self.validation_budget:g}); "
+                "no more validation queries are answered under the dp scope"
+            )
+        self.validation_queries = compact_queries(self.validation_queries + [{"epsilon": float(epsilon), "count": 1}])
+        entry = {"job_id": str(job_id), "query": str(what), "epsilon": float(epsilon), "timestamp_utc": _now_utc()}
+        self.validation_entries.append(entry)
+        self.save()
+        return entry
+
+
+def compact_queries(queries: Iterable[Mapping]) -> list[dict]:
+    """Merge validation queries of the same epsilon: ``[{"epsilon", "count"}]``."""
+    merged: dict[float, int] = {}
+    for query in queries:
+        merged[float(query["epsilon"])] = merged.get(float(query["epsilon"]), 0) + int(query.get("count", 1))
+    return [{"epsilon": e, "count": n} for e, n in merged.items() if n > 0]
+
+
+def validation_epsilon(queries: Iterable[Mapping]) -> float:
+    """The validation account's epsilon from its queries: basic composition of pure epsilon-DP
+    releases (the sum). This is the function that recomputes ``validation.epsilon``."""
+    return float(math.fsum(float(q["epsilon"]) * int(q.get("count", 1)) for q in queries))
+
+
 class LedgerLock:
     """An exclusive lock beside a ledger file, so two jobs at one site cannot interleave charges."""
 
@@ -367,8 +481,14 @@ class LedgerLock:
 
 
 def recompute_ledger_file(ledger: Mapping) -> dict[str, float]:
-    """For a ``privacy_ledger.json`` payload: {site: epsilon recomputed from its history}."""
+    """For a ``privacy_ledger.json`` payload: {site: training epsilon recomputed from its history}."""
     return {site: accountant_epsilon(entry["accountant"], entry["history"], entry["delta"])
+            for site, entry in (ledger.get("sites") or {}).items()}
+
+
+def recompute_validation_accounts(ledger: Mapping) -> dict[str, float]:
+    """For a ``privacy_ledger.json`` payload: {site: validation epsilon recomputed from its queries}."""
+    return {site: validation_epsilon((entry.get("validation") or {}).get("queries", []))
             for site, entry in (ledger.get("sites") or {}).items()}
 
 
@@ -378,10 +498,11 @@ LEDGER_KEYS = ("accountant", "delta", "epsilon", "budget", "history")
 
 def ledger_file_payload(site_privacy: Mapping[str, Mapping]) -> dict | None:
     """``privacy_ledger.json`` from the latest ``privacy`` meta each site sent (record-level DP-SGD
-    only): ``{"unit": "record", "sites": {site: {accountant, delta, epsilon, budget, history}}}``.
+    only): ``{"unit": "record", "sites": {site: {accountant, delta, epsilon, budget, history,
+    validation}}}``.
     None when no site reported a record-level ledger."""
     sites = {
-        site: {key: privacy[key] for key in LEDGER_KEYS}
+        site: {key: privacy[key] for key in LEDGER_KEYS + ("validation",) if key in privacy}
         for site, privacy in sorted(site_privacy.items())
         if isinstance(privacy, Mapping) and privacy.get("unit") == LEDGER_UNIT and all(k in privacy for k in LEDGER_KEYS)
     }
