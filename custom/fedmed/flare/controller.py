@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
 from nvflare.apis.signal import Signal
@@ -339,8 +339,9 @@ class FedAvgController(Controller):
         started = task.schedule_time or time.time()
         self._train_started = started
 
-        def answered() -> dict:
-            return {ct.client.name: ct.result_received_time - started for ct in list(task.client_tasks) if ct.result_received_time}
+        def answered() -> dict:  # an error reply is no answer toward the quorum (a fast refusal must not close the round)
+            return {ct.client.name: ct.result_received_time - started for ct in list(task.client_tasks)
+                    if ct.result_received_time and (ct.result is None or ct.result.get_return_code(ReturnCode.OK) == ReturnCode.OK)}
 
         while task.completion_status is None:
             if abort_signal.triggered:
