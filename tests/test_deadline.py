@@ -81,7 +81,9 @@ def test_the_round_waits_with_patience_for_the_sites_the_tolerance_needs_but_not
     assert policy.should_close(18.0, {**two, "site-3": 18.0}, sites)
     policy.record_round(two, ["site-3"])  # missed once, never measured: still waited for with patience
     assert not policy.should_close(30.0, two, sites)
-    policy.record_round({**two, "site-3": 70.0}, [])  # answered in 70 s: measured slower than the patience
+    policy.record_round({**two, "site-3": 70.0}, [])  # answered in 70 s (start-up?): still waited for next round
+    assert not policy.should_close(30.0, two, sites)
+    policy.record_round(two, ["site-3"])  # missed, and measured slower than the patience: known slow
     assert policy.should_close(13.3, two, sites) and not policy.waits_for(sites)
 
 

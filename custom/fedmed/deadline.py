@@ -76,9 +76,12 @@ class DeadlinePolicy:
         return sorted(s for s in sites if self.missed.get(s, 0) >= self.due.get(s, self.catch_up_after))
 
     def known_slow(self, site: str, patience: float) -> bool:
-        """A site the patience does not wait for: its last measured reply took longer than the
-        patience, or it missed ``catch_up_after`` rounds in a row (then only catch-up rounds wait)."""
-        return self.reply_seconds.get(site, 0.0) > patience or self.missed.get(site, 0) >= self.catch_up_after
+        """A site the patience does not wait for: it missed the last round and its last measured reply
+        took longer than the patience, or it missed ``catch_up_after`` rounds in a row (then only
+        catch-up rounds wait). A site that answered the last round is always waited for (round 1's
+        replies include the sites' start-up)."""
+        missed = self.missed.get(site, 0)
+        return missed >= self.catch_up_after or (missed >= 1 and self.reply_seconds.get(site, 0.0) > patience)
 
     def catch_up_limit(self, site: str) -> float:
         """Most seconds a catch-up round stays open for ``site``."""
