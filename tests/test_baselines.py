@@ -46,12 +46,13 @@ def test_every_baseline_model_is_evaluated_on_every_site(doc):
     assert doc["results"]["local-only:site-1"]["site-2"]["num_val_samples"] == 20
     assert doc["models"]["pooled"]["num_train_samples"] == 48 + 32
     entry = doc["models"]["local-only:site-2"]
-    assert entry | {"train_seconds": 0} == {
-        "kind": "local_only", "site": "site-2", "num_train_samples": 32, "train_seconds": 0,
+    assert entry | {"train_seconds": 0, "train_cpu_seconds": 0} == {
+        "kind": "local_only", "site": "site-2", "num_train_samples": 32, "train_seconds": 0, "train_cpu_seconds": 0,
         "model_sha256": entry["model_sha256"], "round_equivalents": 2, "kept_round_equivalent": entry["kept_round_equivalent"],
         "validation_val_auc": entry["validation_val_auc"],
     }
     assert len(entry["validation_val_auc"]) == 2 and entry["kept_round_equivalent"] in (1, 2)
+    assert 0 < entry["train_cpu_seconds"]
     assert doc["budget"]["epochs"] == 2 and doc["budget"]["rounds"] == 2 and doc["budget"]["initial_model_seed"] == 3
     assert doc["pooled_validation"]["num_val_samples"] == 24 + 20
     assert set(doc["pooled_validation"]["results"]) == {"local-only:site-1", "local-only:site-2", "pooled"}

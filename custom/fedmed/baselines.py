@@ -135,7 +135,7 @@ def _train_model(ctx: _Context, name: str, train_sites: Sequence[str], selection
     trainer = LocalTrainer(ctx.task, train, own_val, **ctx.trainer_args)
     key = ctx.task.key_metric
     weights, best, history = ctx.initial, None, []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for round_num in range(ctx.num_rounds):
         weights = trainer.train(ctx.network, weights, round_num, num_rounds=ctx.num_rounds).weights
         score = trainer.evaluate(ctx.network, weights).get(key)
@@ -151,6 +151,7 @@ def _train_model(ctx: _Context, name: str, train_sites: Sequence[str], selection
     seconds = time.perf_counter() - started
     kept_round, _, weights = best
     out = {"name": name, "weights": weights, "train_seconds": round(seconds, 3), "num_train_samples": len(train),
+           "train_cpu_seconds": round(time.process_time() - cpu, 3),
            "round_equivalents": len(history), "kept_round_equivalent": kept_round, f"validation_{key}": history}
     # the model on every site's validation data, all of it together, and the external sets
     out["results"] = {site: _scalars(trainer.evaluate(ctx.network, weights, dataset=ctx.site_datasets[site][1]), keep_lists=True)
@@ -214,7 +215,7 @@ class _ProgressLog:
         self.last_line = 0.0
 
     def eta(self, now: float, done: int) -> str:
-        if self.first is None or now - self.first[0] < 1 or done <= self.first[1]:
+        if self.first is None or now <= self.first[0] or done <= self.first[1]:
             return "estimating the time left"
         rate = (done - self.first[1]) / (now - self.first[0])
         return f"about {max(self.total - done, 0) / rate:.0f} s left (less if models stop early)"
@@ -320,6 +321,7 @@ def run_baselines(
         out = trained[name]
         entry = {"kind": "pooled", "sites": list(train_sites)} if selection is None else {"kind": "local_only", "site": selection}
         entry.update(num_train_samples=out["num_train_samples"], train_seconds=out["train_seconds"],
+                     train_cpu_seconds=out["train_cpu_seconds"],
                      model_sha256=weights_sha256(out["weights"]), round_equivalents=out["round_equivalents"],
                      kept_round_equivalent=out["kept_round_equivalent"])
         entry[f"validation_{key}"] = out[f"validation_{key}"]
