@@ -45,10 +45,14 @@ def test_every_baseline_model_is_evaluated_on_every_site(doc):
             assert 0.0 <= cell["val_auc"] <= 1.0 and 0.0 <= cell["val_accuracy"] <= 1.0
     assert doc["results"]["local-only:site-1"]["site-2"]["num_val_samples"] == 20
     assert doc["models"]["pooled"]["num_train_samples"] == 48 + 32
-    assert doc["models"]["local-only:site-2"] | {"train_seconds": 0} == {
-        "kind": "local_only", "site": "site-2", "num_train_samples": 32, "train_seconds": 0,
-        "model_sha256": doc["models"]["local-only:site-2"]["model_sha256"],
+    entry = doc["models"]["local-only:site-2"]
+    assert entry | {"train_seconds": 0, "train_cpu_seconds": 0} == {
+        "kind": "local_only", "site": "site-2", "num_train_samples": 32, "train_seconds": 0, "train_cpu_seconds": 0,
+        "model_sha256": entry["model_sha256"], "round_equivalents": 2, "kept_round_equivalent": entry["kept_round_equivalent"],
+        "validation_val_auc": entry["validation_val_auc"],
     }
+    assert len(entry["validation_val_auc"]) == 2 and entry["kept_round_equivalent"] in (1, 2)
+    assert 0 < entry["train_cpu_seconds"]
     assert doc["budget"]["epochs"] == 2 and doc["budget"]["rounds"] == 2 and doc["budget"]["initial_model_seed"] == 3
     assert doc["pooled_validation"]["num_val_samples"] == 24 + 20
     assert set(doc["pooled_validation"]["results"]) == {"local-only:site-1", "local-only:site-2", "pooled"}
@@ -70,13 +74,21 @@ def test_federated_model_is_evaluated_on_the_same_pooled_validation_images(task,
 
 def test_local_only_model_is_the_federations_budget_trained_alone(task, doc):
     """Same initial model, same trainer settings, num_rounds calls of LocalTrainer.train (round r of R,
-    as a federated site is told by the server)."""
+    as a federated site is told by the server); without early stopping the last weights are kept."""
+    import torch
+
     train_ds, val_ds = _datasets(task)["site-1"]
     trainer = LocalTrainer(task, train_ds, val_ds, **TRAINER)
     weights = state_to_numpy(build_network(NETWORK, seed=3))
-    for round_num in range(2):
-        weights = trainer.train(NETWORK, weights, round_num, num_rounds=2).weights
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the baselines train (float sums depend on the thread count)
+    try:
+        for round_num in range(2):
+            weights = trainer.train(NETWORK, weights, round_num, num_rounds=2).weights
+    finally:
+        torch.set_num_threads(threads)
     assert weights_sha256(weights) == doc["models"]["local-only:site-1"]["model_sha256"]
+    assert doc["models"]["local-only:site-1"]["kept_round_equivalent"] == 2
     one_round = trainer.train(NETWORK, state_to_numpy(build_network(NETWORK, seed=3)), 0, num_rounds=2).weights
     assert weights_sha256(one_round) != doc["models"]["local-only:site-1"]["model_sha256"]
     assert doc["models"]["local-only:site-1"]["model_sha256"] != doc["models"]["local-only:site-2"]["model_sha256"]
@@ -110,7 +122,8 @@ def test_run_for_job_writes_baselines_json_from_site_configs(tmp_path):
     import torch
 
     torch.save(build_network(settings["network"], seed=5).state_dict(), tmp_path / "global_model.pt")
-    doc = baselines.run_for_job(JOB, sites, out, num_rounds=1, federated_model=tmp_path / "global_model.pt", log=lambda *_: None)
+    doc = baselines.run_for_job(JOB, sites, out, num_rounds=1, federated_model=tmp_path / "global_model.pt", log=lambda *_: None,
+                                workers=1)
     assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
     assert doc["pooled_validation"]["results"]["global_model"]["num_val_samples"] == 24
     with pytest.raises(baselines.BaselineError, match="missing.pt does not exist"):
@@ -126,3 +139,48 @@ def test_bad_inputs_are_named(task):
         baselines.run_baselines(task, NETWORK, _datasets(task), 1, {"learning_rate": 0.1}, log=lambda *_: None)
     with pytest.raises(baselines.BaselineError, match="num_rounds must be >= 1"):
         baselines.run_baselines(task, NETWORK, _datasets(task), 0, TRAINER, log=lambda *_: None)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("history, patience, stops", [
+    ([0.6, 0.7, 0.7, 0.7], 2, True),  # 2 rounds without a better score than 0.7
+    ([0.6, 0.7, 0.7, 0.71], 2, False),  # the last round improved
+    ([0.6, 0.7, 0.65], 2, False),  # only 1 round since the best: not yet
+    ([0.6, None, None], 2, True),  # not computable counts as no improvement
+    ([None, None, None], 2, False),  # nothing to compare with
+    ([0.6, 0.5, 0.5, 0.5], 0, False),  # patience 0: the whole budget
+])
+def test_stop_early_after_patience_rounds_without_a_better_score(history, patience, stops):
+    assert baselines.stop_early(history, patience) is stops
+
+
+def test_early_stopping_keeps_the_best_weights_and_frees_the_budget(task):
+    """A learning rate that wrecks the model after its first round: the baseline stops after patience
+    rounds and keeps the weights of its best validation score; progress lines carry an ETA."""
+    lines = []
+    doc = baselines.run_baselines(task, NETWORK, _datasets(task), 6, {**TRAINER, "lr": 0.003, "lr_schedule": "constant"},
+                                  network_seed=3, pooled=False, log=lines.append, patience=1)
+    for name, entry in doc["models"].items():
+        history = entry["validation_val_auc"]
+        kept = entry["kept_round_equivalent"]
+        assert entry["round_equivalents"] == len(history) <= 6
+        assert history[kept - 1] == max(h for h in history if h is not None), name
+        if entry["round_equivalents"] < 6:
+            assert not baselines.stop_early(history[:-1], 1) and baselines.stop_early(history, 1)
+            assert any("stopped early" in line and name in line for line in lines)
+    assert any("s left" in line for line in lines)
+    assert "after 1 round-equivalents" in doc["budget"]["early_stopping"]
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_in_process_results(task, doc):
+    """Two spawned workers (one torch thread each) train the same models as this process does."""
+    here, lines = doc, []
+    there = baselines.run_baselines(task, NETWORK, _datasets(task), 2, TRAINER, network_seed=3, log=lines.append, workers=2,
+                                    patience=0)
+    assert any("in 2 worker processes" in line for line in lines)
+    assert set(there["models"]) == set(here["models"]) == {"local-only:site-1", "local-only:site-2", "pooled"}
+    for name in here["results"]:
+        assert there["models"][name]["kept_round_equivalent"] == here["models"][name]["kept_round_equivalent"]
+        for site, cell in here["results"][name].items():
+            assert there["results"][name][site]["val_auc"] == pytest.approx(cell["val_auc"], abs=1e-6), (name, site)

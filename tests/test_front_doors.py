@@ -3,6 +3,7 @@ write the same job folder, and a refused --set value stops each of them before a
 issue 17 item 6). Real processes are kept to one short command-line run."""
 
 import argparse
+import re
 import os
 import runpy
 import subprocess
@@ -65,7 +66,7 @@ def test_a_refused_set_value_stops_every_door_before_anything_is_created(tmp_pat
     assert _job_py(["--set", "batch_size=0", "--out", str(tmp_path / "b")]) == 1
     assert _rehearse(["--job", str(JOB), "--set", "local_epochs=0", "--out", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err
-    assert "--set lr=-5: the executor of job cxr_pneumonia_fedavg refuses it: ValueError: lr must be > 0, got -5" in err
+    assert re.search(r"--set lr=-5: the executor of job cxr_pneumonia_fedavg refuses it: .*lr must be > 0.*got -5", err), err
     assert "--set batch_size=0" in err and "batch_size must be >= 1" in err
     assert "--set local_epochs=0" in err and "local_epochs must be >= 1" in err
     assert not any((tmp_path / name).exists() for name in "abc"), "nothing was created"

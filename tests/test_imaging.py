@@ -4,6 +4,7 @@ the same tensor in training, evaluation and the bundle; nothing is transposed or
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -221,9 +222,18 @@ def test_monai_bundle_run_on_png_and_dicom_folders_matches_the_in_memory_evaluat
         run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
                               "--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle),
                               "--dataset_dir", str(folder), "--output_dir", str(tmp_path / f"out_{kind}")],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # CPU like the reference (no fp16 autocast)
         assert run.returncode == 0, run.stderr[-3000:]
         rows = list(csv.reader((tmp_path / f"out_{kind}" / "predictions.csv").open()))
         assert [Path(r[0]).name for r in rows[1:]] == [f"img{i}.{kind}" for i in range(len(images))]
         got = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
         np.testing.assert_allclose(got, expected, atol=2e-6, err_msg=kind)  # the CSV keeps 6 decimals
+
+
+@pytest.mark.unit
+def test_a_bundle_written_before_the_contract_is_refused_by_name():
+    import fedmed.bundle
+
+    with pytest.raises(AttributeError, match="predates the image contract"):
+        fedmed.bundle.to_channels  # what pre-contract inference.json files call after LoadImage

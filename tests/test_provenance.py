@@ -243,6 +243,7 @@ def test_a_signed_card_verifies_against_its_root_ca_and_a_rewritten_chain_does_n
     rec.signer = signer
     card = rec.write(tmp_path / "run" / "provenance.json")
     assert card["signature"]["signer"] == "localhost"
+    assert "signed by 'localhost'" in provenance.signing_note(tmp_path / "run" / "provenance.json")
     kit = ["--kit", str(tmp_path / "kit")]
     assert cli_main(["verify-provenance", str(tmp_path / "run"), *kit]) == 0
     assert "VERIFIED: signed by 'localhost'" in capsys.readouterr().out
@@ -264,5 +265,6 @@ def test_a_signed_card_verifies_against_its_root_ca_and_a_rewritten_chain_does_n
     assert cli_main(["verify-provenance", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "UNSIGNED" in out and "VERIFIED" not in out
+    assert provenance.signing_note(tmp_path / "run" / "provenance.json").startswith("UNSIGNED")
     assert cli_main(["verify-provenance", str(tmp_path / "run"), "--root-ca", str(tmp_path / "kit" / "startup" / "rootCA.pem")]) == 1
     assert "NOT VERIFIED" in capsys.readouterr().err

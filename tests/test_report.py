@@ -25,6 +25,29 @@ def _cell(auc):
     return {"val_auc": auc, "val_accuracy": auc - 0.1, "val_loss": 1 - auc, "num_val_samples": 20}
 
 
+# per site: (normal, pneumonia) validation images; site-2 holds 2 normal images
+CLASS_COUNTS = {"site-1": (100, 100), "site-2": (2, 60), "site-3": (50, 50)}
+
+
+def _histogram(site, wrong=0.0):
+    """A score histogram (100 bins): normals at 0.1, pneumonia at 0.9, a fraction ``wrong`` of each class on the
+    wrong side of 0.5."""
+    neg, pos = CLASS_COUNTS[site]
+    hist = [[0] * 100, [0] * 100]
+    hist[0][10], hist[0][90] = neg - round(neg * wrong), round(neg * wrong)
+    hist[1][90], hist[1][10] = pos - round(pos * wrong), round(pos * wrong)
+    return hist
+
+
+# the fraction of wrong calls at the 0.5 threshold: site-3's local model is more accurate there than the federation
+WRONG = {"global_model": {"site-1": 0.05, "site-2": 0.0, "site-3": 0.2},
+         "local-only": {"site-1": 0.15, "site-2": 0.0, "site-3": 0.0}}
+
+
+def _hist_cell(auc, model, site):
+    return {**_cell(auc), "num_val_samples": sum(CLASS_COUNTS[site]), "val_score_histogram": _histogram(site, WRONG[model][site])}
+
+
 # hand-built AUCs on the external hospital no site held: federated, local-only per site, pooled
 EXTERNAL = {"global_model": 0.88, "best_global_model": 0.87, "pooled": 0.90,
             "local-only:site-1": 0.70, "local-only:site-2": 0.90, "local-only:site-3": 0.86}
@@ -41,7 +64,7 @@ def _write_run(folder, with_baselines=True, with_card=True, with_external=True):
         "sites": SITES,
         "models": {"global_model": {"kind": "global"}, **{s: {"kind": "local", "site": s} for s in SITES}},
         "results": {
-            "global_model": {s: _cell(v) for s, v in GLOBAL.items()},
+            "global_model": {s: _hist_cell(v, "global_model", s) for s, v in GLOBAL.items()},
             **{s: {t: _cell(GLOBAL[t] - 0.02) for t in SITES} for s in SITES},
         },
     }
@@ -52,11 +75,12 @@ def _write_run(folder, with_baselines=True, with_card=True, with_external=True):
             "sites": SITES,
             "budget": {"rounds": 2, "local_epochs": 1, "epochs": 2},
             "models": {
-                **{f"local-only:{s}": {"kind": "local_only", "site": s} for s in SITES},
+                **{f"local-only:{s}": {"kind": "local_only", "site": s, "decision_threshold": {"threshold": 0.5}} for s in SITES},
                 "pooled": {"kind": "pooled"},
             },
             "results": {
-                **{f"local-only:{s}": {t: _cell(v) for t, v in row.items()} for s, row in LOCAL_ONLY.items()},
+                **{f"local-only:{s}": {t: _hist_cell(v, "local-only", t) if t == s else _cell(v) for t, v in row.items()}
+                   for s, row in LOCAL_ONLY.items()},
                 "pooled": {s: _cell(v) for s, v in POOLED.items()},
             },
             "pooled_validation": {
@@ -184,7 +208,8 @@ def test_report_without_baselines_uses_last_local_models_and_says_so(tmp_path):
 def _as_segmentation(value):
     """The same run as a segmentation job reports it: val_dice instead of val_auc, no accuracy."""
     if isinstance(value, dict):
-        return {("val_dice" if k == "val_auc" else k): _as_segmentation(v) for k, v in value.items() if k != "val_accuracy"}
+        return {("val_dice" if k == "val_auc" else k): _as_segmentation(v) for k, v in value.items()
+                if k not in ("val_accuracy", "val_score_histogram")}
     if isinstance(value, list):
         return [_as_segmentation(v) for v in value]
     return value
@@ -207,7 +232,8 @@ def test_dice_report_names_the_cross_site_heatmap_after_its_metric(tmp_path):
     verdict_text = _section(md, "Verdict")
     assert "Dice (0 = no overlap with the reference outline, 1 = perfect)" in verdict_text
     assert "no external hospital data" in verdict_text and "site-2 **gains on its own images" not in verdict_text
-    assert "site-1 is **better off in the federation**: 0.900 vs 0.800 alone on its own images." in verdict_text
+    assert ("site-1 is **better off in the federation**: Dice 0.900 vs 0.800 alone (no interval: the run kept no class "
+            "counts) on its own images.") in verdict_text
     _, files = check_report_links(out)
     assert "cross_site_dice.png" in files and "cross_site_auc.png" not in files
 
@@ -283,24 +309,35 @@ def test_verdict_opens_the_report_and_names_each_hospital(tmp_path):
     assert "external-val, 40 images" in text and "AUC 0.880 and accuracy 0.830" in text
     assert "AUC 0.700 (site-1) to 0.900 (site-2)" in text and "beats 2 of 3" in text
     assert "pooled in one place" in text and "AUC 0.900" in text
-    # every hospital by name, with its outcome: own data (fed vs local-only) and the external hospital
-    assert "site-1 is **better off in the federation**: 0.900 vs 0.800 alone on its own images; 0.880 vs 0.700" in text
-    assert "site-2 **gains on its own images but loses on the external hospitals**" in text
-    assert "site-3 is **better off in the federation**" in text  # same on its own data, +0.02 on the external one
-    assert "**In short**: 2 of 3 hospitals are better off in the federation (site-1 and site-3)" in text
+    # every hospital by name, with its outcome: AUC and accuracy at the threshold, intervals and sample sizes
+    assert ("site-1 is **better off in the federation**: AUC 0.900 [0.856-0.944] vs 0.800 [0.739-0.861] alone on its "
+            "own images (n=200: 100 positive, 100 negative); accuracy 0.950 [0.910-0.973] at the federation's threshold "
+            "(0.500) vs 0.850 [0.794-0.893] alone at its own (0.500); AUC 0.880 [0.770-0.990] vs 0.700 [0.537-0.863] "
+            "alone on external-val (n=40: 20 positive, 20 negative).") in text
+    # 2 normal images: +0.05 AUC on its own data is not called a gain
+    assert "site-2 shows **no difference these images can establish**" in text and "60 positive, 2 negative" in text
+    assert "Only 2 images of one class" in text
+    # same AUC, but its local model is more accurate at its threshold (1.000 vs 0.800 on 100 images)
+    assert "site-3 is **better off alone**" in text and "0.800 [0.711-0.867] at the federation's threshold" in text
+    assert ("**In short**: 1 of 3 hospitals are better off in the federation (site-1); 1 shows no difference its images "
+            "can establish; 1 is better off alone.") in text
     # plain words: no field names, no hashes
     assert "val_auc" not in text and "generalizability" not in text.lower()
     assert not re.search(r"[0-9a-f]{16}", text)
     outcomes = {h["site"]: h["outcome"] for h in summary["verdict"]["hospitals"]}
-    assert outcomes == {"site-1": "better", "site-2": "mixed", "site-3": "better"}
+    assert outcomes == {"site-1": "better", "site-2": "unclear", "site-3": "worse"}
+    site3 = next(h for h in summary["verdict"]["hospitals"] if h["site"] == "site-3")
+    assert site3["alone_accuracy"]["value"] == 1.0 and site3["federated_accuracy"]["n"] == 100
+    assert site3["comparisons"] == {"its own images (AUC)": 0, "its own images (accuracy)": -1, "external-val (AUC)": 0}
     html_text = (run / "report" / "report.html").read_text()
     assert "<li>site-1 is <strong>better off in the federation</strong>" in html_text
 
 
+@pytest.mark.unit
 def test_verdict_outcome_rules():
     v = report.compute._compare
-    assert v([0.05, 0.02]) == "better" and v([-0.05, -0.02]) == "worse" and v([0.05, -0.02]) == "mixed"
-    assert v([0.005, -0.005]) == "same" and v([0.0, 0.03]) == "better" and v([None, None]) == "unknown"
+    assert v([1, 1]) == "better" and v([-1, 0]) == "worse" and v([1, -1]) == "mixed"
+    assert v([0, 0, None]) == "unclear" and v([0, 1]) == "better" and v([None, None]) == "unknown"
 
 
 def test_without_baselines_no_pooled_column_and_local_is_not_called_local_only(tmp_path):

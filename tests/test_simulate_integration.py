@@ -129,15 +129,24 @@ def test_external_hospital_is_held_out_and_evaluated(sim_run):
     assert 0.0 <= figures["auc"] <= 1.0 and 0.0 <= figures["accuracy"] <= 1.0
     assert figures["threshold"] == metrics["decision_threshold"]["threshold"]
     assert figures["num_images"] == metrics["external"]["sets"]["external-val"]["num_images"] > 0
+    # the acquisition-gap proxy is reported beside it, on the same images with their labels (issue 17)
+    acq = metrics["external"]["results"]["external-val-acq"]["global_model"]
+    assert acq["num_images"] == figures["num_images"] and acq["images_per_class"] == figures["images_per_class"]
+    assert 0.0 <= acq["auc"] <= 1.0 and "resolution" in metrics["external"]["sets"]["external-val-acq"]["what"]
+    with np.load(sim_run / "external" / "external-val-acq.npz") as acq_npz, np.load(external) as val_npz:
+        assert not np.array_equal(acq_npz["images"], val_npz["images"])
     report = (sim_run / "report" / "report.md").read_text()
     assert "External hospitals" in report and f"{figures['auc']:.4f}" in report
 
 
 def test_bundle_threshold_is_the_one_chosen_on_site_validation(sim_run):
-    from fedmed.threshold import choose_threshold, final_site_metrics
+    from fedmed.release import released_evaluation
+    from fedmed.threshold import choose_threshold
 
     metrics = json.loads((sim_run / "metrics.json").read_text())
-    final = final_site_metrics(metrics["evaluations"])
+    release = metrics["release"]  # the gate's decision: the threshold is chosen on the released version's validation
+    assert release["action"] in ("final", "rollback") and release["model_file"] == "global_model.pt"
+    final = released_evaluation(metrics["evaluations"], release["version"])["sites"]
     assert set(final) == {"site-1", "site-2", "site-3"} and all("val_score_histogram" in m for m in final.values())
     expected = choose_threshold(final)
     meta = json.loads((sim_run / "bundle" / "configs" / "metadata.json").read_text())

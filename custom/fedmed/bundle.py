@@ -220,6 +220,18 @@ def list_images(folder: str, suffixes: list[str]) -> list[dict]:
     return [{"image": str(p)} for p in files]
 
 
+def __getattr__(name: str):
+    """Bundles written before the image contract call ``fedmed_bundle.to_channels`` after MONAI ``LoadImage``
+    (PNGs transposed, each image scaled by its own min/max): refuse them by name rather than run them."""
+    if name == "to_channels":
+        raise AttributeError(
+            "this bundle's inference.json predates the image contract (fedmed.imaging): its preprocessing reads PNGs "
+            "transposed and scales each image by its own min/max, unlike training. Re-export the bundle from the run "
+            "with this fedmed version (python -m fedmed results / simulate), whose inference.json uses "
+            "fedmed.imaging.ImageContractd")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _image_name(item: dict) -> str:
     image = item.get("image")
     meta = getattr(image, "meta", None) or {}

@@ -10,9 +10,7 @@ A classic job folder (what ``jobs/<name>/job.py --export`` writes and FLARE runs
 A job is a :class:`fedmed.jobspec.JobSpec`; every change to a job (``--set``, rounds, privacy
 filters, HE, attacks, scope) is a pure function on the spec, and :func:`write_job_folder` writes
 the result, byte for byte what FLARE's exporter writes for the same spec
-(``tests/test_recipes.py`` compares them). :class:`JobFolder` reads a folder's files; its old
-mutators (``apply_settings``, ``fit_to_simulation``, ``add_filters``, ...) remain as thin wrappers
-(read the spec, change it, write it back) for code written before the spec.
+(``tests/test_recipes.py`` compares them). :class:`JobFolder` reads a folder's files and gives its spec.
 
 Pure module: no ``nvflare`` import.
 """
@@ -27,8 +25,7 @@ from typing import Any
 
 from fedmed.atomic import atomic_path
 from fedmed.jobspec import (CLIENT_API_EXECUTOR_PATH, CONTROLLER_PATH, CROSS_SITE_PATH, EXECUTOR_PATHS, SETTING_ALIASES,
-                            JobSpec, JobSpecError, for_simulation, from_configs, setting_targets, settable_keys,
-                            to_configs, with_components, with_filters, with_scope, with_settings)
+                            JobSpec, JobSpecError, from_configs, to_configs)
 
 META_FILE = "meta.json"
 SERVER_CONFIG_FILE = "config_fed_server.json"
@@ -103,7 +100,7 @@ def read_job_spec(job: str | Path) -> JobSpec:
 
 
 class JobFolder:
-    """A job folder on disk. Loads return fresh dicts; every write goes through :func:`write_job_folder`."""
+    """A job folder on disk. Loads return fresh dicts; a change is a new spec written with :meth:`write`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -200,57 +197,6 @@ class JobFolder:
     def scope(self) -> str:
         return self.load_meta().get("scope", "")
 
-    # ---- thin wrappers kept for code written before fedmed.jobspec: read the spec, change it, write it
-
     def write(self, spec: JobSpec) -> None:
+        """Replace this folder's job with ``spec`` (through :func:`write_job_folder`)."""
         write_job_folder(spec, self.path)
-
-    def _change(self, change) -> JobSpec:
-        try:
-            spec = change(self.spec())
-        except JobSpecError as exc:
-            raise JobFolderError(str(exc)) from exc
-        self.write(spec)
-        return spec
-
-    def _save(self, meta: dict | None = None, server: dict | None = None, client: dict | None = None) -> None:
-        try:
-            spec = from_configs(meta or self.load_meta(), server or self.load_server(), client or self.load_client(),
-                                script=self.spec().script, where=str(self.path))
-        except JobSpecError as exc:
-            raise JobFolderError(str(exc)) from exc
-        self.write(spec)
-
-    def save_meta(self, meta: dict) -> None:
-        self._save(meta=meta)
-
-    def save_server(self, config: dict) -> None:
-        self._save(server=config)
-
-    def save_client(self, config: dict) -> None:
-        self._save(client=config)
-
-    def fit_to_simulation(self, num_sites: int, rounds: int | None = None) -> dict:
-        return dict(self._change(lambda spec: for_simulation(spec, num_sites, rounds)).controller)
-
-    def set_scope(self, scope: str | None) -> None:
-        self._change(lambda spec: with_scope(spec, scope))
-
-    def settable_keys(self) -> dict[str, list[tuple[str, str]]]:
-        return settable_keys(self.spec())
-
-    def apply_settings(self, settings: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
-        if not settings:
-            return {}
-        try:
-            targets = setting_targets(self.spec(), settings)
-        except JobSpecError as exc:
-            raise JobFolderError(str(exc)) from exc
-        self._change(lambda spec: with_settings(spec, settings))
-        return targets
-
-    def add_filters(self, side: str, kind: str, filters: list[dict], tasks: list[str], first: bool = True) -> None:
-        self._change(lambda spec: with_filters(spec, side, kind, filters, tasks, first))
-
-    def add_components(self, side: str, components: list[dict]) -> None:
-        self._change(lambda spec: with_components(spec, side, components))

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 CONTROLLER_PATH = "fedmed.flare.controller.FedAvgController"
@@ -67,6 +68,7 @@ CONTROLLER_SETTINGS: dict[str, str] = {
     "allow_partial_updates": "accept updates lacking some keys (a privacy filter removed them)",
     "aggregation": 'robust aggregation {"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median", "args": {...}}',
     "server_optimizer": 'server optimizer {"name": "fedavg"|"fedavgm"|"fedadam"|"fedyogi", "args": {...}}',
+    "release_tolerance": "release gate: how far below the best version the final model may score and still be released (default 0.02)",
 }
 EXECUTOR_SETTINGS: dict[str, str] = {
     "local_epochs": "epochs over the site's training data per round",
@@ -208,8 +210,6 @@ def fedavg_job(name: str, *, controller: Mapping, executor: Mapping, cross_site:
     if executor_path == CLIENT_API_EXECUTOR_PATH:
         if not script:
             raise JobSpecError(f"{name}: a Client API job needs its training script")
-        from pathlib import Path
-
         executor = {"task_script_path": Path(script).name, **dict(executor)}
     server_components, client_components = (), ()
     if tensorboard:
@@ -238,14 +238,6 @@ def settable_keys(spec: JobSpec) -> dict[str, list[tuple[str, str]]]:
     for alias, target in SETTING_ALIASES.items():
         keys.setdefault(alias, [target])
     return keys
-
-
-def describe_settings(spec: JobSpec | None = None) -> str:
-    """One line per settable key (``--set`` help)."""
-    executor_keys = CLIENT_API_SETTINGS if spec is not None and spec.executor_path == CLIENT_API_EXECUTOR_PATH else EXECUTOR_SETTINGS
-    lines = [f"  {k} (executor): {v}" for k, v in executor_keys.items()]
-    lines += [f"  {k} (controller): {v}" for k, v in CONTROLLER_SETTINGS.items()]
-    return "\n".join(lines)
 
 
 def setting_targets(spec: JobSpec, settings: Mapping[str, Any]) -> dict[str, list[tuple[str, str]]]:

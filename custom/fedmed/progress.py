@@ -10,46 +10,28 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from fedmed.rounds import participation, participation_summary, round_flags
+
 STATS_GROUP = "fedmed"  # the group name under which the controller's stats appear in show_stats
-
-
-def _flagged(record: Mapping) -> list[str]:
-    """Sites whose update was bounded, down-weighted, trimmed or refused in this round record."""
-    aggregation = record.get("aggregation") or {}
-    flagged = set(record.get("failed") or {})
-    for key in ("clipped", "capped", "flagged", "trimmed"):
-        value = aggregation.get(key) or {}
-        flagged.update(value if isinstance(value, (dict, list)) else [])
-    flagged.update((record.get("rejected") or {}).get("sites") or [])
-    return sorted(flagged)
 
 
 def job_progress(metrics: Mapping[str, Any], elapsed_s: float) -> dict:
     """The JSON-safe progress summary of a job from its round engine's ``metrics``."""
     rounds = metrics.get("rounds") or []
-    sites = list(metrics.get("sites") or [])
+    part = metrics.get("participation") or participation(rounds, metrics.get("sites") or [])
+    sites = sorted({*(metrics.get("sites") or []), *part})  # a site left out of every round is still a site
     key = metrics.get("key_metric") or "val_auc"
     last = rounds[-1] if rounds else {}
-    participation = metrics.get("participation")
-    if not participation:
-        participation = {}
-        for site in sorted({*sites, *(s for r in rounds for s in (r.get("failed") or {}))}):
-            participation[site] = {
-                "rounds_contributed": sum(site in (r.get("contributors") or []) for r in rounds),
-                "rounds_flagged": sum(site in _flagged(r) for r in rounds),
-                "rounds_left_out": sum(site not in (r.get("contributors") or []) for r in rounds),
-            }
     evaluations = metrics.get("evaluations") or []
-    median = evaluations[-1].get(f"median_{key}") if evaluations else None
     return {
         "rounds_completed": len(rounds),
         "num_rounds": int(metrics.get("num_rounds") or 0),
         "last_round": {"round": last.get("round"), "answered": list(last.get("contributors") or []),
-                       "failed": sorted(last.get("failed") or {}), "flagged": _flagged(last) if last else []},
+                       "failed": sorted(last.get("failed") or {}), "flagged": sorted(round_flags(last))},
         "sites": sites,
-        "participation": participation,
+        "participation": part,
         "key_metric": key,
-        f"median_{key}": median,
+        f"median_{key}": evaluations[-1].get(f"median_{key}") if evaluations else None,
         "elapsed_s": round(float(elapsed_s), 1),
         "finished": bool(metrics.get("finished")),
         "error": metrics.get("error"),
@@ -89,13 +71,6 @@ def progress_line(progress: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def participation_summary(progress: Mapping[str, Any]) -> str:
-    """Sites flagged or left out in most rounds, for the final line (empty when none)."""
-    done = progress.get("rounds_completed") or 0
-    notes = []
-    for site, record in sorted((progress.get("participation") or {}).items()):
-        if done and record.get("rounds_left_out", 0) * 2 > done:
-            notes.append(f"{site} left out of {record['rounds_left_out']}/{done} rounds")
-        elif done and record.get("rounds_flagged", 0) * 2 > done:
-            notes.append(f"{site} flagged in {record['rounds_flagged']}/{done} rounds")
-    return "; ".join(notes)
+def final_summary(progress: Mapping[str, Any]) -> str:
+    """Sites flagged or left out in most rounds (:func:`fedmed.rounds.participation_summary`), "" when none."""
+    return participation_summary(progress.get("participation") or {}, int(progress.get("rounds_completed") or 0))

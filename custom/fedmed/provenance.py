@@ -8,7 +8,9 @@ software versions built the model, and it carries a hash chain:
 - one record per round (``kind: "round"``) holds the hash of that round's aggregated global model
   and the sites that contributed to it with their sample counts;
 - the last record (``kind: "release"``) holds the hash of the released model, the index of the
-  round record it was released from and the hash of the card's ``summary`` section.
+  round record it was released from, the hash of the card's ``summary`` section and, from the
+  release gate (:mod:`fedmed.release`), the ``release`` entry: the version released and why
+  (``action`` final or rollback, ``reason``, the figures compared).
 
 Every record holds ``prev_record_sha256`` (the previous record's ``record_sha256``; 64 zeros for
 record 0) and its own ``record_sha256`` (SHA-256 of the record's canonical JSON without that key).
@@ -294,11 +296,14 @@ class ProvenanceRecorder:
             **self.extra,
         }
 
-    def card(self, released_weights: Mapping[str, Any] | None = None, released_model_file: str | None = None) -> dict[str, Any]:
+    def card(self, released_weights: Mapping[str, Any] | None = None, released_model_file: str | None = None,
+             release: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The card with a release record appended (the recorder's own chain is left untouched).
 
         ``released_weights`` defaults to the last round's global model; when given, they must equal
         one of the chained models (e.g. the best round's), else the release would not be in the lineage.
+        ``release``: the release gate's decision (``metrics.json``'s ``release`` block), chained in the
+        release record.
         """
         rounds = [r for r in self.chain if r["kind"] in ("initial", "round")]
         if not rounds:
@@ -315,7 +320,7 @@ class ProvenanceRecorder:
                 )
             source = matches[-1]
         summary = self.summary(released_model_file)
-        release = {
+        record = {
             "index": len(self.chain),
             "prev_record_sha256": self.chain[-1]["record_sha256"],
             "kind": "release",
@@ -325,9 +330,11 @@ class ProvenanceRecorder:
             "summary_sha256": summary_sha256(summary),
             "timestamp_utc": _now_utc(),
         }
-        release["record_sha256"] = record_sha256(release)
-        chain = [dict(r) for r in self.chain] + [release]
-        return {"format": CARD_FORMAT, "summary": summary, "chain": chain, "head_sha256": release["record_sha256"]}
+        if release is not None:
+            record["release"] = _jsonable(dict(release), "release decision")
+        record["record_sha256"] = record_sha256(record)
+        chain = [dict(r) for r in self.chain] + [record]
+        return {"format": CARD_FORMAT, "summary": summary, "chain": chain, "head_sha256": record["record_sha256"]}
 
     def write(self, path: str | os.PathLike, **card_kwargs: Any) -> dict[str, Any]:
         card = self.card(**card_kwargs)
@@ -380,6 +387,8 @@ def bundle_metadata(card_path: str | os.PathLike, card_ref: str = "../provenance
             "head_sha256": card.get("head_sha256"),
             "model_sha256": release.get("model_sha256"),
             "released_from_round": release.get("round"),
+            **({"release": {k: release["release"].get(k) for k in ("action", "version", "reason")}}
+               if isinstance(release.get("release"), Mapping) else {}),
             "verify": f"python -m fedmed verify-provenance {card_ref} --head {card.get('head_sha256')}",
         }
     }
@@ -458,6 +467,17 @@ class CardSigner:
         if self.root_ca is not None:
             block["root_ca_sha256"] = _fingerprint(self.root_ca)
         return {**{key: value for key, value in card.items() if key != SIGNATURE_KEY}, SIGNATURE_KEY: block}
+
+
+def signing_note(card_path: str | os.PathLike) -> str:
+    """One line for the commands that write a card: who signed it, or plainly that it is unsigned."""
+    try:
+        block = load_card(card_path).get(SIGNATURE_KEY)
+    except ProvenanceError:
+        return "no provenance card"
+    if not isinstance(block, Mapping):
+        return "UNSIGNED: no kit signed it (a simulator run); its hash chain shows internal consistency only"
+    return f"signed by '{block.get('signer')}'; check it against your project with --kit YOUR_KIT"
 
 
 @dataclass

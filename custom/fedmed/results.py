@@ -3,8 +3,9 @@
 Used by ``simulate`` (on the simulator workspace), ``rehearse`` and ``python -m fedmed results`` (on a
 job result downloaded from a real deployment), so all produce the same layout:
 
-    OUT/bundle/            MONAI bundle of the final global model
-    OUT/models/            global_model.pt (final) and best_global_model.pt
+    OUT/bundle/            MONAI bundle of the released global model (the release gate's choice)
+    OUT/models/            global_model.pt (released), best_global_model.pt, and after a rollback
+                           final_global_model.pt (the final model that was not released)
     OUT/metrics.json       per-round, per-site metrics
     OUT/tb_events/<site>/  TensorBoard event files
 """
@@ -26,6 +27,7 @@ RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
 GLOBAL_MODEL_FILE = "global_model.pt"
 BEST_MODEL_FILE = "best_global_model.pt"
+FINAL_MODEL_FILE = "final_global_model.pt"  # after a rollback: the final model, not released
 
 
 class ResultsError(RuntimeError):
@@ -198,6 +200,35 @@ def resolve_run_folder(path: str | Path) -> Path:
     return result.app_dir / SERVER_OUTPUT_DIR
 
 
+def release_files(source: Path, metrics: dict) -> tuple[Path, Path | None]:
+    """(the released model file, the final model file when it was not released) of a finished run's
+    ``fedmed/`` folder; fills ``metrics["release"]``.
+
+    The controller's release gate wrote ``metrics.json``'s ``release`` block and made
+    ``global_model.pt`` the released model. A run from before the gate has no block: the gate is
+    applied here with its default tolerance (a rollback then releases ``best_global_model.pt``).
+    A collapse raises :class:`ResultsError`: nothing is exported.
+    """
+    from fedmed.release import COLLAPSE, ROLLBACK, decide_release
+
+    if isinstance(metrics.get("release"), dict):
+        release = metrics["release"]
+        final = source / release.get("final_model_file", FINAL_MODEL_FILE)
+        return source / GLOBAL_MODEL_FILE, final if release.get("action") == ROLLBACK else None
+    decision = decide_release(metrics.get("evaluations"), metrics.get("key_metric", "val_auc"), int(metrics.get("num_rounds") or 0))
+    if decision.action == COLLAPSE:
+        raise ResultsError(f"{source / METRICS_FILE}: release gate: {decision.reason}; the run's model is not exported")
+    metrics["release"] = {**decision.as_dict(), "decided": "at export (the run's metrics.json has no release block)"}
+    if decision.action == ROLLBACK:
+        if decision.version != (metrics.get("best") or {}).get("model_version") or not (source / BEST_MODEL_FILE).is_file():
+            raise ResultsError(f"{source}: release gate: {decision.reason}, but {BEST_MODEL_FILE} is not that version; "
+                               "the run's model is not exported")
+        metrics["release"].update(model_file=GLOBAL_MODEL_FILE, final_model_file=FINAL_MODEL_FILE)
+        return source / BEST_MODEL_FILE, source / GLOBAL_MODEL_FILE
+    metrics["release"]["model_file"] = GLOBAL_MODEL_FILE
+    return source / GLOBAL_MODEL_FILE, None
+
+
 def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_events_dir: str | Path | None = None) -> dict:
     """Write bundle, models, metrics and TensorBoard events from a finished run into ``out_dir``.
 
@@ -207,8 +238,9 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
 
     from fedmed.bundle import write_bundle
     from fedmed.provenance import CARD_FILENAME, bundle_metadata
+    from fedmed.release import released_evaluation
     from fedmed.tasks import WindowedInference, build_task
-    from fedmed.threshold import choose_threshold, final_site_metrics
+    from fedmed.threshold import choose_threshold
 
     server_app_dir = Path(server_app_dir)
     source = server_app_dir / SERVER_OUTPUT_DIR
@@ -226,21 +258,24 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
     if not isinstance(metrics, dict) or not isinstance(run_config, dict):
         bad = source / (METRICS_FILE if not isinstance(metrics, dict) else RUN_CONFIG_FILE)
         raise ResultsError(f"{bad} is not a readable JSON object; download the job result again")
+    released_file, final_file = release_files(source, metrics)
     out_dir.mkdir(parents=True, exist_ok=True)
     models_dir = out_dir / "models"
     models_dir.mkdir(exist_ok=True)
-    for name in (GLOBAL_MODEL_FILE, BEST_MODEL_FILE):
-        if (source / name).is_file():
-            shutil.copy2(source / name, models_dir / name)
+    for name, path in ((GLOBAL_MODEL_FILE, released_file), (BEST_MODEL_FILE, source / BEST_MODEL_FILE),
+                       (FINAL_MODEL_FILE, final_file)):
+        if path is not None and path.is_file():
+            shutil.copy2(path, models_dir / name)
     for extra in sorted(source.glob("*.json")):
         if extra.name not in (METRICS_FILE,):
             shutil.copy2(extra, out_dir / extra.name)
 
     task = build_task(run_config["task"])
-    state = torch.load(source / GLOBAL_MODEL_FILE, map_location="cpu", weights_only=True)
-    final = metrics.get("evaluations", [{}])[-1]
-    # the decision threshold: chosen on the sites' validation of the final global model (fedmed.threshold)
-    threshold = choose_threshold(final_site_metrics(metrics.get("evaluations")))
+    state = torch.load(released_file, map_location="cpu", weights_only=True)
+    release = metrics["release"]
+    final = released_evaluation(metrics.get("evaluations"), release["version"]) or (metrics.get("evaluations") or [{}])[-1]
+    # the decision threshold: chosen on the sites' validation of the released model (fedmed.threshold)
+    threshold = choose_threshold(dict(final.get("sites", {})))
     if threshold is not None:
         class_names = getattr(task, "class_names", ["class_0", "class_1"])
         threshold = {"class": class_names[1], "applies_to": f"softmax probability of class {class_names[1]!r}",
@@ -253,12 +288,14 @@ def export_run_outputs(server_app_dir: str | Path, out_dir: str | Path, tb_event
         task.network_data_format(run_config["network"]),
         name=run_config.get("job_name", "fedmed model"),
         description=f"{run_config['task']['name']} model trained by federated averaging over "
-        f"{len(metrics.get('sites', []))} sites for {metrics.get('num_rounds')} rounds",
+        f"{len(metrics.get('sites', []))} sites for {metrics.get('num_rounds')} rounds; released version "
+        f"{release['version']} ({release['action']})",
         postprocessing=task.inference_postprocessing(),
         decision_threshold=threshold,
         inference_config=task.inference_config() if isinstance(task, WindowedInference) else None,  # e.g. sliding window
         extra_metadata={"fedmed": {"rounds": metrics.get("num_rounds"), "sites": metrics.get("sites", []),
-                                   "final_validation": {k: v for k, v in final.items() if k != "sites"}},
+                                   "release": {k: release.get(k) for k in ("version", "action", "reason")},
+                                   "released_model_validation": {k: v for k, v in final.items() if k != "sites"}},
                         **bundle_metadata(source / CARD_FILENAME)},  # points to OUT/provenance.json
     )
     tb_events_dir = Path(tb_events_dir) if tb_events_dir else server_app_dir.parent / "tb_events"

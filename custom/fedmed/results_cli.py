@@ -65,5 +65,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_report:
         build_report(out, log=lambda line: print("  " + line, flush=True))
         print(f"  report: {out / 'report' / 'report.html'}", flush=True)
-    print(f"  provenance card: {out / 'provenance.json'} (python -m fedmed verify-provenance {out})", flush=True)
+    from fedmed.provenance import signing_note
+
+    print(f"  provenance card: {out / 'provenance.json'} (python -m fedmed verify-provenance {out}; "
+          f"{signing_note(out / 'provenance.json')})", flush=True)
     return 0

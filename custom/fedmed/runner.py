@@ -198,9 +198,12 @@ def finish_outputs(server_app: Path, out_dir: Path, spec: JobSpec, site_configs:
         run_for_job(out_dir / "job", site_configs or {}, out_dir / BASELINES_FILE, num_rounds=spec.num_rounds,
                     federated_model=out_dir / "models" / "global_model.pt", log=log, external=external_sets(out_dir))
     evaluate_run(out_dir, log=lambda line: log("  " + line))
+    mark_complete(out_dir)  # every output is in place: the report may call the run finished
     build_report(out_dir, log=lambda line: log("  " + line))
+    from fedmed.provenance import signing_note
+
     log(f"  report: {out_dir / 'report' / 'report.html'}\n  provenance card: {out_dir / 'provenance.json'} "
-        f"(python -m fedmed verify-provenance {out_dir})")
+        f"(python -m fedmed verify-provenance {out_dir}; {signing_note(out_dir / 'provenance.json')})")
     return json.loads((out_dir / METRICS_FILE).read_text())
 
 
@@ -209,6 +212,10 @@ def _print_summary(metrics: dict, out_dir: Path, log: Callable[[str], None]) -> 
 
     key = metrics["key_metric"]
     evaluations = metrics.get("evaluations", [])
+    release = metrics.get("release") or {}
+    if release:  # the release gate's decision (fedmed.release)
+        log(f"  release gate: released model version {release.get('version')} of {metrics.get('num_rounds')} "
+            f"({release.get('action')}): {release.get('reason')}")
     if evaluations:
         first, last = evaluations[0], evaluations[-1]
         log(f"  mean validation {key}: initial model {first.get('mean_' + key):.4f} -> "

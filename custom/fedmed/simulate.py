@@ -250,7 +250,7 @@ def simulate(
     site_names, threads = list(site_configs), threads or num_sites
     print(f"[2/3] FLARE {'simulator' if engine == 'simulator' else 'SimEnv'}: {num_sites} sites x {spec.num_rounds} rounds "
           f"(job {spec.name}; log {out_dir / 'simulator.log'})", flush=True)
-    started = time.time()
+    started, cpu = time.time(), _children_cpu_seconds()
     if engine == "simulator":
         workspace = out_dir / "workspace"
         runner.write_site_locals(workspace / "local", site_configs)
@@ -262,7 +262,8 @@ def simulate(
         runner.write_site_locals(out_dir / "workspace" / spec.name / "local", site_configs)  # SimEnv: ROOT/<job name>
         rc = 0
         server_app = run_in_sim_env(recipe_from_spec(spec), site_names, out_dir / "workspace", threads)
-    print(f"  {engine} finished in {time.time() - started:.0f} s (exit code {rc})", flush=True)
+    print(f"  {engine} finished in {time.time() - started:.0f} s wall, {_children_cpu_seconds() - cpu:.0f} s CPU of its "
+          f"processes (exit code {rc})", flush=True)
 
     print(f"[3/3] writing outputs to {out_dir}", flush=True)
     from fedmed.results import ResultsError
@@ -271,10 +272,30 @@ def simulate(
         runner.finish_outputs(server_app, out_dir, spec, site_configs, baselines)
     except ResultsError as exc:
         error = _server_error(server_app)
+        _report_unfinished_run(out_dir)
         raise SimulationError(f"the federated run failed: {error or exc}. Logs: {out_dir / 'simulator.log'}, "
                               f"{server_app.parents[2]}/*/log.txt") from exc
     runner.mark_complete(out_dir)
     return out_dir
+
+
+def _report_unfinished_run(out_dir: Path) -> None:
+    """A failed run still gets its report (OUT/report/), which says so in its first line."""
+    from fedmed.report import ReportError, build_report
+
+    try:
+        build_report(out_dir, log=lambda line: None)
+        print(f"  report of the failed run: {out_dir / 'report' / 'report.md'}", flush=True)
+    except (ReportError, OSError, ValueError) as exc:
+        print(f"  no report of the failed run: {exc}", flush=True)
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time (user + system) of this command's finished child processes (the simulator and its sites)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _server_error(server_app: Path) -> str | None:

@@ -339,6 +339,15 @@ class LocalTrainer:
             privacy_steps=list(privacy_steps),
         )
 
+    def positive_scores(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None):
+        """(positive-class probabilities, labels) on the validation data for a two-class task that
+        predicts probabilities; None otherwise (e.g. segmentation)."""
+        if not hasattr(self.task, "predict") or getattr(self.task, "num_classes", None) != 2:
+            return None
+        model = self.model(network_spec, weights)
+        probs, labels, _ = self.task.predict(model, self._loader(self.val_dataset, shuffle=False, seed=0), self.device, self.amp)
+        return probs[:, 1], labels
+
     def evaluate(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None, dataset=None) -> dict:
         """Validation metrics of ``weights`` on this site's validation data (or ``dataset``)."""
         model = self.model(network_spec, weights)

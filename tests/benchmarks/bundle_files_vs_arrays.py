@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--legacy", action="store_true", help="also run the pre-contract preprocessing (the 'before' figures)")
     args = parser.parse_args()
 
-    from fedmed import data
+    from fedmed import data, imaging
     from fedmed.networks import build_network
     from fedmed.provenance import load_model_weights
     from fedmed.tasks import build_task
@@ -99,7 +99,7 @@ def main() -> None:
     for set_name, (images, labels) in raw.items():
         labels = labels.astype(np.int64)
         images = images[:, 0] if images.ndim == 4 and images.shape[1] == 1 else images  # save_split keeps (N, 1, H, W)
-        arrays = data.ImageSplit(data._to_float_images(images, set_name, task.image_size), labels)
+        arrays = data.ImageSplit(imaging.contract_arrays(images, set_name, task.image_size), labels)
         loader = torch.utils.data.DataLoader(task.to_dataset(arrays), batch_size=256)
         expected, _labels, _loss = task.predict(network, loader, torch.device("cpu"))
         results.append({"set": set_name, "images": len(labels), "path": "arrays (in-memory evaluation)", "format": "npz",

@@ -90,7 +90,7 @@ def live(tmp_path_factory):
 def test_lead_submits_the_job_it_finishes_and_the_global_model_downloads(live, tmp_path):
     session = live.federation.session(LEAD)
     started = time.time()
-    job_id, meta = live.run(session, live.job("cxr_pneumonia_fedavg"))
+    job_id, meta = live.run(session, live.job("cxr_pneumonia_fedavg", rounds=3))
     assert meta["status"] == FINISHED_OK, meta
     download = Path(session.download_job_result(job_id, str(tmp_path / "download")))
     out = tmp_path / "out"
@@ -103,12 +103,13 @@ def test_lead_submits_the_job_it_finishes_and_the_global_model_downloads(live, t
     assert not (REPO / JOB / "app" / "custom").exists()
     # ... and kept its bytecode outside the kit: the job processes FLARE spawned inherited the start
     # environment (PYTHONPYCACHEPREFIX), whose tree mirrors the path of the source each one imported
+    # (the server's job process likewise: its controller)
     prefix = Path(kit_environment(process_env())["PYTHONPYCACHEPREFIX"])
-    for hospital in ("hospital-01", "hospital-02"):
-        kit = (live.prod / hospital).resolve()
+    for site, module in (("hospital-01", "executor."), ("hospital-02", "executor."), (SERVER, "controller.")):
+        kit = (live.prod / site).resolve()
         cache = prefix / kit.relative_to(kit.anchor) / "local" / "custom" / "fedmed" / "flare"
-        assert any(p.name.startswith("executor.") for p in cache.glob("*.pyc")), f"{hospital} did not import its kit's fedmed"
-        assert bytecode_in(str(kit)) == [], f"{hospital}: bytecode written inside the kit"
+        assert any(p.name.startswith(module) for p in cache.glob("*.pyc")), f"{site} did not import its kit's fedmed"
+        assert bytecode_in(str(kit)) == [], f"{site}: bytecode written inside the kit"
     # the provenance card is signed by the server's kit key (the project's PKI); a rewritten chain fails (issue 19)
     card_dir = find_server_app_dir(download) / "fedmed"
     card = json.loads((card_dir / "provenance.json").read_text())

@@ -40,6 +40,10 @@ def test_rehearse_runs_the_job_on_loopback_writes_the_bundle_and_exits_0(tmp_pat
     assert (out / "bundle" / "configs" / "metadata.json").is_file() and (out / "bundle" / "models" / "model.pt").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and sorted(metrics["sites"]) == ["hospital-01", "hospital-02"]
+    # every front door's outputs (fedmed.runner): the external hospitals evaluated, the job that ran, the card
+    assert metrics["external"] and (out / "external").is_dir() and (out / "provenance.json").is_file()
+    assert json.loads((out / "job" / "meta.json").read_text())["name"] == "cxr_pneumonia_fedavg"
+    assert not (out / "INCOMPLETE").exists()
     # the report, as simulate writes it, from the downloaded result
     report = out / "report"
     for name in ("report.md", "report.html", "report.json"):

@@ -51,6 +51,8 @@ def summarize(metrics: dict) -> dict:
         "rounds": len(rounds),
         "external_auc": {set_name: {model: figures.get("auc") for model, figures in by_model.items()}
                          for set_name, by_model in ((metrics.get("external") or {}).get("results") or {}).items()},
+        "external": (metrics.get("external") or {}).get("results"),
+        "decision_threshold": metrics.get("decision_threshold"),
     }
 
 

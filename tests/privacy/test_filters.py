@@ -78,7 +78,8 @@ def _dp_update(weights, privacy=True, num_samples=47):
         "num_samples": num_samples, MetaKey.NUM_STEPS_CURRENT_ROUND: num_samples, "site": "site-1", "round": 0,
         "metrics": {"train_loss": 0.5, "train_seconds": 1.0, "samples_per_second": 47.0, "learning_rate": 0.003,
                     "val_auc": 0.87654, "val_loss": 0.5432, "num_val_samples": 24, "privacy_epsilon": 1.5,
-                    "val_score_histogram": [[3, 1, 0, 0], [0, 0, 2, 5]], "val_dp_epsilon": 1.0},
+                    "val_score_histogram": [[3, 1, 0, 0], [0, 0, 2, 5]], "val_logit_histogram": [[3, 1, 0, 0], [0, 0, 2, 5]],
+                    "val_dp_epsilon": 1.0},
         "secret_note": "n=47",  # anything the dp release does not know is dropped
     }
     if privacy:
@@ -138,7 +139,8 @@ def test_dp_release_sends_no_training_loss_no_exact_count_and_only_the_dp_histog
     assert dxo.meta["num_samples"] == 64 and dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == 64
     assert "secret_note" not in dxo.meta
     metrics = dxo.meta["metrics"]
-    assert set(metrics) == {"val_score_histogram", "val_dp_epsilon", "learning_rate", "privacy_epsilon", "upload_bytes"}
+    # the exact 100-bin histogram does not leave; the DP one does
+    assert set(metrics) == {"val_logit_histogram", "val_dp_epsilon", "learning_rate", "privacy_epsilon", "upload_bytes"}
     assert metrics["privacy_epsilon"] == 1.5 and metrics["upload_bytes"] > 0
     assert dxo.meta["privacy"]["history"] == [{"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 4}]
 
@@ -163,9 +165,9 @@ def test_dp_release_of_validation_sends_only_a_dp_histogram():
     dxo = from_shareable(DPReleaseFilter().process(shareable, ctx))
     assert dxo.data == {}  # an exact histogram (no val_dp_epsilon) is not DP: nothing of it leaves
     assert dxo.meta["model_name"] == "global"
-    noised = dict(metrics, val_dp_epsilon=1.0)
+    noised = dict(metrics, val_dp_epsilon=1.0, val_logit_histogram=[[2, 1], [0, 5]])
     dxo = from_shareable(DPReleaseFilter().process(DXO(DataKind.METRICS, data=noised, meta={}).to_shareable(), ctx))
-    assert dxo.data == {"val_score_histogram": [[3, 1], [0, 4]], "val_dp_epsilon": 1.0}
+    assert dxo.data == {"val_logit_histogram": [[2, 1], [0, 5]], "val_dp_epsilon": 1.0}
 
 
 @pytest.mark.parametrize(

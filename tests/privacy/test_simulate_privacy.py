@@ -78,8 +78,9 @@ def test_simulated_dp_hospitals_train_with_dp_sgd_keep_ledgers_and_send_no_train
             assert site_metrics["num_samples"] % 32 == 0  # the public size: ceil(n / batch) x batch (batch 32)
     for evaluation in metrics["evaluations"]:
         for site_metrics in evaluation["sites"].values():
-            # the server derived AUC from the site's DP-noised histogram (20 bins), the only validation it got
-            assert site_metrics["val_dp_epsilon"] == 1.0 and len(site_metrics["val_score_histogram"][0]) == 20
+            # the server derived AUC from the site's DP-noised histogram (32 log-odds bins), the only validation it got
+            assert site_metrics["val_dp_epsilon"] == 1.0 and len(site_metrics["val_logit_histogram"][0]) == 32
+            assert "val_score_histogram" not in site_metrics and "val_loss" not in site_metrics
             assert 0 <= site_metrics["val_auc"] <= 1
     eps = [r["sites"]["site-1"]["privacy_epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1] <= 3.0

@@ -22,13 +22,21 @@ from fedmed.privacy.dp import (
     noised_histogram,
     poisson_sampling,
     public_train_size,
-    rebin,
     recompute_validation_accounts,
     validation_epsilon,
 )
 from fedmed.privacy.site_account import DPSiteAccount
 from fedmed.tasks import build_task
-from fedmed.threshold import HISTOGRAM_KEY, choose_threshold, derive_histogram_metrics, histogram_metrics, score_histogram
+from fedmed.threshold import (
+    DP_HISTOGRAM_KEY,
+    HISTOGRAM_KEY,
+    choose_threshold,
+    derive_histogram_metrics,
+    histogram_metrics,
+    logit_edges,
+    logit_histogram,
+    score_histogram,
+)
 from fedmed.training import LocalTrainer, TrainerSettings
 
 SPEC = {"name": "small_cnn", "args": {"width": 8}}
@@ -93,9 +101,11 @@ def test_a_dp_round_is_charged_as_planned_and_reports_only_the_public_size(tmp_p
         account.train_round("job-1", trainer, SPEC, result.weights, 1, 1)  # the plan was for one round
     assert account.stopped
     # validation: 3 queries of epsilon 1 each, then nothing (and nothing charged)
-    exact = trainer.evaluate(SPEC, result.weights)
-    released = [account.release_validation("job-1", f"q{i}", exact) for i in range(4)]
-    assert all(set(r) == {HISTOGRAM_KEY, "val_dp_epsilon"} and r["val_dp_epsilon"] == 1.0 for r in released[:3])
+    scored = trainer.positive_scores(SPEC, result.weights)
+    assert len(scored[0]) == len(scored[1]) == len(val_ds)
+    released = [account.release_validation("job-1", f"q{i}", scored) for i in range(4)]
+    assert all(set(r) == {DP_HISTOGRAM_KEY, "val_dp_epsilon"} and r["val_dp_epsilon"] == 1.0 for r in released[:3])
+    assert account.release_validation("job-1", "segmentation", None) == {}  # nothing to score: nothing charged
     assert released[3] == {}
     site_file = json.loads((tmp_path / "ledger.json").read_text())
     assert site_file["validation"]["queries"] == [{"epsilon": 1.0, "count": 3}]
@@ -119,15 +129,19 @@ def test_discrete_laplace_has_the_variance_of_its_epsilon_and_is_integer():
 
 
 @pytest.mark.unit
-def test_noised_histogram_is_rebinned_non_negative_and_close_to_the_counts():
+def test_noised_logit_histogram_is_non_negative_and_close_to_the_counts():
     rng = np.random.default_rng(2)
-    scores, labels = rng.random(400), rng.integers(0, 2, 400)
-    exact = score_histogram(scores, labels)  # 100 bins
-    coarse = rebin(exact)
-    assert [sum(r) for r in coarse] == [sum(r) for r in exact] and len(coarse[0]) == 20
+    scores, labels = 1 / (1 + np.exp(-rng.normal(4, 2, 400))), rng.integers(0, 2, 400)  # piled up near 1
+    exact = logit_histogram(scores, labels)
+    assert len(exact[0]) == 32 and sum(map(sum, exact)) == 400
+    assert sum(c > 0 for c in exact[0]) >= 8  # log-odds bins spread what equal probability bins lump together
+    top = logit_edges()[:-1] >= 0.95  # what equal probability bins (0.05 wide) would lump into one bin
+    assert sum(c > 0 for c, t in zip(exact[0], top) if t) >= 3
+    edges = logit_edges()
+    assert edges[0] == 0 and edges[-1] == 1 and edges[16] == 0.5 and np.all(np.diff(edges) > 0)
     noised = noised_histogram(exact, 1.0, rng)
-    assert len(noised[0]) == 20 and all(isinstance(c, int) and c >= 0 for row in noised for c in row)
-    assert abs(sum(map(sum, noised)) - 400) < 40
+    assert len(noised[0]) == 32 and all(isinstance(c, int) and c >= 0 for row in noised for c in row)
+    assert abs(sum(map(sum, noised)) - 400) < 60
 
 
 @pytest.mark.unit
@@ -145,10 +159,12 @@ def test_the_server_derives_auc_accuracy_and_size_from_a_histogram():
     assert derived["num_val_samples"] == 500
     # only a DP release is derived from; an exact site's metrics are left alone
     assert derive_histogram_metrics({HISTOGRAM_KEY: histogram}) == {HISTOGRAM_KEY: histogram}
-    dp = derive_histogram_metrics({HISTOGRAM_KEY: histogram, "val_dp_epsilon": 1.0})
-    assert dp["val_auc"] == derived["val_auc"]
+    logits = logit_histogram(scores, labels)
+    dp = derive_histogram_metrics({DP_HISTOGRAM_KEY: logits, "val_dp_epsilon": 1.0})
+    assert dp["num_val_samples"] == 500 and dp["val_accuracy"] == pytest.approx(np.mean((scores >= 0.5) == (labels == 1)))
+    assert abs(dp["val_auc"] - derived["val_auc"]) < 0.05
     threshold = choose_threshold({"site-1": dp, "site-2": dp})
-    assert threshold["method"] == "youden_j_on_dp_site_validation"
+    assert threshold["method"] == "youden_j_on_dp_site_validation" and threshold["threshold"] in logit_edges()
     assert threshold["dp"]["epsilon_per_site"] == {"site-1": 1.0, "site-2": 1.0}
 
 

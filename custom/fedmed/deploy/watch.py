@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmed.progress import STATS_GROUP, participation_summary, progress_line
+from fedmed.progress import STATS_GROUP, final_summary, progress_line
 
 FINISHED_OK = "FINISHED:COMPLETED"
 
@@ -88,7 +88,7 @@ class JobWatcher:
 
     def final_line(self) -> str:
         line = f"job {self.job_id} ended: {self.status} after {time.time() - self.started:.0f} s of watching"
-        notes = participation_summary(self.progress) if self.progress else ""
+        notes = final_summary(self.progress) if self.progress else ""
         return line + (f"; {notes}" if notes else "")
 
 

@@ -1,7 +1,7 @@
 """FLARE adapter for simulated attacks (``simulate --attack SITE:KIND=VALUE``; math in :mod:`fedmed.attacks`).
 
 :class:`SimulatedAttackFilter` is a task-result filter that ``simulate`` adds to the *simulated job
-copy* only (:func:`add_attack_filter`); the project's job folders and the production executor
+copy* only (:func:`fedmed.jobspec.with_attacks`); the project's job folders and the production executor
 never carry it. It acts only when the FLARE identity of the site running it is the attacked site,
 and only on training replies (``WEIGHT_DIFF``); it runs after every other result filter, so the
 server receives exactly what the hostile site chose to send.
@@ -9,9 +9,7 @@ server receives exactly what the hostile site chose to send.
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.filter import Filter
@@ -21,7 +19,6 @@ from nvflare.apis.shareable import Shareable
 
 from fedmed.attacks import ATTACK_KINDS, Attack, apply_attack, reply_delay
 from fedmed.jobspec import ATTACK_FILTER_PATH as FILTER_PATH  # the spec names this class
-
 
 
 class SimulatedAttackFilter(Filter):
@@ -59,14 +56,3 @@ class SimulatedAttackFilter(Filter):
         if delay > 0:  # a slow hospital: the reply really leaves this site late
             time.sleep(delay)
         return dxo.update_shareable(shareable)
-
-
-def add_attack_filter(job_dir: str | os.PathLike, attacks: list[Attack], task_name: str = "train") -> Path:
-    """:func:`fedmed.jobspec.with_attacks` on a job folder, in place: the filter LAST in the sites'
-    ``task_name`` result chain (kept for callers written before fedmed.jobspec)."""
-    from fedmed.jobfolder import CLIENT_CONFIG_FILE, JobFolder
-    from fedmed.jobspec import with_attacks
-
-    job = JobFolder(job_dir)
-    job.write(with_attacks(job.spec(), [a.to_dict() for a in attacks], task_name))
-    return job.config_dir / CLIENT_CONFIG_FILE

@@ -28,9 +28,17 @@ the task data that carries it, runs any extra exchange a round needs before the 
 the model and gives its arrays for provenance and resume (or None when the server holds no
 plaintext model: no provenance card, no resume).
 
+Release gate (:mod:`fedmed.release`): after the final validation the controller decides which
+version it releases, on the median over sites of the key metric: the final model, or (rolled back)
+the best version when the final one scores below the initial model or more than
+``release_tolerance`` below the best; when no trained version beats the initial model the job fails
+naming the collapse. ``metrics.json``'s ``release`` block, the last ``[fedmed]`` line and the
+provenance card's release record say which version and why.
+
 Outputs in the server's app folder, ``fedmed/``: ``run_config.json``, ``global_model.pt`` (every
-round), ``best_global_model.pt``, ``metrics.json``, ``provenance.json``, and ``resume_state.npz``
-(the controller's state after the last completed round).
+round; after the gate, the released model), ``final_global_model.pt`` (only after a rollback: the
+final model that was not released), ``best_global_model.pt``, ``metrics.json``, ``provenance.json``,
+and ``resume_state.npz`` (the controller's state after the last completed round).
 
 Resume after a server crash: when the job's meta names ``fedmed_resume_of: <job id>`` (set by
 :class:`fedmed.flare.resume.ResumeInterruptedJobs` when a restarted server re-submits a job that
@@ -41,6 +49,7 @@ on from the first round that had not completed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -49,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller, Task
 from nvflare.apis.signal import Signal
@@ -62,9 +71,11 @@ from fedmed.deadline import DeadlinePolicy
 from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.progress import STATS_GROUP, job_progress
-from fedmed.provenance import CARD_FILENAME, CardSigner, ProvenanceRecorder
+from fedmed.provenance import CARD_FILENAME, CardSigner, ProvenanceRecorder, load_model_weights
+from fedmed.release import COLLAPSE, DEFAULT_RELEASE_TOLERANCE, FINAL, ROLLBACK, check_tolerance, decide_release
 from fedmed.results import (
     BEST_MODEL_FILE,
+    FINAL_MODEL_FILE,
     GLOBAL_MODEL_FILE,
     METRICS_FILE,
     RUN_CONFIG_FILE,
@@ -110,6 +121,7 @@ class FedAvgController(Controller):
         aggregation: dict | None = None,
         server_optimizer: dict | None = None,
         aggregation_step_id: str = "",
+        release_tolerance: float = DEFAULT_RELEASE_TOLERANCE,
     ):
         """Args (the server config's ``args``):
         num_rounds: federated rounds.
@@ -133,6 +145,9 @@ class FedAvgController(Controller):
         aggregation_step_id: id of a server component implementing :class:`fedmed.rounds.ServerStep`
             (e.g. the ``he`` mode's step, see fedmed.flare.he); when set, it decides how updates are
             combined, and ``aggregation`` / ``server_optimizer`` belong in its own args, not here.
+        release_tolerance: the release gate's tolerance (default 0.02): the final model is released
+            when it scores at most this much below the best version (median over sites of the key
+            metric) and not below the initial model; otherwise the best version is (fedmed.release).
         """
         super().__init__()
         if num_rounds < 1:
@@ -154,6 +169,8 @@ class FedAvgController(Controller):
         self.network = network or DEFAULT_NETWORK
         self.task_spec = task or DEFAULT_TASK
         self.seed = seed
+        self.release_tolerance = check_tolerance(release_tolerance, "FedAvgController args.release_tolerance")
+        self.best_model = None  # the best version as the step holds it (for a rollback)
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
         self.final_validation = final_validation
@@ -322,8 +339,9 @@ class FedAvgController(Controller):
         started = task.schedule_time or time.time()
         self._train_started = started
 
-        def answered() -> dict:
-            return {ct.client.name: ct.result_received_time - started for ct in list(task.client_tasks) if ct.result_received_time}
+        def answered() -> dict:  # an error reply is no answer toward the quorum (a fast refusal must not close the round)
+            return {ct.client.name: ct.result_received_time - started for ct in list(task.client_tasks)
+                    if ct.result_received_time and (ct.result is None or ct.result.get_return_code(ReturnCode.OK) == ReturnCode.OK)}
 
         while task.completion_status is None:
             if abort_signal.triggered:
@@ -370,8 +388,8 @@ class FedAvgController(Controller):
     def _save_metrics(self) -> None:
         write_json(self.out_dir / METRICS_FILE, self.engine.metrics, default=float)
 
-    def _save_model(self, name: str) -> None:
-        self.step.save(self.global_model, self.out_dir / name, self.context)
+    def _save_model(self, name: str) -> bool:
+        return self.step.save(self.global_model, self.out_dir / name, self.context)
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         self._fl_ctx, self._abort = fl_ctx, abort_signal
@@ -408,7 +426,7 @@ class FedAvgController(Controller):
             for note in outcome.notes:
                 self.log_warning(fl_ctx, f"[fedmed] round {round_num}: {note}")
             if outcome.entering_model_is_best:
-                self._save_model(BEST_MODEL_FILE)  # the model that entered this round, before it is replaced
+                self._save_best()  # the model that entered this round, before it is replaced
             if not outcome.accepted:
                 self.log_error(fl_ctx, f"[fedmed] {outcome.record['rejected']['reason']}")
             self.global_model = outcome.model
@@ -442,18 +460,71 @@ class FedAvgController(Controller):
             for site, message in failed.items():
                 self.log_warning(fl_ctx, f"[fedmed] final validation: left out {site}: {message}")
             if improved:
-                self._save_model(BEST_MODEL_FILE)
+                self._save_best()
             if evaluation is not None:
                 self.log_info(fl_ctx, f"[fedmed] final global model: median validation "
                                       f"{engine.key_metric} {evaluation[f'median_{engine.key_metric}']} over {len(evaluation['sites'])} sites")
         if abort_signal.triggered:
             return
+        decision = self._release()
         engine.finish()
         self._save_metrics()
         self._save_resume_state(fl_ctx)
         seen = engine.participation_line()
-        self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; best model {engine.metrics['best']}; "
+        self.log_info(fl_ctx, f"[fedmed] finished {self.num_rounds} rounds; "
                               + (seen if seen else "no site flagged or left out in most rounds"))
+        self.log_info(fl_ctx, f"[fedmed] {decision.status_line()}")
+
+    # ---- release gate -------------------------------------------------------------------------
+
+    def _save_best(self) -> None:
+        self._save_model(BEST_MODEL_FILE)
+        plain = self.step.plaintext(self.global_model)
+        # plaintext arrays are copied; another step's model object is kept as the step made it
+        self.best_model = self.global_model if plain is None else self.step.restore({k: np.array(v, copy=True) for k, v in plain.items()}, self.context)
+
+    def _release(self):
+        """Decide the released version (fedmed.release) and make ``global_model.pt`` and the provenance
+        card that version. A collapse raises RoundFailed (the job fails, nothing is released)."""
+        engine = self.engine
+        decision = decide_release(engine.metrics["evaluations"], engine.key_metric, self.num_rounds, self.release_tolerance)
+        engine.metrics["release"] = decision.as_dict()
+        if decision.action == COLLAPSE:
+            raise engine.fail(f"release gate: {decision.reason}; no model is released (metrics.json 'release')")
+        if decision.action == ROLLBACK:
+            best = self._best_version(decision.version)
+            if best is None:  # no copy of the best version (a resumed run whose step holds no plaintext model)
+                if decision.initial is not None and decision.final is not None and decision.final < decision.initial:
+                    raise engine.fail(f"release gate: {decision.reason}; the server holds no copy of version "
+                                      f"{decision.version} to release instead, so no model is released")
+                decision = dataclasses.replace(decision, action=FINAL, version=self.num_rounds, reason=(
+                    decision.reason.split("; rolled back")[0] + f"; NOT rolled back: the server holds no copy of version "
+                    f"{decision.version}, the final model is released"))
+                engine.metrics["release"] = decision.as_dict()
+            else:
+                if self._save_model(FINAL_MODEL_FILE) is not False:
+                    engine.metrics["release"]["final_model_file"] = FINAL_MODEL_FILE
+                self.global_model = best
+                self._save_model(GLOBAL_MODEL_FILE)
+        engine.metrics["release"]["model_file"] = GLOBAL_MODEL_FILE
+        if self.provenance is not None:
+            self.provenance.write(self.out_dir / CARD_FILENAME, released_model_file=GLOBAL_MODEL_FILE,
+                                  released_weights=self.step.plaintext(self.global_model), release=engine.metrics["release"])
+        return decision
+
+    def _best_version(self, version: int):
+        """The best version as the step holds it (None when the server has no copy of it)."""
+        kept = (self.engine.metrics.get("best") or {}).get("model_version")
+        if kept != version:
+            raise self.engine.fail(f"release gate: the best version is {version}, the round engine kept {kept}; "
+                                   "not releasing a model that was not kept")
+        if self.best_model is not None:
+            return self.best_model
+        if self.step.plaintext(self.global_model) is not None and (self.out_dir / BEST_MODEL_FILE).is_file():
+            # a resumed run: the best version was kept on disk
+            return self.step.restore({k: v.numpy() for k, v in load_model_weights(self.out_dir / BEST_MODEL_FILE).items()},
+                                     self.context)
+        return None
 
     # ---- resume -------------------------------------------------------------------------------
 

@@ -157,11 +157,11 @@ class FedMedExecutor(Executor):
     def _evaluate(self, trainer: LocalTrainer, network: dict, weights: dict, what: str, fl_ctx: FLContext) -> dict:
         """Validation metrics of ``weights``; at a dp site only the DP release (noised histogram),
         charged to the site's validation account."""
-        metrics = trainer.evaluate(network, weights)
         settings = dp_policy(fl_ctx)
         if settings is None:
-            return metrics
-        return self._dp_account(settings, fl_ctx).release_validation(fl_ctx.get_job_id(), what, metrics)
+            return trainer.evaluate(network, weights)
+        scored = trainer.positive_scores(network, weights)
+        return self._dp_account(settings, fl_ctx).release_validation(fl_ctx.get_job_id(), what, scored)
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
@@ -182,11 +182,11 @@ class FedMedExecutor(Executor):
             account = self._dp_account(settings, fl_ctx)
             if account.stopped:
                 raise PrivacyBudgetExceeded(account.stopped)
+            # the entering global model, validated first: the update's ledger then includes this query
+            val_metrics = self._evaluate(trainer, network, global_weights, f"round {round_num} global model", fl_ctx)
             result, privacy = account.train_round(fl_ctx.get_job_id(), trainer, network, global_weights, round_num,
                                                   num_rounds, should_abort)
             privacy["scope"] = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or "dp"
-            # the entering global model, validated after the round is charged (a refused round asks nothing)
-            val_metrics = self._evaluate(trainer, network, global_weights, f"round {round_num} global model", fl_ctx)
         return self._update(trainer, result, global_weights, val_metrics, network, round_num, fl_ctx, privacy)
 
     def _update(self, trainer: LocalTrainer, result, global_weights: dict, val_metrics: dict, network: dict,

@@ -26,6 +26,7 @@ its constructor, so the site refuses to start the job. The math lives in :mod:`f
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 

@@ -125,10 +125,6 @@ class FedMedRecipe(Recipe):
     def job(self) -> FedJob:
         return self._job
 
-    @property
-    def controller_args(self) -> dict:
-        return self.spec.controller_args()
-
 
 def recipe_from_spec(spec: JobSpec) -> FedMedRecipe:
     """The FLARE recipe of ``spec`` (every component constructed once: a bad argument raises naming its class)."""

@@ -232,20 +232,8 @@ def noise_multiplier_for_budget(epsilon: float, delta: float, sample_rate: float
 # what leaves a dp site besides the update: validation as noised histograms, public numbers
 # --------------------------------------------------------------------------------------------
 VALIDATION_MECHANISM = "discrete-laplace-histogram"  # two-sided geometric noise on integer bin counts
-VALIDATION_BINS = 20  # score bins per class in a dp validation histogram (coarser than the exact 100)
 DP_EPSILON_METRIC = "val_dp_epsilon"  # the epsilon one noised validation histogram spent (public)
 DP_PUBLIC_METRICS = ("learning_rate", "privacy_epsilon")  # public numbers a dp update may carry
-
-
-def rebin(histogram: Sequence[Sequence[int]], bins: int = VALIDATION_BINS) -> list[list[int]]:
-    """Per class, sum adjacent bins of an exact score histogram down to ``bins`` equal bins on [0, 1]
-    (the exact histogram's bin count must be a multiple of ``bins``)."""
-    rows = [[int(c) for c in row] for row in histogram]
-    width = len(rows[0]) if rows else 0
-    if width == 0 or width % bins:
-        raise ValueError(f"cannot rebin a histogram of {width} bins to {bins}")
-    group = width // bins
-    return [[sum(row[i * group:(i + 1) * group]) for i in range(bins)] for row in rows]
 
 
 def discrete_laplace(epsilon: float, size: int, rng) -> list[int]:
@@ -259,14 +247,15 @@ def discrete_laplace(epsilon: float, size: int, rng) -> list[int]:
     return [int(a) - int(b) for a, b in zip(rng.geometric(p, size), rng.geometric(p, size))]
 
 
-def noised_histogram(histogram: Sequence[Sequence[int]], epsilon: float, rng, bins: int = VALIDATION_BINS) -> list[list[int]]:
+def noised_histogram(histogram: Sequence[Sequence[int]], epsilon: float, rng) -> list[list[int]]:
     """A validation score histogram released under ``epsilon``-DP for the site's validation records.
 
     Adding or removing one validation record changes one count of one class by 1 (L1 sensitivity
     1), so discrete Laplace noise of scale 1/epsilon on every count is pure epsilon-DP; clamping
     at 0 is post-processing. Everything the server derives from it (AUC, accuracy, the decision
     threshold, the validation-set size) is post-processing too."""
-    exact = rebin(histogram, bins)
+    exact = [[int(c) for c in row] for row in histogram]
+    bins = len(exact[0])
     flat = [c for row in exact for c in row]
     noise = discrete_laplace(epsilon, len(flat), rng)
     noised = [max(0, c + e) for c, e in zip(flat, noise)]
@@ -287,14 +276,14 @@ def dp_release_metrics(metrics: Mapping, keep_extra: Iterable[str] = DP_PUBLIC_M
     (only together), plus ``keep_extra`` public numbers (the learning rate, the ledger's epsilon).
     Everything else (exact AUC / accuracy / loss, counts, training loss, timings) is dropped.
     Returns ``(kept, dropped keys)``."""
-    from fedmed.threshold import HISTOGRAM_KEY
+    from fedmed.threshold import DP_HISTOGRAM_KEY
 
     keep_extra = set(keep_extra)
     kept, dropped = {}, []
-    noised = _is_positive_number(metrics.get(DP_EPSILON_METRIC)) and HISTOGRAM_KEY in metrics
+    noised = _is_positive_number(metrics.get(DP_EPSILON_METRIC)) and DP_HISTOGRAM_KEY in metrics
     for key, value in metrics.items():
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if noised and key in (HISTOGRAM_KEY, DP_EPSILON_METRIC):
+        if noised and key in (DP_HISTOGRAM_KEY, DP_EPSILON_METRIC):
             kept[key] = value
         elif key in keep_extra and is_number:
             kept[key] = value

@@ -219,6 +219,114 @@ def train_in_mode(network_spec: dict, images: torch.Tensor, labels: torch.Tensor
     return model
 
 
+def _clipped(grads: dict[str, torch.Tensor], max_norm: float | None) -> dict[str, torch.Tensor]:
+    """Per-record gradients clipped to ``max_norm`` (None: unclipped)."""
+    if max_norm is None:
+        return grads
+    count = next(iter(grads.values())).shape[0]
+    norms = torch.sqrt(sum(g.reshape(count, -1).pow(2).sum(1) for g in grads.values()))
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {k: g * factor.view(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
+
+
+def clopper_pearson(successes: int, trials: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact two-sided (1 - alpha) confidence interval of a binomial proportion."""
+    from scipy.stats import beta
+
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    return low, high
+
+
+def empirical_epsilon(scores_in: np.ndarray, scores_out: np.ndarray, delta: float, alpha: float = 0.05) -> float:
+    """A (1 - alpha)-confidence lower bound on epsilon from a distinguishing test (Jagielski et al.
+    2020, Nasr et al. 2021): for the best threshold t, log((TPR_low - delta) / FPR_high) with
+    Clopper-Pearson bounds, TPR = P(score >= t | canary in), FPR = P(score >= t | canary out)."""
+    scores_in, scores_out = np.asarray(scores_in, float), np.asarray(scores_out, float)
+    best = 0.0
+    for t in np.unique(np.concatenate([scores_in, scores_out])):
+        tpr_low, _ = clopper_pearson(int(np.sum(scores_in >= t)), len(scores_in), alpha)
+        _, fpr_high = clopper_pearson(int(np.sum(scores_out >= t)), len(scores_out), alpha)
+        if tpr_low - delta > 0 and fpr_high > 0:
+            best = max(best, float(np.log((tpr_low - delta) / fpr_high)))
+    return best
+
+
+def canary_audit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, dp: DPAudit | None = None,
+                 trials: int = 400, seed: int = 0) -> dict:
+    """Membership with power: is the canary (``images[0]``) in the batch (the other images plus it)
+    or not? The server scores each update by its projection on the canary's gradient; over
+    ``trials`` updates each way, :func:`empirical_epsilon` bounds the epsilon of one update from
+    below. Without noise (``standard``) the two cases are told apart every time (the bound is then
+    limited only by the number of trials); under ``dp`` the bound must stay below the epsilon the
+    accountant gives one such step (the Gaussian mechanism at noise multiplier z, no subsampling):
+    a bound above it means the noise is not what the ledger charges."""
+    from fedmed.privacy.dp import accountant_epsilon
+
+    dp = dp or DPAudit()
+    loss_fn = nn.CrossEntropyLoss()
+    model.eval()
+    grads = per_sample_gradients(model, loss_fn, images, labels)
+    clip = dp.max_grad_norm if mode == "dp" else None
+    clipped = _clipped(grads, clip)
+    with_canary = {k: g.sum(0) for k, g in clipped.items()}
+    without = {k: g[1:].sum(0) for k, g in clipped.items()}
+    direction = {k: g[0] for k, g in clipped.items()}
+    scale = torch.sqrt(sum(d.pow(2).sum() for d in direction.values())) + 1e-12
+    z = dp.noise_multiplier(len(images)) if mode == "dp" else 0.0
+    rng = np.random.default_rng(seed + 7)
+
+    def projection(total: dict) -> float:
+        return float(sum((total[k] * direction[k]).sum() for k in total) / scale)
+
+    # the update's gradient sum projected on the canary's (clipped) gradient direction; isotropic Gaussian
+    # noise N(0, (zC)^2 I) projects onto a unit direction as exactly N(0, (zC)^2), drawn here per trial
+    sigma = z * clip if mode == "dp" else 0.0
+    scores_in = projection(with_canary) + sigma * rng.standard_normal(trials)
+    scores_out = projection(without) + sigma * rng.standard_normal(trials)
+    bound = empirical_epsilon(scores_in, scores_out, dp.delta)
+    step_epsilon = accountant_epsilon("rdp", [(z, 1.0, 1)], dp.delta) if mode == "dp" else float("inf")
+    return {"trials": trials, "epsilon_lower_bound": bound, "noise_multiplier": z,
+            "step_epsilon": step_epsilon if np.isfinite(step_epsilon) else None,
+            "ledger_epsilon": dp.epsilon if mode == "dp" else None}
+
+
+LEAK_SSIM_MARGIN = 0.2  # a reconstruction leaks when its SSIM beats the no-information baseline by this much
+POWER_EPSILON = 2.0  # the canary test has power when it bounds standard's epsilon at least this high
+
+
+def verdict(result: dict) -> tuple[int, list[str]]:
+    """(exit code, findings) of an audit: 0 when ``standard`` leaks (the positive control: the
+    attacks work) and ``dp`` does not; 2 when the positive control shows no leakage (the audit
+    itself is broken: its result says nothing); 3 when ``dp`` leaks."""
+    findings, broken, leaks = [], False, False
+    for batch_size, per_mode in sorted(result["batches"].items(), key=lambda kv: int(kv[0])):
+        base = per_mode["no_information_baseline"]["ssim"]
+        for mode, scores in per_mode["modes"].items():
+            leaked = scores["ssim"] >= base + LEAK_SSIM_MARGIN
+            scores["leaks"] = bool(leaked)
+            if mode == "dp" and leaked:
+                leaks = True
+                findings.append(f"dp leaks at batch {batch_size}: SSIM {scores['ssim']:.3f} vs no-information {base:.3f}")
+            if mode == "standard" and int(batch_size) == 1 and not leaked:
+                broken = True
+                findings.append(f"positive control failed: standard at batch 1 reconstructs at SSIM {scores['ssim']:.3f}, "
+                                f"not {LEAK_SSIM_MARGIN} above the no-information {base:.3f}")
+    canary = result.get("canary", {})
+    if "standard" in canary and canary["standard"]["epsilon_lower_bound"] < POWER_EPSILON:
+        broken = True
+        findings.append(f"positive control failed: the canary test bounds standard's epsilon only at "
+                        f"{canary['standard']['epsilon_lower_bound']:.2f} (< {POWER_EPSILON}): it has no power")
+    if "dp" in canary and canary["dp"]["step_epsilon"] is not None and canary["dp"]["epsilon_lower_bound"] > canary["dp"]["step_epsilon"]:
+        leaks = True
+        findings.append(f"dp leaks: the canary test's empirical epsilon {canary['dp']['epsilon_lower_bound']:.2f} exceeds the "
+                        f"{canary['dp']['step_epsilon']:.2f} the accountant gives one step")
+    if "standard" not in next(iter(result["batches"].values()))["modes"]:
+        broken = True
+        findings.append("no positive control: the audit must include the standard mode")
+    return (2 if broken else 3 if leaks else 0), findings
+
+
 def audit(images: np.ndarray, labels: np.ndarray, modes=AUDIT_MODES, batch_size: int = 4, iterations: int = 300,
           network_spec: dict | None = None, dp: DPAudit | None = None, membership_size: int = 100,
           membership_epochs: int = 10, seed: int = 0) -> dict:
@@ -251,12 +359,15 @@ def audit(images: np.ndarray, labels: np.ndarray, modes=AUDIT_MODES, batch_size:
         recon = invert_update(model, update, batch_labels, tuple(batch.shape[1:]), iterations=iterations, seed=seed)
         scores = image_scores(recon, batch)
         reconstructions[mode] = recon.numpy()[scores["matching"]]  # row i: the reconstruction matched to true image i
-        trained = train_in_mode(network_spec, images_t[members], labels_t[members], mode, epochs=membership_epochs, dp=dp, seed=seed)
-        auc = membership_auc(per_record_losses(trained, images_t[members], labels_t[members]),
-                             per_record_losses(trained, images_t[others], labels_t[others]))
+        auc = None
+        if membership_size:
+            trained = train_in_mode(network_spec, images_t[members], labels_t[members], mode, epochs=membership_epochs, dp=dp, seed=seed)
+            auc = membership_auc(per_record_losses(trained, images_t[members], labels_t[members]),
+                                 per_record_losses(trained, images_t[others], labels_t[others]))
         result["modes"][mode] = {"psnr": scores["psnr"], "ssim": scores["ssim"], "psnr_per_image": scores["psnr_per_image"],
-                                 "ssim_per_image": scores["ssim_per_image"], "matching": scores["matching"],
-                                 "membership_auc": auc}
+                                 "ssim_per_image": scores["ssim_per_image"], "matching": scores["matching"]}
+        if auc is not None:
+            result["modes"][mode]["membership_auc"] = auc
     result["originals"] = batch.numpy()
     result["reconstructions"] = reconstructions
     return result

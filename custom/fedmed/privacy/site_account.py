@@ -130,22 +130,24 @@ class DPSiteAccount:
                 f"{s.max_grad_norm:g}; budget epsilon {s.epsilon:g} at delta {s.delta:g} ({s.accountant})")
 
     # -- validation ---------------------------------------------------------------------------
-    def release_validation(self, job_id: str, what: str, metrics: Mapping) -> dict:
-        """What may leave of a validation query: the score histogram noised under the per-query
-        epsilon and that epsilon, charged to the validation account. ``{}`` when the task has no
-        histogram (nothing DP to send) or the validation budget is spent (nothing charged)."""
-        from fedmed.threshold import HISTOGRAM_KEY
+    def release_validation(self, job_id: str, what: str, scored) -> dict:
+        """What may leave of a validation query: the per-class histogram of the positive-class
+        probabilities (``scored`` = (probabilities, labels) of the site's validation records, or
+        None for a task without them), in log-odds bins, noised under the per-query epsilon, with
+        that epsilon; charged to the validation account. ``{}`` when there is nothing to score or
+        the validation budget is spent (nothing charged)."""
+        from fedmed.threshold import DP_HISTOGRAM_KEY, logit_histogram
 
-        histogram = metrics.get(HISTOGRAM_KEY)
-        if not histogram:
+        if scored is None:
             return {}
+        exact = logit_histogram(*scored)
         epsilon = self.settings.query_epsilon
         try:
             with LedgerLock(self.ledger_path):
                 self._ledger().charge_validation(job_id, what, epsilon)
         except ValidationBudgetSpent:
             return {}
-        return {HISTOGRAM_KEY: noised_histogram(histogram, epsilon, self._rng), DP_EPSILON_METRIC: epsilon}
+        return {DP_HISTOGRAM_KEY: noised_histogram(exact, epsilon, self._rng), DP_EPSILON_METRIC: epsilon}
 
     def validation_record(self) -> dict:
         with LedgerLock(self.ledger_path):

@@ -3,7 +3,9 @@
 ``build_report(run_dir)`` reads a finished run's outputs (:mod:`fedmed.report.load`) and writes ``run_dir/report/``:
 
 - ``report.md`` and a self-contained ``report.html`` (plots embedded as base64 PNG; it opens
-  offline and still works when moved on its own), opening with the verdict for a project lead
+  offline and still works when moved on its own). Its first line says when the run is incomplete
+  or failed; the next ones say how the run ended and which model version it released and why
+  (:func:`fedmed.report.render.status_lines`); then the verdict for a project lead
   (:func:`fedmed.report.compute.verdict`, :func:`fedmed.report.render.verdict_section`);
 - ``report.json``: the numbers (verdict, external, EXAM-style figures, comparison rows, provenance status);
 - PNG plots (:mod:`fedmed.report.plot`): ``cross_site_<metric>.png`` (models x sites heatmap of the
@@ -27,7 +29,7 @@ from typing import Any, Mapping
 from fedmed.report.compute import exam_figures, metric_name
 from fedmed.report.load import ReportError, load_run
 from fedmed.report.plot import cross_site_plot, plot_comparison, plot_exam, plot_files, plot_heatmap, plot_learning_curves
-from fedmed.report.render import build_sections, render_html, render_markdown
+from fedmed.report.render import build_sections, render_html, render_markdown, status_lines
 
 
 def build_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, log=print) -> dict[str, Any]:
@@ -70,7 +72,9 @@ def build_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
         sections, summary = build_sections(data, plots)
         card_summary = data.card.get("summary", {}) if data.card else {}
         title = f"Federated training report: {card_summary.get('job') or run_dir.resolve().name}"
-        meta = [
+        if data.status is not None and not data.status.complete:  # the first line says so
+            title = f"{data.status.headline()}: {title}"
+        meta = status_lines(data) + [
             f"Run folder: `{run_dir}`",
             f"Generated: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
             f"Sites: {', '.join(data.sites) if data.sites else 'n/a'}",

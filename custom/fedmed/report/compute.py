@@ -3,7 +3,9 @@
 - :func:`verdict`: for the project lead. External-data figures of the released federated model
   against local-only and pooled models (when the run has them), and for each hospital whether it is
   better off in the federation than alone: the federated model against that hospital's local-only
-  model, on the hospital's own validation data and on the external hospitals.
+  model, on the hospital's own validation data (AUC, and accuracy at each model's decision
+  threshold) and on the external hospitals, each with its 95 % interval and sample size
+  (:mod:`fedmed.report.stats`). A gain or loss is called only when the intervals support it.
 - :func:`exam_figures` (EXAM, Dayan et al., Nat Med 2021), for metric M (AUC by default):
   own-data gain, for each site s, M(federated, s) - M(local_s, s), as the mean over sites and as the
   relative change of the mean; generalizability, a model's mean M on the *other* sites' data.
@@ -23,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from fedmed.report import stats
 from fedmed.report.load import FEDERATED, LOCAL_ONLY_PREFIX, POOLED, ReportError, RunData
 
 # differences smaller than this (AUC or Dice) count as "about the same" in the verdict: validation
@@ -172,7 +175,16 @@ class HospitalVerdict:
     alone_own: float | None  # its local-only model there (None: the run has no local-only models)
     federated_external: float | None  # federated model on the external hospitals (mean over sets)
     alone_external: float | None  # its local-only model there
-    outcome: str  # better | worse | same | mixed | unknown
+    outcome: str  # better | worse | unclear (no difference the images can show) | mixed | unknown
+    # the same comparisons with intervals and sample sizes (None: the run lacks the class counts)
+    federated_auc: stats.Estimate | None = None
+    alone_auc: stats.Estimate | None = None
+    federated_accuracy: stats.Estimate | None = None  # at the federation's decision threshold
+    alone_accuracy: stats.Estimate | None = None  # at the local model's own threshold
+    federated_threshold: float | None = None
+    alone_threshold: float | None = None
+    external_compared: list[tuple[str, stats.Estimate, stats.Estimate]] = field(default_factory=list)  # (set, fed, alone)
+    signs: dict[str, int] = field(default_factory=dict)  # comparison -> +1 supported gain, -1 supported loss, 0 not shown
 
     @property
     def own_gain(self) -> float | None:
@@ -214,18 +226,57 @@ class Verdict:
         return out
 
 
-def _compare(gains: Sequence[float | None]) -> str:
-    known = [g for g in gains if g is not None and not math.isnan(g)]
+def _compare(signs: Sequence[int | None]) -> str:
+    """The outcome from the comparisons' signs (+1 supported gain, -1 supported loss, 0 not shown)."""
+    known = {s for s in signs if s is not None}
     if not known:
         return "unknown"
-    signs = {0 if abs(g) < SAME_WITHIN else (1 if g > 0 else -1) for g in known}
-    if signs == {0}:
-        return "same"
-    if -1 not in signs:
+    if known == {0}:
+        return "unclear"
+    if -1 not in known:
         return "better"
-    if 1 not in signs:
+    if 1 not in known:
         return "worse"
     return "mixed"
+
+
+def _sign(a: stats.Estimate | None, b: stats.Estimate | None, plain: tuple[Any, Any] = (None, None)) -> int | None:
+    """+1 / -1 when the intervals support a difference of at least SAME_WITHIN, 0 when not, None when
+    a figure is missing. Without intervals (no class counts: Dice, runs from before the counts were
+    kept) the ``plain`` values are compared on SAME_WITHIN alone, and the report says so."""
+    if a is None or b is None:
+        x, y = plain
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (x, y)):
+            return None
+        return 0 if abs(x - y) < SAME_WITHIN else (1 if x > y else -1)
+    if abs(a.value - b.value) < SAME_WITHIN:
+        return 0
+    return stats.supported_difference(a, b)
+
+
+def site_estimates(auc: float | None, histogram: Any, threshold: float | None) -> tuple[stats.Estimate | None, stats.Estimate | None]:
+    """(AUC, accuracy at ``threshold``) with intervals: the AUC from the matrix, the class counts and
+    the accuracy from the site's score histogram of the same model (None without a histogram)."""
+    if not isinstance(histogram, list):
+        return None, None
+    try:
+        n_pos, n_neg = stats.class_counts(histogram)
+        auc_est = stats.auc_estimate(float(auc), n_pos, n_neg) if isinstance(auc, (int, float)) and math.isfinite(auc) else None
+        acc_est = None
+        if threshold is not None:
+            correct, n, n_pos, n_neg = stats.accuracy_at_threshold(histogram, threshold)
+            acc_est = stats.accuracy_estimate(correct, n, n_pos, n_neg) if n else None
+        return auc_est, acc_est
+    except (ValueError, TypeError, IndexError):
+        return None, None
+
+
+def external_estimate(figures: Mapping[str, Any]) -> stats.Estimate | None:
+    counts = figures.get("images_per_class")
+    auc = figures.get("auc")
+    if not (isinstance(counts, list) and len(counts) == 2 and isinstance(auc, (int, float)) and math.isfinite(auc)):
+        return None
+    return stats.auc_estimate(float(auc), int(counts[1]), int(counts[0]))
 
 
 def external_figures(data: RunData) -> list[ExternalFigures]:
@@ -263,6 +314,8 @@ def verdict(data: RunData, metric: str | None = None) -> Verdict:
     local_models, local_kind = data.local_models()
     external = external_figures(data)
     hospitals = []
+    fed_threshold = (data.decision_threshold or {}).get("threshold")
+    fed_threshold = float(fed_threshold) if isinstance(fed_threshold, (int, float)) else None
     for site in data.sites:
         if federated:
             fed_own = data.matrix.get(federated, {}).get(site, {}).get(metric, math.nan)
@@ -275,10 +328,34 @@ def verdict(data: RunData, metric: str | None = None) -> Verdict:
             per_set = [e.alone_auc[site] for e in external if site in e.alone_auc]
             alone_ext = _mean(per_set) if per_set else None
         fed_ext = _mean([e.federated_auc for e in external]) if external else None
-        gains = [None if alone_own is None else fed_own - alone_own,
-                 None if alone_ext is None or fed_ext is None else fed_ext - alone_ext]
-        hospitals.append(HospitalVerdict(site, fed_own, alone_own, fed_ext, alone_ext,
-                                         _compare(gains) if local_kind == "local_only" else "unknown"))
+        hospital = HospitalVerdict(site, fed_own, alone_own, fed_ext, alone_ext, "unknown")
+        fed_metrics = data.released_site_metrics.get(site)
+        fed_histogram = data.histograms.get(federated, {}).get(site) if federated else None
+        if fed_histogram is None:  # the released version's validation in metrics.json
+            fed_histogram = (fed_metrics or {}).get("val_score_histogram")
+        if metric != "val_auc":  # intervals from class counts are for AUC and accuracy only (Dice: none)
+            fed_histogram = None
+        hospital.federated_auc, hospital.federated_accuracy = site_estimates(fed_own, fed_histogram, fed_threshold)
+        hospital.federated_threshold = fed_threshold
+        if local_kind == "local_only" and site in local_models:
+            local = local_models[site]
+            hospital.alone_threshold = data.model_thresholds.get(local)
+            hospital.alone_auc, hospital.alone_accuracy = site_estimates(
+                alone_own, data.histograms.get(local, {}).get(site) if metric == "val_auc" else None, hospital.alone_threshold)
+            for set_name, by_model in (data.external.get("results") or {}).items():
+                fed_e = external_estimate(by_model.get(FEDERATED) or {})
+                alone_e = external_estimate(by_model.get(local) or {})
+                if fed_e and alone_e:
+                    hospital.external_compared.append((set_name, fed_e, alone_e))
+            short = metric_name(metric)
+            hospital.signs = {f"its own images ({short})": _sign(hospital.federated_auc, hospital.alone_auc, (fed_own, alone_own)),
+                              "its own images (accuracy)": _sign(hospital.federated_accuracy, hospital.alone_accuracy)}
+            for set_name, fed_e, alone_e in hospital.external_compared:
+                hospital.signs[f"{set_name} ({short})"] = _sign(fed_e, alone_e)
+            if not hospital.external_compared and alone_ext is not None:
+                hospital.signs[f"the external hospitals ({short})"] = _sign(None, None, (fed_ext, alone_ext))
+            hospital.outcome = _compare(list(hospital.signs.values()))
+        hospitals.append(hospital)
     pooled = data.pooled_model()
     pooled_own = None
     if pooled:

@@ -10,6 +10,11 @@ Inputs in the run folder (every one optional except that at least one must exist
   models x sites matrix on the same sites' validation data;
 - ``provenance.json``: the provenance card (``fedmed.provenance``).
 
+Besides the figures, :func:`load_run` reads how the run ended (:func:`run_status`: simulate's
+``INCOMPLETE`` marker, ``metrics.json``'s error / ``finished``, a downloaded job's status), the
+release gate's decision (``metrics.json`` ``release``) and whether external hospital data exists
+that was not evaluated, so the report never looks more finished than the run.
+
 Pure module: never imports ``nvflare``.
 """
 
@@ -26,6 +31,8 @@ BEST_FEDERATED = "best_global_model"
 POOLED = "pooled"
 LOCAL_ONLY_PREFIX = "local-only:"
 INPUT_FILES = ("metrics.json", "cross_site.json", "baselines.json", "provenance.json")
+INCOMPLETE_MARKER = "INCOMPLETE"  # fedmed.simulate.INCOMPLETE_MARKER: the run is in progress, failed or was interrupted
+HISTOGRAM_KEY = "val_score_histogram"  # fedmed.threshold.HISTOGRAM_KEY
 
 
 class ReportError(ValueError):
@@ -85,6 +92,66 @@ def _check_matrix(doc: Mapping[str, Any], source: str) -> dict[str, dict[str, di
 
 
 @dataclass
+class RunStatus:
+    """How the run ended: ``complete``, ``incomplete`` (interrupted, in progress or unfinished) or
+    ``failed`` (a recorded error, e.g. the release gate's collapse), with the reasons."""
+
+    state: str
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+    def headline(self) -> str:
+        """The report's first words: empty for a complete run."""
+        return {"complete": "", "incomplete": "INCOMPLETE RUN", "failed": "FAILED RUN"}[self.state]
+
+    def sentence(self) -> str:
+        if self.complete:
+            return "Run status: finished."
+        what = "did not finish" if self.state == "incomplete" else "failed"
+        return (f"Run status: **{self.headline()}**: this run {what}; the figures below are what it left and do not "
+                f"describe a released model. " + " ".join(r.rstrip(".") + "." for r in self.reasons))
+
+
+def run_status(root: Path, metrics_doc: Any) -> RunStatus:
+    """How the run in ``root`` ended, from simulate's marker, ``metrics.json`` and a job's meta.json."""
+    failed, incomplete = [], []
+    if (root / INCOMPLETE_MARKER).exists():
+        incomplete.append(f"`{INCOMPLETE_MARKER}` is in the run folder: simulate was interrupted, failed or is still running")
+    if isinstance(metrics_doc, Mapping):
+        if metrics_doc.get("error"):
+            failed.append(f"recorded error: {metrics_doc['error']}")
+        elif metrics_doc.get("finished") is False:
+            done = len(metrics_doc.get("rounds") or [])
+            incomplete.append(f"metrics.json records {done} of {metrics_doc.get('num_rounds', '?')} rounds and no finish")
+    else:
+        incomplete.append("the run has no metrics.json: no training round was recorded")
+    meta = _job_meta(root)
+    if meta is not None and meta.get("status") and meta["status"] != "FINISHED:COMPLETED":
+        (incomplete if meta["status"] in ("SUBMITTED", "DISPATCHED", "RUNNING") else failed).append(
+            f"the job's status is {meta['status']} (meta.json of job {meta.get('job_id', '?')})")
+    state = "failed" if failed else "incomplete" if incomplete else "complete"
+    return RunStatus(state, failed + incomplete)
+
+
+def _job_meta(root: Path) -> dict | None:
+    """A downloaded job's meta.json (its status): the one beside the job's ``workspace/`` or ``job/``
+    folder (FLARE leaves a stale copy inside ``workspace/``), in ``root`` or up to 4 folders above it."""
+    for folder in (root, *list(root.resolve().parents)[:4]):
+        path = folder / "meta.json"
+        if path.is_file() and ((folder / "workspace").is_dir() or (folder / "job").is_dir()):
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(meta, dict) and "job_id" in meta:
+                return meta
+    return None
+
+
+@dataclass
 class RunData:
     """Everything the report shows, already parsed."""
 
@@ -102,6 +169,12 @@ class RunData:
     files: dict[str, Path] = field(default_factory=dict)
     external: dict[str, Any] = field(default_factory=dict)  # metrics.json 'external': models on held-out hospitals
     decision_threshold: dict[str, Any] = field(default_factory=dict)  # metrics.json 'decision_threshold'
+    status: RunStatus | None = None  # how the run ended (run_status)
+    release: dict[str, Any] = field(default_factory=dict)  # metrics.json 'release': the version released and why
+    released_site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> the released model's validation
+    histograms: dict[str, dict[str, list]] = field(default_factory=dict)  # model -> site -> val_score_histogram
+    model_thresholds: dict[str, float] = field(default_factory=dict)  # baseline model -> its own decision threshold
+    unevaluated_external: list[str] = field(default_factory=list)  # external sets present but never evaluated
     metrics_doc: Any = None  # metrics.json as read (participation, rounds) for sections that need more of it
 
     def primary_metric(self) -> str:
@@ -188,6 +261,7 @@ def load_run(path: str | os.PathLike) -> RunData:
             kind = info.get("kind") or ("global" if model == FEDERATED else "local")
             data.matrix[model] = row
             data.model_kinds[model] = kind
+            _keep_histograms(data, model, doc["results"][model])
             if kind == "local":
                 data.model_sites[model] = str(info.get("site", model))
         sites += [str(s) for s in doc.get("sites", [])]
@@ -206,6 +280,10 @@ def load_run(path: str | os.PathLike) -> RunData:
                 raise ReportError(f"{files['baselines.json']}: models[{model!r}].kind must be 'local_only' or 'pooled'")
             data.matrix[model] = row
             data.model_kinds[model] = kind
+            _keep_histograms(data, model, doc["results"][model])
+            threshold = (info.get("decision_threshold") or {}).get("threshold") if isinstance(info.get("decision_threshold"), Mapping) else None
+            if isinstance(threshold, (int, float)):
+                data.model_thresholds[model] = float(threshold)
             if kind == "local_only":
                 if "site" not in info:
                     raise ReportError(f"{files['baselines.json']}: models[{model!r}] needs the 'site' it was trained on")
@@ -221,10 +299,12 @@ def load_run(path: str | os.PathLike) -> RunData:
             data.pooled_validation = dict(pooled_val)
         sites += [str(s) for s in doc.get("sites", [])]
 
+    metrics_doc = None
     if "metrics.json" in files:
         metrics_doc = _read_json(files["metrics.json"])
         data.metrics_doc = metrics_doc
         data.curves = learning_curves(metrics_doc, str(files["metrics.json"]))
+        _read_release(data, metrics_doc)
         external = metrics_doc.get("external") if isinstance(metrics_doc, Mapping) else None
         if isinstance(external, Mapping) and isinstance(external.get("results"), Mapping):
             data.external = dict(external)
@@ -256,4 +336,28 @@ def load_run(path: str | os.PathLike) -> RunData:
     for row in data.matrix.values():
         sites += list(row)
     data.sites = sorted(dict.fromkeys(sites))
+    data.status = run_status(Path(path), metrics_doc)
+    from fedmed.external import external_sets  # pure
+
+    evaluated = set((data.external.get("results") or {}))
+    data.unevaluated_external = sorted(set(external_sets(path)) - evaluated)
     return data
+
+
+def _keep_histograms(data: RunData, model: str, row: Any) -> None:
+    for site, metrics in (row or {}).items():
+        if isinstance(metrics, Mapping) and isinstance(metrics.get(HISTOGRAM_KEY), list):
+            data.histograms.setdefault(model, {})[str(site)] = metrics[HISTOGRAM_KEY]
+
+
+def _read_release(data: RunData, metrics_doc: Any) -> None:
+    """The release block and the released version's per-site validation (the verdict's federated figures)."""
+    if not isinstance(metrics_doc, Mapping):
+        return
+    if isinstance(metrics_doc.get("release"), Mapping):
+        data.release = dict(metrics_doc["release"])
+    evaluations = [e for e in metrics_doc.get("evaluations") or [] if isinstance(e, Mapping)]
+    version = data.release.get("version") if data.release else None
+    chosen = [e for e in evaluations if e.get("model_version") == version] if version is not None else evaluations[-1:]
+    if chosen and isinstance(chosen[-1].get("sites"), Mapping):
+        data.released_site_metrics = {str(s): dict(m) for s, m in chosen[-1]["sites"].items() if isinstance(m, Mapping)}

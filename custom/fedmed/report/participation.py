@@ -48,7 +48,7 @@ def participation_lines(part: Mapping[str, Mapping], rounds_run: int) -> list[st
 
 def participation_section(metrics_doc: Any, summary: dict[str, Any]):
     """The report Section (None when metrics.json has no participation)."""
-    from fedmed.report.render import Section
+    from fedmed.report.section import Section
 
     part, rounds_run = read_participation(metrics_doc)
     lines = participation_lines(part, rounds_run)

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedmed.report.formatting import pct
 from fedmed.report.compute import _mean, comparison_rows, local_label, metric_name, model_label, ordered_models
 from fedmed.report.load import RunData
 
@@ -161,7 +162,6 @@ def plot_comparison(data: RunData, metric: str, path: Path):
 def plot_exam(figures: Mapping[str, Any], local_kind: str, path: Path):
     import numpy as np
 
-    from fedmed.report.render import pct
 
     per_site = figures["per_site"]
     labels = [r["site"] for r in per_site] + [MEAN_OVER_SITES]
