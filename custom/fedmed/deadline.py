@@ -16,7 +16,10 @@ Pure module (no FLARE import); the controller (``fedmed.flare.controller``) poll
 2. **Catch-up rounds.** A site left out of ``catch_up_after`` rounds in a row makes the next round
    wait for it, for at most :meth:`catch_up_limit` seconds (2.5 x its last measured reply time,
    or 10 x the median site's when it never answered; at least ``max_grace``; at most the round
-   timeout). A slow site that answers then contributes to one round in ``catch_up_after + 1``;
+   timeout). A slow site that answers then contributes to one round in ``catch_up_after + 1``, or
+   fewer: its next catch-up comes after as many missed rounds as its catch-up took median reply
+   times, so catch-up waits cost about as much wall time as the rounds between them (the job takes
+   at most about twice as long as without the slow site);
    one that still misses it waits twice as many rounds for its next catch-up (2, 4, 8, ...), so a
    dead site costs at most ``log2(rounds)`` catch-up waits.
 3. **Named every time.** The controller logs every left-out site each round; ``metrics.json``
@@ -73,9 +76,12 @@ class DeadlinePolicy:
         return sorted(s for s in sites if self.missed.get(s, 0) >= self.due.get(s, self.catch_up_after))
 
     def known_slow(self, site: str, patience: float) -> bool:
-        """A site the patience does not wait for: its last measured reply took longer than the
-        patience, or it missed ``catch_up_after`` rounds in a row (then only catch-up rounds wait)."""
-        return self.reply_seconds.get(site, 0.0) > patience or self.missed.get(site, 0) >= self.catch_up_after
+        """A site the patience does not wait for: it missed the last round and its last measured reply
+        took longer than the patience, or it missed ``catch_up_after`` rounds in a row (then only
+        catch-up rounds wait). A site that answered the last round is always waited for (round 1's
+        replies include the sites' start-up)."""
+        missed = self.missed.get(site, 0)
+        return missed >= self.catch_up_after or (missed >= 1 and self.reply_seconds.get(site, 0.0) > patience)
 
     def catch_up_limit(self, site: str) -> float:
         """Most seconds a catch-up round stays open for ``site``."""
@@ -121,6 +127,10 @@ class DeadlinePolicy:
             self.reply_seconds[site] = float(seconds)
             self.missed[site] = 0
             self.due.pop(site, None)
+            if site in waited_for and self.median_seconds:  # a catch-up answered: space the next one by its cost
+                spacing = int(np.ceil(float(seconds) / max(self.median_seconds, self.min_grace)))
+                if spacing > self.catch_up_after:
+                    self.due[site] = spacing
         for site in sorted(left_out):
             self.missed[site] = self.missed.get(site, 0) + 1
             if site in waited_for:  # a failed catch-up: back off

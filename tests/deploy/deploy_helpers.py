@@ -10,7 +10,8 @@ from fedmed.deploy.provision import customize_project, load_project, provision
 REPO = Path(__file__).resolve().parents[2]
 LEAD = "lead@fedmed.example.org"
 PROJECT_ADMIN = "admin@fedmed.example.org"
-SYNTHETIC_SITE = {"data": {"format": "synthetic", "num_train": 48, "num_val": 24, "seed": 1}}
+# enough images that one round of the job beats the initial model (the release gate fails a job that does not)
+SYNTHETIC_SITE = {"data": {"format": "synthetic", "num_train": 160, "num_val": 48, "seed": 1}}
 
 
 def process_env() -> dict:

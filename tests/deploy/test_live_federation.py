@@ -90,7 +90,7 @@ def live(tmp_path_factory):
 def test_lead_submits_the_job_it_finishes_and_the_global_model_downloads(live, tmp_path):
     session = live.federation.session(LEAD)
     started = time.time()
-    job_id, meta = live.run(session, live.job("cxr_pneumonia_fedavg"))
+    job_id, meta = live.run(session, live.job("cxr_pneumonia_fedavg", rounds=3))
     assert meta["status"] == FINISHED_OK, meta
     download = Path(session.download_job_result(job_id, str(tmp_path / "download")))
     out = tmp_path / "out"

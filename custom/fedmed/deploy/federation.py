@@ -61,7 +61,12 @@ class LocalFederation:
             wait_ready(proc, timeout)
         return proc
 
-    def start_all(self, server: str, clients: list[str], timeout: float = 90.0, log=print) -> None:
+    def start_all(self, server: str, clients: list[str], timeout: float | None = None, log=print) -> None:
+        """Start the server, then every client at once; wait until each registered.
+
+        ``timeout`` (default ``90 + 10 x clients`` seconds: clients starting together share the CPU while
+        they import FLARE) bounds the server's start and each client's registration."""
+        timeout = timeout or 90.0 + 10.0 * len(clients)
         started = time.time()
         self.start(server, timeout=timeout)
         log(f"  server {server} up ({time.time() - started:.1f} s; log {self.processes[server].log_path})")
@@ -79,9 +84,9 @@ class LocalFederation:
         if self.network is not None:
             command = self.network.command(name, command)
         try:
-            result = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=4 * timeout + 30)
+            result = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=4 * timeout + 120)
         except subprocess.TimeoutExpired:
-            return f"network checks from {name}'s host did not finish"
+            return f"network checks from {name}'s host did not finish within {4 * timeout + 120:.0f} s"
         return f"network checks from {name}'s host:\n{result.stdout}{result.stderr}".rstrip()
 
     def session(self, user: str, timeout: float = 30.0):
