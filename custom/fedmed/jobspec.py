@@ -66,7 +66,7 @@ CONTROLLER_SETTINGS: dict[str, str] = {
     "seed": "seeds the initial global model (and, for the executor, shuffling)",
     "final_validation": "validate the final global model at every site after the last round",
     "allow_partial_updates": "accept updates lacking some keys (a privacy filter removed them)",
-    "aggregation": 'robust aggregation {"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median", "args": {...}}',
+    "aggregation": 'robust aggregation {"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median"|"geometric_median"|"multi_krum", "args": {"f": ..., ...}}',
     "server_optimizer": 'server optimizer {"name": "fedavg"|"fedavgm"|"fedadam"|"fedyogi", "args": {...}}',
     "release_tolerance": "release gate: how far below the best version the final model may score and still be released (default 0.02)",
 }
