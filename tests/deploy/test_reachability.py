@@ -60,36 +60,40 @@ class PKI:
         self.client_key = _write(folder / "client.key", key=client_key)
 
 
+def tls_context(cert, key, ca) -> ssl.SSLContext:
+    """A server's mutual-TLS context: its certificate and key, clients' certificates checked against ``ca``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    context.load_verify_locations(str(ca))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def serve_tls(listener: socket.socket, context: ssl.SSLContext) -> None:
+    """Accept connections and complete (or refuse) each TLS handshake until the listener is closed."""
+    try:
+        while True:
+            conn, _ = listener.accept()
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.settimeout(2)
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                pass
+    except OSError:
+        return
+
+
 @pytest.fixture
 def tls_server():
     """Start a mutual-TLS listener on 127.0.0.1 with a given PKI; yields a starter returning the port."""
     sockets = []
 
     def start(pki: PKI) -> int:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
-        context.load_verify_locations(str(pki.ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        listener.settimeout(10)
+        listener = socket.create_server(("127.0.0.1", 0))
         sockets.append(listener)
-
-        def serve():
-            try:
-                while True:
-                    conn, _ = listener.accept()
-                    try:
-                        with context.wrap_socket(conn, server_side=True) as tls:
-                            tls.settimeout(2)
-                            tls.recv(1)
-                    except (OSError, ssl.SSLError):
-                        pass
-            except OSError:
-                return
-
-        threading.Thread(target=serve, daemon=True).start()
+        threading.Thread(target=serve_tls, args=(listener, tls_context(pki.server_cert, pki.server_key, pki.ca)),
+                         daemon=True).start()
         return listener.getsockname()[1]
 
     yield start
@@ -140,3 +144,12 @@ def test_a_server_from_another_provisioning_run_fails_tls_as_a_different_run(tmp
     results = _run(kit_run, tls_server(server_run))
     assert results[reachability.PORT] == []
     assert "different provisioning run" in results[reachability.TLS][0]
+
+
+if __name__ == "__main__":  # the same listener as a process, on a test host (tests/deploy/test_rehearse_netns.py)
+    import sys
+
+    cert, key, ca, host, port = sys.argv[1:6]
+    server = socket.create_server((host, int(port)))
+    print("listening", flush=True)
+    serve_tls(server, tls_context(cert, key, ca))

@@ -177,28 +177,6 @@ def test_host_network_gives_each_participant_its_address_and_name_and_removes_ev
     assert not (NETNS_ETC / namespaces[0]).exists()
 
 
-TLS_SERVER = """
-import socket, ssl, sys
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(sys.argv[1], sys.argv[2])
-context.load_verify_locations(sys.argv[3])
-context.verify_mode = ssl.CERT_REQUIRED
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("0.0.0.0", int(sys.argv[4])))
-listener.listen(8)
-print("listening", flush=True)
-while True:
-    conn, _ = listener.accept()
-    try:
-        with context.wrap_socket(conn, server_side=True) as tls:
-            tls.settimeout(2)
-            tls.recv(1)
-    except (OSError, ssl.SSLError):
-        pass
-"""
-
-
 @NEEDS_ROOT
 @pytest.mark.slow
 def test_cross_host_faults_are_diagnosed_from_the_hospitals_own_host(tmp_path):
@@ -229,8 +207,9 @@ def test_cross_host_faults_are_diagnosed_from_the_hospitals_own_host(tmp_path):
         kit_targets("srv.fedmed.test")
         closed = federation.diagnose("hospital-01", timeout=2)
         assert "OK   server name" in closed and "FAIL server port" in closed and "refused the connection" in closed
+        listener = Path(__file__).with_name("test_reachability.py")  # its TLS listener, run on the server's host
         server = subprocess.Popen(net.command("srv.fedmed.test", [
-            sys.executable, "-c", TLS_SERVER, str(pki.server_cert), str(pki.server_key), str(pki.ca), str(port)]),
+            sys.executable, str(listener), str(pki.server_cert), str(pki.server_key), str(pki.ca), "0.0.0.0", str(port)]),
             stdout=subprocess.PIPE, text=True)
         try:
             assert server.stdout.readline().strip() == "listening"

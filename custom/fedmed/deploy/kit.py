@@ -80,6 +80,14 @@ def read_kit(kit_dir: str | Path) -> KitInfo:
     raise KitError(f"{startup} holds none of fed_server.json, fed_client.json, fed_admin.json")
 
 
+def read_admin_kit(kit_dir: str | Path, whose: str = "e.g. the lead researcher's") -> KitInfo:
+    """:func:`read_kit` for the commands that need an admin kit (``stop``, ``watch``); another kit is a ``KitError``."""
+    info = read_kit(kit_dir)
+    if info.kind != "admin":
+        raise KitError(f"{kit_dir} is a {info.kind} kit; use an admin kit ({whose})")
+    return info
+
+
 def _load_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

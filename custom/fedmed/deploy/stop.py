@@ -59,13 +59,9 @@ def main(args: argparse.Namespace) -> int:
         print("stop: name the site(s) to stop, e.g. `client hospital-07`", file=sys.stderr)
         return 2
     try:
-        info = kit_files.read_kit(args.kit)
+        info = kit_files.read_admin_kit(args.kit, "the project admin's, or your hospital's it@... kit")
     except kit_files.KitError as exc:
         print(f"stop: {exc}", file=sys.stderr)
-        return 2
-    if info.kind != "admin":
-        print(f"stop: {args.kit} is a {info.kind} kit; use an admin kit (the project admin's, or your hospital's it@... kit)",
-              file=sys.stderr)
         return 2
     user = info.name
     what = {"server": "the server", "all": "the server and every site"}.get(args.target, ", ".join(args.clients))

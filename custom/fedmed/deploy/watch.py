@@ -113,12 +113,9 @@ def main(args: argparse.Namespace) -> int:
     from fedmed.deploy import kit as kit_files
 
     try:
-        info = kit_files.read_kit(args.kit)
+        info = kit_files.read_admin_kit(args.kit)
     except kit_files.KitError as exc:
         print(f"watch: {exc}", file=sys.stderr)
-        return 2
-    if info.kind != "admin":
-        print(f"watch: {args.kit} is a {info.kind} kit; use an admin kit (e.g. the lead researcher's)", file=sys.stderr)
         return 2
     previous = logging.root.manager.disable
     logging.disable(logging.ERROR)  # the admin API logs connection errors itself; we say what happened
