@@ -202,7 +202,9 @@ def test_preflight_names_edited_or_added_package_files_and_an_unreachable_server
     assert result.returncode == 1
     out = result.stdout
     assert "cli.py does not match its signature" in out and "extra.py is not part of the signed package" in out
-    assert "placeholder" in out and "not reachable" in out
+    assert "placeholder" in out
+    assert "FAIL server port" in out and "refused the connection: nothing listens there" in out  # named, with the cause
+    assert "OK   server name" in out and "not attempted: the server port check failed" in out
     assert time.time() - started < 30
 
 
