@@ -106,3 +106,15 @@ def test_decision_is_json_ready_and_names_the_statistic():
     assert json.loads(json.dumps(block)) == block
     assert block["statistic"] == "median over sites of validation val_auc"
     assert block["tolerance"] == DEFAULT_RELEASE_TOLERANCE
+
+
+def test_on_collapse_initial_releases_version_0_saying_so_and_a_bad_value_is_refused():
+    from fedmed.release import ROLLBACK, check_on_collapse
+
+    evaluations = [{"model_version": 0, "median_val_auc": 0.59}, {"model_version": 1, "median_val_auc": 0.43}]
+    assert decide_release(evaluations, "val_auc", 1).action == "collapse"
+    decision = decide_release(evaluations, "val_auc", 1, on_collapse="initial")
+    assert decision.action == ROLLBACK and decision.version == 0 and decision.released
+    assert "collapse" in decision.reason and "INITIAL (untrained) model" in decision.reason
+    with pytest.raises(ReleaseError, match="release_on_collapse must be one of 'fail', 'initial'"):
+        check_on_collapse("ignore")

@@ -69,6 +69,7 @@ CONTROLLER_SETTINGS: dict[str, str] = {
     "aggregation": 'robust aggregation {"name": "fedavg"|"clipped_fedavg"|"trimmed_mean"|"median"|"geometric_median"|"multi_krum", "args": {"f": ..., ...}}',
     "server_optimizer": 'server optimizer {"name": "fedavg"|"fedavgm"|"fedadam"|"fedyogi", "args": {...}}',
     "release_tolerance": "release gate: how far below the best version the final model may score and still be released (default 0.02)",
+    "release_on_collapse": "release gate: 'fail' (default) ends a job whose training beat no model; 'initial' releases the initial model, saying so",
 }
 EXECUTOR_SETTINGS: dict[str, str] = {
     "local_epochs": "epochs over the site's training data per round",

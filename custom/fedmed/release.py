@@ -11,7 +11,8 @@ extreme value cannot move it). Version 0 is the initial (untrained) model, versi
 after ``N`` rounds. The rule, with ``tolerance`` (the controller's ``release_tolerance``, default
 :data:`DEFAULT_RELEASE_TOLERANCE`):
 
-- **collapse** (the job fails, nothing is released): no trained version scores above the initial
+- **collapse** (the job fails, nothing is released; with ``on_collapse="initial"`` the initial model
+  is released instead and the decision says so loudly): no trained version scores above the initial
   model (version 0). A tie is a collapse (a model that calls every image the same class ties an
   untrained one at AUC 0.5), except at the metric's maximum (1.0 for AUC and Dice): an initial model
   that already scores 1.0 cannot be beaten, and a trained version that also scores 1.0 is kept;
@@ -34,6 +35,7 @@ PERFECT = 1.0  # the maximum of AUC, accuracy and Dice
 _EPS = 1e-9  # float slack: a final model exactly `tolerance` below the best is within it
 
 FINAL, ROLLBACK, COLLAPSE, UNCHECKED = "final", "rollback", "collapse", "unchecked"
+ON_COLLAPSE = ("fail", "initial")  # a collapse fails the job (default), or releases the initial model, saying so
 
 
 class ReleaseError(ValueError):
@@ -92,10 +94,19 @@ def _f(value: float | None) -> str:
     return "not validated" if value is None else f"{value:.4f}"
 
 
+def check_on_collapse(value: Any, where: str = "release_on_collapse") -> str:
+    if value not in ON_COLLAPSE:
+        raise ReleaseError(f"{where} must be one of {', '.join(map(repr, ON_COLLAPSE))} ('fail': a federation whose "
+                           f"training beat no model fails the job; 'initial': it releases the initial model, saying "
+                           f"so), got {value!r}")
+    return value
+
+
 def decide_release(evaluations: Iterable[Mapping[str, Any]] | None, key_metric: str, final_version: int,
-                   tolerance: float = DEFAULT_RELEASE_TOLERANCE) -> ReleaseDecision:
+                   tolerance: float = DEFAULT_RELEASE_TOLERANCE, on_collapse: str = "fail") -> ReleaseDecision:
     """Apply the release gate (module docstring) to a run's ``evaluations``."""
     tolerance = check_tolerance(tolerance)
+    on_collapse = check_on_collapse(on_collapse)
     scores = version_scores(evaluations, key_metric)
     known = {v: s for v, s in scores.items() if s is not None}
     initial, final = known.get(0), known.get(final_version)
@@ -115,8 +126,12 @@ def decide_release(evaluations: Iterable[Mapping[str, Any]] | None, key_metric: 
         top = max(trained, key=lambda v: (trained[v], -v)) if trained else None
         detail = (f"the best trained version ({top}) scores {_f(trained[top])}" if top is not None
                   else "no trained version was validated")
-        return ReleaseDecision(COLLAPSE, None, f"collapse: no trained version beats the initial model (version 0, "
-                               f"{statistic} {_f(initial)}); {detail}, the final model {_f(final)}", **common)
+        reason = (f"collapse: no trained version beats the initial model (version 0, {statistic} {_f(initial)}); "
+                  f"{detail}, the final model {_f(final)}")
+        if on_collapse == "initial":  # version 0 is the best version here (the earliest of the highest scores)
+            return ReleaseDecision(ROLLBACK, 0, reason + "; released the INITIAL (untrained) model, as "
+                                   "release_on_collapse='initial' asks", **common)
+        return ReleaseDecision(COLLAPSE, None, reason, **common)
     if final is None:
         return ReleaseDecision(ROLLBACK, best_version, f"the final model (version {final_version}) was not validated; "
                                f"released the best validated version {best_version} ({_f(best)})", **common)

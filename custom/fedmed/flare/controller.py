@@ -72,7 +72,15 @@ from fedmed.flare.replies import collect_replies
 from fedmed.networks import build_network, state_to_numpy
 from fedmed.progress import STATS_GROUP, job_progress
 from fedmed.provenance import CARD_FILENAME, CardSigner, ProvenanceRecorder, load_model_weights
-from fedmed.release import COLLAPSE, DEFAULT_RELEASE_TOLERANCE, FINAL, ROLLBACK, check_tolerance, decide_release
+from fedmed.release import (
+    COLLAPSE,
+    DEFAULT_RELEASE_TOLERANCE,
+    FINAL,
+    ROLLBACK,
+    check_on_collapse,
+    check_tolerance,
+    decide_release,
+)
 from fedmed.results import (
     BEST_MODEL_FILE,
     FINAL_MODEL_FILE,
@@ -122,6 +130,7 @@ class FedAvgController(Controller):
         server_optimizer: dict | None = None,
         aggregation_step_id: str = "",
         release_tolerance: float = DEFAULT_RELEASE_TOLERANCE,
+        release_on_collapse: str = "fail",
     ):
         """Args (the server config's ``args``):
         num_rounds: federated rounds.
@@ -148,6 +157,9 @@ class FedAvgController(Controller):
         release_tolerance: the release gate's tolerance (default 0.02): the final model is released
             when it scores at most this much below the best version (median over sites of the key
             metric) and not below the initial model; otherwise the best version is (fedmed.release).
+        release_on_collapse: when no trained version beats the initial model: ``"fail"`` (default) ends the
+            job with the collapse named and releases nothing; ``"initial"`` releases the initial model
+            and says so (tests of plumbing on data too small to learn from in a round or two).
         """
         super().__init__()
         if num_rounds < 1:
@@ -170,6 +182,7 @@ class FedAvgController(Controller):
         self.task_spec = task or DEFAULT_TASK
         self.seed = seed
         self.release_tolerance = check_tolerance(release_tolerance, "FedAvgController args.release_tolerance")
+        self.release_on_collapse = check_on_collapse(release_on_collapse, "FedAvgController args.release_on_collapse")
         self.best_model = None  # the best version as the step holds it (for a rollback)
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
@@ -487,7 +500,8 @@ class FedAvgController(Controller):
         """Decide the released version (fedmed.release) and make ``global_model.pt`` and the provenance
         card that version. A collapse raises RoundFailed (the job fails, nothing is released)."""
         engine = self.engine
-        decision = decide_release(engine.metrics["evaluations"], engine.key_metric, self.num_rounds, self.release_tolerance)
+        decision = decide_release(engine.metrics["evaluations"], engine.key_metric, self.num_rounds, self.release_tolerance,
+                                  self.release_on_collapse)
         engine.metrics["release"] = decision.as_dict()
         if decision.action == COLLAPSE:
             raise engine.fail(f"release gate: {decision.reason}; no model is released (metrics.json 'release')")
