@@ -52,6 +52,9 @@ def netns_run(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "fedmed", "rehearse", "--hosts", "netns", "--hospitals", "3",
                                  "--rounds", "3", "--fault", "partition-hospital:2", "--set", "min_clients=2",
                                  "--seed", "4",  # hospital-03, the one cut off, has the fewest images: it is not slow
+                                 # rounds long enough (several seconds on an idle machine) for the cut, made within
+                                 # a second of round 1's end, to land while round 2 is still running
+                                 "--set", "local_epochs=10",
                                  "--out", str(tmp / "out"), "--workdir", str(tmp / "work")],
                                 stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     watch = None

@@ -211,6 +211,7 @@ class FedAvgController(Controller):
         model = build_network(self.network, seed=self.seed)
         self.reference_state = model.state_dict()
         weights = state_to_numpy(model)
+        self.initial_weights = {k: np.array(v, copy=True) for k, v in weights.items()}  # version 0, for a rollback to it
         workspace = fl_ctx.get_engine().get_workspace()
         self.out_dir = Path(workspace.get_app_dir(fl_ctx.get_job_id())) / SERVER_OUTPUT_DIR
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -538,6 +539,8 @@ class FedAvgController(Controller):
             # a resumed run: the best version was kept on disk
             return self.step.restore({k: v.numpy() for k, v in load_model_weights(self.out_dir / BEST_MODEL_FILE).items()},
                                      self.context)
+        if version == 0:  # the initial model is rebuilt exactly from its seed (e.g. a step that keeps no copies)
+            return self.step.restore({k: np.array(v, copy=True) for k, v in self.initial_weights.items()}, self.context)
         return None
 
     # ---- resume -------------------------------------------------------------------------------
