@@ -55,6 +55,9 @@ def netns_run(tmp_path_factory):
                                  # rounds long enough (several seconds on an idle machine) for the cut, made within
                                  # a second of round 1's end, to land while round 2 is still running
                                  "--set", "local_epochs=10",
+                                 # plain FedAvg: a round closes once 2 answered (a median rule at 3 sites waits, with
+                                 # patience, for all 3, and would outwait the cut)
+                                 "--set", 'aggregation={"name": "fedavg"}',
                                  "--out", str(tmp / "out"), "--workdir", str(tmp / "work")],
                                 stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     watch = None
