@@ -86,3 +86,20 @@ def test_a_job_stating_more_tolerance_than_its_sites_allow_is_refused_before_the
                                               r"needs at least 5 sites, this job has 4"):
         simulate(num_sites=4, rounds=1, out=str(tmp_path / "run"), settings={"aggregation.args.f": 2})
     assert not (tmp_path / "run" / "workspace" / "server").exists()  # the simulator never started
+
+
+def test_the_controller_itself_refuses_a_tolerance_its_sites_cannot_support(tmp_path, monkeypatch):
+    """One step past the early check: with simulate's own check switched off, the job reaches the real
+    FLARE simulator, and the server's controller refuses at start (it counts the sites that joined),
+    naming f and the site count; no round runs and no model is released."""
+    from fedmed import runner
+
+    monkeypatch.setattr(runner, "check_tolerance", lambda *args, **kwargs: None)
+    with pytest.raises(SimulationError, match=r"refused to start: aggregation geometric_median with f=2 .*needs at least 5 sites, "
+                                              r"this job has 3"):
+        simulate(num_sites=3, rounds=1, data=str(_pool(tmp_path / "pool.npz")), out=str(tmp_path / "run"), seed=0,
+                 settings={"aggregation.args.f": 2})
+    metrics = json.loads(next((tmp_path / "run" / "workspace").rglob("metrics.json")).read_text())
+    assert metrics["rounds"] == [] and metrics.get("finished") is not True
+    assert not (tmp_path / "run" / "models" / "global_model.pt").exists()
+    assert (tmp_path / "run" / "INCOMPLETE").exists()

@@ -103,6 +103,37 @@ def test_cosine_schedule_decays_over_the_federations_rounds():
     assert round_learning_rate(1e-3, "cosine", 3, None) == 1e-3
 
 
+def test_min_local_steps_makes_a_small_site_train_whole_extra_epochs(trainer_parts):
+    task, train_ds, val_ds = trainer_parts
+    small = torch.utils.data.Subset(train_ds, range(17))  # 17 images: one step of batch 32 per epoch
+    plain = LocalTrainer(task, small, val_ds, lr=3e-3, batch_size=32, device="cpu").train(SPEC, None)
+    assert plain.metrics["local_steps"] == 1
+    trainer = LocalTrainer(task, small, val_ds, lr=3e-3, batch_size=32, device="cpu", min_local_steps=16)
+    assert trainer.round_epochs == 16
+    assert trainer.train(SPEC, None).metrics["local_steps"] == 16
+    # a site whose one epoch already makes the steps trains one epoch: 256 images = 8 steps of 32, min 5
+    big = _trainer(trainer_parts, min_local_steps=5).train(SPEC, None)
+    assert big.metrics["local_steps"] == 8 and big.num_samples == 256
+    # whole epochs: 8 steps an epoch, at least 12 -> 2 epochs (16 steps), never a partial one
+    assert _trainer(trainer_parts, min_local_steps=12).train(SPEC, None).metrics["local_steps"] == 16
+
+
+def test_min_local_steps_is_not_applied_under_dp_sgd(trainer_parts):
+    from fedmed.privacy.dp import poisson_sampling
+    from fedmed.training import DPSGD
+
+    result = _trainer(trainer_parts, min_local_steps=40).train(SPEC, None, dp=DPSGD(noise_multiplier=0.8, max_grad_norm=1.0))
+    rate, steps = poisson_sampling(256, 32)
+    assert result.privacy_steps == [(0.8, rate, steps)]  # one epoch, as planned: no extra passes over the records
+    assert "local_steps" not in result.metrics
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "8"])
+def test_min_local_steps_must_be_a_whole_number(trainer_parts, value):
+    with pytest.raises(ValueError, match="min_local_steps"):
+        _trainer(trainer_parts, min_local_steps=value)
+
+
 def test_train_reports_the_learning_rate_it_used(trainer_parts):
     result = _trainer(trainer_parts, lr_schedule="cosine").train(SPEC, None, round_num=5, num_rounds=10)
     assert result.metrics["learning_rate"] == pytest.approx(3e-3 * 0.5)

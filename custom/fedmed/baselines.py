@@ -343,7 +343,7 @@ def run_baselines(
             "initial_model_seed": network_seed,
             "early_stopping": (f"after {patience} round-equivalents without a better {key} on the model's own validation "
                                "data; the best weights kept" if patience else "none (the whole budget, last weights)"),
-            **{k: v for k, v in trainer_args.items() if k in ("lr", "lr_schedule", "batch_size", "seed")},
+            **{k: v for k, v in trainer_args.items() if k in ("lr", "lr_schedule", "batch_size", "seed", "min_local_steps")},
         },
         "models": models,
         "results": results,

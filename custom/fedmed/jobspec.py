@@ -81,6 +81,7 @@ EXECUTOR_SETTINGS: dict[str, str] = {
     "amp": "mixed precision on CUDA",
     "num_workers": "DataLoader worker processes",
     "lr_schedule": '"cosine" (decay over the rounds) or "constant"',
+    "min_local_steps": "fewest optimizer steps per round: a small site trains extra epochs to reach them (0: local_epochs only; not under DP-SGD)",
 }
 CLIENT_API_SETTINGS: dict[str, str] = {
     "lr": "the script's --lr",

@@ -103,6 +103,12 @@ class TrainerSettings:
     lr_schedule: "cosine" decays the learning rate over the federation's rounds (round r of R
         trains at lr * (1 + cos(pi * r / R)) / 2), so the final global model settles; "constant"
         keeps ``lr``.
+    min_local_steps: the fewest optimizer steps a round makes (0: ``local_epochs`` only). A site
+        whose ``local_epochs`` are fewer steps trains whole epochs more until it reaches them, so a
+        17-image hospital's update is not one short step that pulls a size-blind robust rule
+        (geometric median) toward no change. Set it at or below the largest site's steps and no
+        round takes longer. Not applied under DP-SGD, whose budget is planned over
+        ``local_epochs``: more passes over the same few records would add noise, not signal.
     """
 
     local_epochs: int = 1
@@ -114,6 +120,7 @@ class TrainerSettings:
     amp: bool = True
     num_workers: int = 0
     lr_schedule: str = "cosine"
+    min_local_steps: int = 0
 
     def __post_init__(self):
         if not isinstance(self.local_epochs, int) or self.local_epochs < 1:
@@ -126,8 +133,16 @@ class TrainerSettings:
             raise ValueError(f"fedprox_mu must be >= 0, got {self.fedprox_mu!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if isinstance(self.min_local_steps, bool) or not isinstance(self.min_local_steps, int) or self.min_local_steps < 0:
+            raise ValueError(f"min_local_steps must be an integer >= 0 (0: local_epochs only), got {self.min_local_steps!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+
+    def epochs_for(self, num_samples: int) -> int:
+        """Epochs a round makes over ``num_samples`` training records: ``local_epochs``, or more
+        whole epochs where they are fewer than ``min_local_steps`` optimizer steps."""
+        steps_per_epoch = max(1, math.ceil(num_samples / self.batch_size))
+        return max(self.local_epochs, math.ceil(self.min_local_steps / steps_per_epoch))
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -176,6 +191,7 @@ class LocalTrainer:
         self.amp = settings.amp and self.device.type == "cuda"
         self.num_workers = settings.num_workers
         self.lr_schedule = settings.lr_schedule
+        self.round_epochs = settings.epochs_for(len(train_dataset))  # non-DP rounds (min_local_steps)
         self._model = None
         self._model_spec = None
         self._dp_checked_spec = None
@@ -230,8 +246,8 @@ class LocalTrainer:
         anchor = [p.detach().clone() for p in model.parameters()] if self.fedprox_mu > 0 else None
         loader = self._loader(self.train_dataset, shuffle=True, seed=self.seed * 100003 + round_num)
         started = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        for _ in range(self.local_epochs):
+        loss_sum, seen, steps = 0.0, 0, 0
+        for _ in range(self.round_epochs):
             for batch in loader:
                 if should_abort is not None and should_abort():
                     raise TrainingAborted("training aborted by the caller")
@@ -251,7 +267,8 @@ class LocalTrainer:
                 scaler.update()
                 loss_sum += float(loss.detach()) * len(inputs)
                 seen += len(inputs)
-        return self._result(model, lr, loss_sum, seen, started)
+                steps += 1
+        return self._result(model, lr, loss_sum, seen, started, local_steps=steps)
 
     def _train_dp(self, network_spec, global_weights, round_num, should_abort, num_rounds, dp: DPSGD) -> TrainResult:
         """DP-SGD with Opacus: a fresh copy of the network (hooks never linger on the cached one),
@@ -324,20 +341,21 @@ class LocalTrainer:
         # 1 / len(loader), which differs from the sampler's rate where int(1 / q) < ceil(n / batch_size))
         return self._result(model, lr, loss_sum, seen, started, [(dp.noise_multiplier, sample_rate, steps)] if steps else [])
 
-    def _result(self, model, lr: float, loss_sum: float, seen: int, started: float, privacy_steps=()) -> TrainResult:
-        """The round's TrainResult: the local weights, the real sample count and the training metrics."""
+    def _result(self, model, lr: float, loss_sum: float, seen: int, started: float, privacy_steps=(),
+                local_steps: int | None = None) -> TrainResult:
+        """The round's TrainResult: the local weights, the real sample count and the training metrics
+        (``local_steps``, the optimizer steps taken, outside DP-SGD only: there the count is in ``privacy_steps``)."""
         seconds = time.perf_counter() - started
-        return TrainResult(
-            weights=state_to_numpy(model),
-            num_samples=self.num_train_samples,
-            metrics={
-                "train_loss": loss_sum / max(seen, 1),
-                "learning_rate": lr,
-                "train_seconds": seconds,
-                "samples_per_second": seen / seconds if seconds > 0 else 0.0,
-            },
-            privacy_steps=list(privacy_steps),
-        )
+        metrics = {
+            "train_loss": loss_sum / max(seen, 1),
+            "learning_rate": lr,
+            "train_seconds": seconds,
+            "samples_per_second": seen / seconds if seconds > 0 else 0.0,
+        }
+        if local_steps is not None:
+            metrics["local_steps"] = local_steps
+        return TrainResult(weights=state_to_numpy(model), num_samples=self.num_train_samples, metrics=metrics,
+                           privacy_steps=list(privacy_steps))
 
     def positive_scores(self, network_spec: dict, weights: dict[str, np.ndarray] | None = None):
         """(positive-class probabilities, labels) on the validation data for a two-class task that

@@ -29,7 +29,8 @@ SPEC = fedavg_job(
         "network": {"name": "cxr_cnn", "args": {"in_channels": 1, "num_classes": 2, "channels": [32, 64, 128]}},
     },
     # fedmed.flare.executor.FedMedExecutor at every site: the local training settings
-    executor={"local_epochs": 1, "lr": 0.003, "batch_size": 32, "fedprox_mu": 0.0, "seed": 0, "lr_schedule": "cosine"},
+    executor={"local_epochs": 1, "lr": 0.003, "batch_size": 32, "fedprox_mu": 0.0, "seed": 0, "lr_schedule": "cosine",
+              "min_local_steps": 16},
 )
 
 if __name__ == "__main__":

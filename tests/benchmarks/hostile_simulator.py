@@ -10,7 +10,10 @@ the whole command. One run at a time; results are appended to ``--results`` as J
         --scenarios clean5 two_of_5 one_of_5 clean3 one_of_3 slow5
 
 Scenarios: clean5 / clean3 (no attack), one_of_5 (site-2 scale=-10), two_of_5 (site-2 and site-3
-scale=-10), one_of_3 (site-2 scale=-10 of 3), slow5 (site-4 delay=--delay seconds).
+scale=-10), one_of_3 (site-2 scale=-10 of 3), two_of_3 (site-2 and site-3: one past the tolerance f = 1,
+to see what the release gate does with a model the rule could not protect), slow5 (site-4
+delay=--delay seconds). A run that exits non-zero (e.g. the release gate's collapse) is recorded
+with its exit code, the release decision and the tail of its output.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ SCENARIOS = {
     "two_of_5": (5, ["site-2:scale=-10", "site-3:scale=-10"]),
     "clean3": (3, []),
     "one_of_3": (3, ["site-2:scale=-10"]),
+    "two_of_3": (3, ["site-2:scale=-10", "site-3:scale=-10"]),  # one past the tolerance (f = 1 of 3)
     "slow5": (5, ["site-4:delay={delay}"]),
 }
 
@@ -43,16 +47,21 @@ def run(npz: str, name: str, rounds: int, out_root: Path, delay: float, extra: l
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - started
-    if proc.returncode != 0:
-        return {"scenario": name, "failed": proc.stderr[-2000:] or proc.stdout[-2000:], "wall_s": round(wall, 1)}
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics_path = out / "metrics.json"
+    if proc.returncode != 0 and not metrics_path.is_file():
+        return {"scenario": name, "exit_code": proc.returncode, "failed": proc.stderr[-2000:] or proc.stdout[-2000:],
+                "wall_s": round(wall, 1)}
+    metrics = json.loads(metrics_path.read_text())
     external = {}
     for set_name, by_model in (metrics.get("external") or {}).get("results", {}).items():
         model = by_model.get("global_model") or {}
         external[set_name] = {"auc": round(model.get("auc", float("nan")), 4), "accuracy": round(model.get("accuracy", float("nan")), 4)}
     part = metrics.get("participation", {})
     final_line = next((line for line in proc.stdout.splitlines() if "flagged in most rounds" in line or "left out of most rounds" in line), "")
-    return {"scenario": name, "sites": sites, "rounds": len(metrics.get("rounds", [])), "attacks": attacks, "wall_s": round(wall, 1),
+    release = metrics.get("release") or {}
+    return {"scenario": name, "sites": sites, "exit_code": proc.returncode,
+            "release": {k: release.get(k) for k in ("action", "version", "reason")},
+            "rounds": len(metrics.get("rounds", [])), "attacks": attacks, "wall_s": round(wall, 1),
             "aggregation": metrics.get("aggregation"), "external": external,
             "median_val_auc_final": metrics["evaluations"][-1].get("median_val_auc") if metrics.get("evaluations") else None,
             "participation": {s: {k: p[k] for k in ("rounds_contributed", "rounds_flagged", "rounds_left_out")} for s, p in part.items()},

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -80,20 +79,16 @@ def run_job(fed, settings: dict, controller: dict, rounds: int, overrides: dict)
     if "network" in overrides:
         network = {"name": overrides["network"], "args": {"in_channels": 1, "num_classes": 2}}
     trainer_args = dict(settings["trainer_args"])
-    for key, cast in (("lr", float), ("batch_size", int), ("local_epochs", int), ("lr_schedule", str)):
+    for key, cast in (("lr", float), ("batch_size", int), ("local_epochs", int), ("lr_schedule", str), ("min_local_steps", int)):
         if key in overrides:
             trainer_args[key] = cast(overrides[key])
-    min_steps = int(overrides.get("min_local_steps", 0))
     aggregation = controller.get("aggregation") or {"name": "fedavg"}
     if overrides.get("aggregation") == "fedavg":
         aggregation = {"name": "fedavg"}
     names = [f"site-{i + 1}" for i in range(len(fed.sites))]
     trainers = {}
     for name, s in zip(names, fed.sites):
-        args = dict(trainer_args)
-        if min_steps:  # as many epochs as it takes to make min_local_steps optimizer steps
-            args["local_epochs"] = max(args.get("local_epochs", 1), math.ceil(min_steps / math.ceil(len(s.train) / args["batch_size"])))
-        trainers[name] = LocalTrainer(task, task.to_dataset(s.train, train=True), task.to_dataset(s.val), device="cpu", **args)
+        trainers[name] = LocalTrainer(task, task.to_dataset(s.train, train=True), task.to_dataset(s.val), device="cpu", **trainer_args)
     engine = RoundEngine(PlaintextAggregation(aggregation, controller.get("server_optimizer")), "scale-study", task.key_metric, rounds, 2)
     weights = state_to_numpy(build_network(network, seed=settings["network_seed"]))
     for r in range(rounds):
@@ -107,7 +102,7 @@ def run_job(fed, settings: dict, controller: dict, rounds: int, overrides: dict)
     final_val = {name: t.evaluate(network, weights) for name, t in trainers.items()}
     threshold = (choose_threshold(final_val) or {}).get("threshold")
     model = next(iter(trainers.values())).model(network, weights)
-    return {"aggregation": aggregation["name"], "trainer": trainer_args, "min_local_steps": min_steps, "network": network, "model": model,
+    return {"aggregation": aggregation["name"], "trainer": trainer_args, "network": network, "model": model,
             "site_val_auc_mean": round(float(np.mean([m["val_auc"] for m in final_val.values()])), 4),
             **_external(task, model, fed, threshold)}
 
@@ -172,13 +167,15 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["job", "fedavg", "stock", "pooled"])
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--save-models", default=None, help="folder for the final models (state dicts)")
+    parser.add_argument("--partition-seeds", type=int, nargs="+", default=[0],
+                        help="partition seeds (simulate's --seed): other seeds give other site files, to see the spread")
     args = parser.parse_args()
     settings = job_settings(args.job)
     controller = JobFolder(Path(args.job)).controller_args()
     rounds = args.rounds or settings["num_rounds"]
     pool = site_data.load_npz(args.npz)
-    for num_sites in args.sites:
-        fed = site_data.partition_sites(pool, num_sites, alpha=0.5, seed=0)
+    for num_sites, seed in ((n, s) for n in args.sites for s in args.partition_seeds):
+        fed = site_data.partition_sites(pool, num_sites, alpha=0.5, seed=seed)
         sizes = [len(s.train) for s in fed.sites]
         for text in args.recipes:
             name, overrides = parse_recipe(text)
@@ -194,8 +191,8 @@ def main() -> None:
             model = result.pop("model")
             if args.save_models:
                 Path(args.save_models).mkdir(parents=True, exist_ok=True)
-                torch.save(model.state_dict(), Path(args.save_models) / f"{num_sites}-{name}.pt")
-            line = {"sites": num_sites, "recipe": text, "rounds": rounds, "train_sizes": sizes, **result,
+                torch.save(model.state_dict(), Path(args.save_models) / f"{num_sites}-{seed}-{name}.pt")
+            line = {"sites": num_sites, "partition_seed": seed, "recipe": text, "rounds": rounds, "train_sizes": sizes, **result,
                     "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(line), flush=True)
             if args.out:

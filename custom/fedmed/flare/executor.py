@@ -200,7 +200,8 @@ class FedMedExecutor(Executor):
                 fl_ctx,
                 f"site {site} round {round_num}: train_loss {result.metrics['train_loss']:.4f}, global model "
                 f"{trainer.task.key_metric} {val_metrics.get(trainer.task.key_metric, float('nan')):.4f} "
-                f"({result.num_samples} samples, {result.metrics['train_seconds']:.1f} s)",
+                f"({result.num_samples} samples, {result.metrics.get('local_steps', '?')} steps, "
+                f"{result.metrics['train_seconds']:.1f} s)",
             )
         else:  # no counts, no metrics at INFO: only the public ledger
             self.log_info(fl_ctx, f"site {site} round {round_num}: trained with {self._dp.describe_plan()}; "
