@@ -145,7 +145,32 @@ def test_each_attack_kind_is_bounded_by_the_robust_aggregators(spec):
         assert cos > 0.5  # the step still points where the honest sites point
     combined, report = aggregate_updates(contributions + [("site-5", {k: -v for k, v in direction.items()}, 1e9)], spec)
     cos = sum(float(np.sum(combined[k] * clean[k])) for k in clean) / (update_norm(combined) * update_norm(clean))
-    assert cos > 0.2 and report["weights"]["site-5"] <= 3 * 120
+    assert cos > 0.2
+    if spec == "clipped_fedavg":  # the one count-weighted robust rule caps the claim
+        assert report["weights"]["site-5"] <= 3 * 120 and "site-5" in report["capped"]
+    else:  # size-blind: the claim weighs nothing, so nothing is capped and the step is the same as with an honest count
+        same, _ = aggregate_updates(contributions + [("site-5", {k: -v for k, v in direction.items()}, 100)], spec)
+        assert report["capped"] == {} and all(np.allclose(combined[k], same[k]) for k in same)
+
+
+def test_size_blind_rules_never_flag_a_large_honest_hospital_for_its_size():
+    """At 20 hospitals the largest honest one (667 images against a median of 150) was flagged
+    'capped' in every round although geometric_median gives counts no weight."""
+    contributions, _ = _honest(4)
+    contributions = [(site, update, 100.0 if i else 5000.0) for i, (site, update, _) in enumerate(contributions)]
+    for spec in ("trimmed_mean", "median", "geometric_median", "multi_krum"):
+        _, report = aggregate_updates(contributions, spec)
+        assert report["capped"] == {}, spec
+    _, report = aggregate_updates(contributions, "clipped_fedavg")
+    assert list(report["capped"]) == [contributions[0][0]]
+
+
+@pytest.mark.parametrize("key", ["sample_cap_factor", "max_samples"])
+def test_count_caps_on_a_size_blind_rule_are_refused_as_having_no_effect(key):
+    value = 3.0 if key == "sample_cap_factor" else {"site-1": 10}
+    with pytest.raises(ValueError, match=rf"geometric_median is size-blind .* {key} would have no effect"):
+        check_aggregation_spec({"name": "geometric_median", "args": {key: value}})
+    check_aggregation_spec({"name": "clipped_fedavg", "args": {key: value}})
 
 
 def test_plain_fedavg_is_not_robust_which_is_why_it_is_not_the_default():

@@ -110,8 +110,10 @@ def weight_difference(local: Mapping[str, np.ndarray], global_weights: Mapping[s
 # A round's contributions are ``(site, update, num_samples)`` triples. Every robust aggregator runs
 # the same two bounding steps first, then combines the bounded updates:
 #
-# 1. sample counts capped: at ``max_samples[site]`` when configured, and at ``sample_cap_factor`` x
-#    the round's (lower) median count, so no site can claim the round's weight;
+# 1. sample counts capped, for the count-weighted ``clipped_fedavg`` only: at ``max_samples[site]``
+#    when configured, and at ``sample_cap_factor`` x the round's (lower) median count, so no site can
+#    claim the round's weight (the size-blind rules give a claimed count no weight, so nothing is
+#    capped there and a large honest hospital is never flagged for its size);
 # 2. update norms bounded: a site whose update's L2 norm exceeds ``norm_multiplier`` x the round's
 #    (lower) median norm is scaled down to that bound (the direction is kept).
 #
@@ -132,15 +134,17 @@ DEFAULT_AGGREGATION = {"name": "geometric_median", "args": {}}  # the main jobs'
 DEFAULT_NORM_MULTIPLIER = 2.0
 DEFAULT_SAMPLE_CAP_FACTOR = 3.0
 OUTLIER_FACTOR = 2.0  # a site farther than this x the median site's distance from the aggregate is flagged
-_BOUNDS = {"norm_multiplier", "sample_cap_factor", "max_samples", "f"}
+_BOUNDS = {"norm_multiplier", "f"}
+_COUNT_CAPS = {"sample_cap_factor", "max_samples"}  # only where claimed counts weigh (fedavg, clipped_fedavg)
 _ARGS = {
     "fedavg": {"max_samples", "f"},
-    "clipped_fedavg": _BOUNDS,
+    "clipped_fedavg": _BOUNDS | _COUNT_CAPS,
     "trimmed_mean": _BOUNDS,
     "median": _BOUNDS,
     "geometric_median": _BOUNDS,
     "multi_krum": _BOUNDS,
 }
+COUNT_WEIGHTED = ("fedavg", "clipped_fedavg")  # the rules that weight sites by their claimed sample counts
 
 
 class ToleranceError(ValueError):
@@ -229,6 +233,10 @@ def check_aggregation_spec(spec, where: str = "aggregation") -> dict:
                          f"(trimmed_mean drops the f largest and f smallest values per coordinate); remove trim_fraction "
                          f"and state f, or leave it out for the most the sites allow")
     unknown = sorted(set(args) - _ARGS[name])
+    if name not in COUNT_WEIGHTED and set(unknown) & _COUNT_CAPS:
+        raise ValueError(f"{where}.args: {name} is size-blind (a site's claimed sample count carries no weight), so "
+                         f"{', '.join(sorted(set(unknown) & _COUNT_CAPS))} would have no effect; remove it, or use "
+                         f"clipped_fedavg, which weights by capped counts")
     if unknown:
         raise ValueError(f"{where}.args: {name} takes {', '.join(sorted(_ARGS[name]))}; unknown key(s) {', '.join(unknown)}")
     for key in ("norm_multiplier", "sample_cap_factor"):
@@ -423,7 +431,8 @@ def aggregate_updates(contributions: Sequence[tuple[str, Mapping[str, np.ndarray
     the sites' values under every robust rule, so no site sets them alone at any number of sites.
 
     Returns (the aggregated update, a report ``{"aggregator", "f", "weights", "capped", "clipped",
-    "outliers", "excluded"?}``: the sample counts used per site, the sites whose count was capped /
+    "outliers", "excluded"?}``: the sample counts per site (used only by fedavg / clipped_fedavg, capped
+    there), the sites whose count was capped /
     norm was bounded, the sites far from the aggregate (trimmed / down-weighted as outliers) and,
     for multi_krum, the sites left out of the mean).
     """
@@ -439,8 +448,10 @@ def aggregate_updates(contributions: Sequence[tuple[str, Mapping[str, np.ndarray
     counts = {site: num_samples for site, _, num_samples in contributions}
     updates = {site: update for site, update, _ in contributions}
     robust = name != "fedavg"
-    counts, capped = cap_sample_counts(counts, args.get("sample_cap_factor", DEFAULT_SAMPLE_CAP_FACTOR) if robust else None,
-                                       args.get("max_samples"))
+    capped = {}
+    if name in COUNT_WEIGHTED:  # the size-blind rules never use a count: nothing to cap, nobody flagged for size
+        counts, capped = cap_sample_counts(counts, args.get("sample_cap_factor", DEFAULT_SAMPLE_CAP_FACTOR) if robust else None,
+                                           args.get("max_samples"))
     clipped, report_extra = {}, {}
     if robust:
         updates, clipped = clip_update_norms(updates, args.get("norm_multiplier", DEFAULT_NORM_MULTIPLIER), norm_keys)
