@@ -11,7 +11,9 @@ the whole command. One run at a time; results are appended to ``--results`` as J
 
 Scenarios: clean5 / clean3 (no attack), one_of_5 (site-2 scale=-10), two_of_5 (site-2 and site-3
 scale=-10), one_of_3 (site-2 scale=-10 of 3), two_of_3 (site-2 and site-3: one past the tolerance f = 1,
-to see what the release gate does with a model the rule could not protect), slow5 (site-4
+to see what the release gate does with a model the rule could not protect), two_of_5_inside
+(site-2 and site-3 send their update x(-1.5): reversed but inside the 2x median-norm bound, so
+never bounded; the rule, not the bound, must contain it), slow5 (site-4
 delay=--delay seconds). A run that exits non-zero (e.g. the release gate's collapse) is recorded
 with its exit code, the release decision and the tail of its output.
 """
@@ -32,6 +34,7 @@ SCENARIOS = {
     "clean3": (3, []),
     "one_of_3": (3, ["site-2:scale=-10"]),
     "two_of_3": (3, ["site-2:scale=-10", "site-3:scale=-10"]),  # one past the tolerance (f = 1 of 3)
+    "two_of_5_inside": (5, ["site-2:scale=-1.5", "site-3:scale=-1.5"]),  # reversed, inside the 2x norm bound
     "slow5": (5, ["site-4:delay={delay}"]),
 }
 
