@@ -14,9 +14,10 @@ Pure module (no FLARE import); the controller (``fedmed.flare.controller``) poll
    ``max_grace``] seconds (``max_grace`` is the job's ``wait_after_min_clients``). A round with one
    slow site costs the median site's pace times ``patience_factor`` at most, not a fixed wait.
 2. **Catch-up rounds.** A site left out of ``catch_up_after`` rounds in a row makes the next round
-   wait for it, for at most :meth:`catch_up_limit` seconds (2.5 x its last measured reply time,
-   or 10 x the median site's when it never answered; at least ``max_grace``; at most the round
-   timeout). A slow site that answers then contributes to one round in ``catch_up_after + 1``, or
+   wait for it, for at most :meth:`catch_up_limit` seconds (2.5 x its last measured reply time;
+   when it never answered, 2.5 x the longest it held a task unanswered (at most 25 x the median
+   site's reply), or 10 x the median site's when it never even took one; at least ``max_grace``;
+   at most the round timeout). A slow site that answers then contributes to one round in ``catch_up_after + 1``, or
    fewer: its next catch-up comes after as many missed rounds as its catch-up took median reply
    times, so catch-up waits cost about as much wall time as the rounds between them (the job takes
    at most about twice as long as without the slow site);
@@ -34,6 +35,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+
+MAX_UNMEASURED_FACTOR = 25.0  # a catch-up for a site never measured waits at most this x the median reply
 
 
 class DeadlinePolicy:
@@ -68,6 +71,7 @@ class DeadlinePolicy:
         self.missed: dict[str, int] = {}  # rounds missed in a row
         self.due: dict[str, int] = {}  # missed-in-a-row count at which the next catch-up comes
         self.reply_seconds: dict[str, float] = {}  # each site's last measured reply time (also late replies)
+        self.unanswered_seconds: dict[str, float] = {}  # a lower bound: a site took the task and had not answered after this long
         self.median_seconds: float | None = None  # the median site's reply time in the last round
 
     # -- while a round is open -------------------------------------------------------------
@@ -81,12 +85,23 @@ class DeadlinePolicy:
         catch-up rounds wait). A site that answered the last round is always waited for (round 1's
         replies include the sites' start-up)."""
         missed = self.missed.get(site, 0)
-        return missed >= self.catch_up_after or (missed >= 1 and self.reply_seconds.get(site, 0.0) > patience)
+        slowest = max(self.reply_seconds.get(site, 0.0), self.unanswered_seconds.get(site, 0.0))
+        return missed >= self.catch_up_after or (missed >= 1 and slowest > patience)
 
     def catch_up_limit(self, site: str) -> float:
-        """Most seconds a catch-up round stays open for ``site``."""
+        """Most seconds a catch-up round stays open for ``site``: 2.5 x its last measured reply time;
+        for a site never measured, 2.5 x the longest it was seen holding a task unanswered, but at
+        most ``MAX_UNMEASURED_FACTOR`` x the median site's reply (a hung site must not make every
+        catch-up longer without end); 10 x the median site's when nothing is known. At least
+        ``max_grace``, at most the round timeout."""
         known = self.reply_seconds.get(site)
-        estimate = 2.5 * known if known else 10.0 * (self.median_seconds or self.max_grace)
+        median = self.median_seconds or self.max_grace
+        if known:
+            estimate = 2.5 * known
+        elif site in self.unanswered_seconds:
+            estimate = min(2.5 * self.unanswered_seconds[site], MAX_UNMEASURED_FACTOR * median)
+        else:
+            estimate = 10.0 * median
         return min(self.round_timeout, max(self.max_grace, estimate))
 
     def grace(self, answered: Mapping[str, float]) -> float:
@@ -141,17 +156,24 @@ class DeadlinePolicy:
                             else "the next round waits for it"))
         return notes
 
+    def record_unanswered(self, site: str, seconds: float) -> None:
+        """A site took the round's task and had not answered when the round closed ``seconds`` after
+        it started: it needs at least that long (FLARE's simulator drops a late reply unseen, so
+        this may be all that is ever measured of a slow site)."""
+        self.unanswered_seconds[site] = max(float(seconds), self.unanswered_seconds.get(site, 0.0))
+
     def record_late(self, site: str, seconds: float) -> None:
         """A reply that came after its round closed: remember how long the site takes."""
         self.reply_seconds[site] = max(float(seconds), self.reply_seconds.get(site, 0.0))
 
     def state_dict(self) -> dict:
         return {"missed": dict(self.missed), "due": dict(self.due), "reply_seconds": dict(self.reply_seconds),
-                "median_seconds": self.median_seconds}
+                "unanswered_seconds": dict(self.unanswered_seconds), "median_seconds": self.median_seconds}
 
     def load_state_dict(self, state: Mapping) -> None:
         state = state or {}
         self.missed = {k: int(v) for k, v in (state.get("missed") or {}).items()}
         self.due = {k: int(v) for k, v in (state.get("due") or {}).items()}
         self.reply_seconds = {k: float(v) for k, v in (state.get("reply_seconds") or {}).items()}
+        self.unanswered_seconds = {k: float(v) for k, v in (state.get("unanswered_seconds") or {}).items()}
         self.median_seconds = state.get("median_seconds")

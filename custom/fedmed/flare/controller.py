@@ -365,10 +365,14 @@ class FedAvgController(Controller):
                 self.cancel_task(task, fl_ctx=fl_ctx)
                 break
             time.sleep(0.1)
+        closed_after = time.time() - started
         retire_by = time.time() + 10
         while task.is_standing and time.time() < retire_by:  # let FLARE's task monitor retire the task
             time.sleep(0.05)
         times = answered()
+        for ct in list(task.client_tasks):  # took the task, no answer yet: it needs at least this long
+            if ct.client.name not in times and not ct.result_received_time:
+                self.deadline.record_unanswered(ct.client.name, closed_after)
         answers, errors = collect_replies(task, clients)
         notes = self.deadline.record_round({s: t for s, t in times.items() if s in answers}, sorted(s for s in errors if s in names), waiting_for)
         return answers, errors, notes
