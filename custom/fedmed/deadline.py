@@ -15,9 +15,11 @@ Pure module (no FLARE import); the controller (``fedmed.flare.controller``) poll
    slow site costs the median site's pace times ``patience_factor`` at most, not a fixed wait.
 2. **Catch-up rounds.** A site left out of ``catch_up_after`` rounds in a row makes the next round
    wait for it, for at most :meth:`catch_up_limit` seconds (2.5 x its last measured reply time;
-   when it never answered, 2.5 x the longest it held a task unanswered (at most 25 x the median
-   site's reply), or 10 x the median site's when it never even took one; at least ``max_grace``;
-   at most the round timeout). A slow site that answers then contributes to one round in ``catch_up_after + 1``, or
+   when it never answered, 2.5 x the longest it held a task unanswered, or 10 x the median site's
+   when it never even took one; at least ``max_grace``; at most the round timeout). A site seen
+   holding a task for k median replies gets its first catch-up only after k missed rounds, and a
+   failed catch-up pushes the next one back by its cost as well, so waits for a site that takes
+   tasks and never answers cost about as much wall time as the rounds between them. A slow site that answers then contributes to one round in ``catch_up_after + 1``, or
    fewer: its next catch-up comes after as many missed rounds as its catch-up took median reply
    times, so catch-up waits cost about as much wall time as the rounds between them (the job takes
    at most about twice as long as without the slow site);
@@ -36,7 +38,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-MAX_UNMEASURED_FACTOR = 25.0  # a catch-up for a site never measured waits at most this x the median reply
 
 
 class DeadlinePolicy:
@@ -90,18 +91,17 @@ class DeadlinePolicy:
 
     def catch_up_limit(self, site: str) -> float:
         """Most seconds a catch-up round stays open for ``site``: 2.5 x its last measured reply time;
-        for a site never measured, 2.5 x the longest it was seen holding a task unanswered, but at
-        most ``MAX_UNMEASURED_FACTOR`` x the median site's reply (a hung site must not make every
-        catch-up longer without end); 10 x the median site's when nothing is known. At least
-        ``max_grace``, at most the round timeout."""
+        for a site never measured, 2.5 x the longest it was seen holding a task unanswered (a wait
+        shorter than that could not succeed; such catch-ups are spaced by their cost, see
+        :meth:`record_round`); 10 x the median site's when nothing is known. At least ``max_grace``,
+        at most the round timeout."""
         known = self.reply_seconds.get(site)
-        median = self.median_seconds or self.max_grace
         if known:
             estimate = 2.5 * known
         elif site in self.unanswered_seconds:
-            estimate = min(2.5 * self.unanswered_seconds[site], MAX_UNMEASURED_FACTOR * median)
+            estimate = 2.5 * self.unanswered_seconds[site]
         else:
-            estimate = 10.0 * median
+            estimate = 10.0 * (self.median_seconds or self.max_grace)
         return min(self.round_timeout, max(self.max_grace, estimate))
 
     def grace(self, answered: Mapping[str, float]) -> float:
@@ -148,13 +148,22 @@ class DeadlinePolicy:
                     self.due[site] = spacing
         for site in sorted(left_out):
             self.missed[site] = self.missed.get(site, 0) + 1
-            if site in waited_for:  # a failed catch-up: back off
-                self.due[site] = 2 * self.missed[site]
+            cost = self._rounds_of(self.unanswered_seconds.get(site) if site not in self.reply_seconds else None)
+            if site in waited_for:  # a failed catch-up: back off, at least by what the next one will cost
+                self.due[site] = max(2 * self.missed[site], self.missed[site] + cost)
+            elif site not in self.due and cost > self.catch_up_after:  # seen needing long: its first catch-up, spaced by its cost
+                self.due[site] = cost
             due = self.due.get(site, self.catch_up_after)
             notes.append(f"{site} left out ({self.missed[site]} round(s) in a row); "
                          + (f"a round waits for it after {due} missed in a row" if self.missed[site] < due
                             else "the next round waits for it"))
         return notes
+
+    def _rounds_of(self, seconds: float | None) -> int:
+        """How many median replies ``seconds`` is (0 when unknown)."""
+        if not seconds or not self.median_seconds:
+            return 0
+        return int(np.ceil(float(seconds) / max(self.median_seconds, self.min_grace)))
 
     def record_unanswered(self, site: str, seconds: float) -> None:
         """A site took the round's task and had not answered when the round closed ``seconds`` after
