@@ -141,3 +141,15 @@ def test_waits_for_a_site_that_takes_tasks_and_never_answers_cost_about_as_much_
     fresh = DeadlinePolicy(min_sites=2, max_grace=10.0, round_timeout=3600.0)
     fresh.load_state_dict(state)
     assert fresh.unanswered_seconds == policy.unanswered_seconds and fresh.due == policy.due
+
+
+def test_a_catch_up_is_spaced_by_the_sites_cost_in_the_pace_of_later_rounds_not_round_ones_start_up():
+    """Round 1's replies include start-up (median 14 s here), later rounds take 2 s: a site seen
+    needing 60 s costs 30 rounds, not 5, so it is not waited for within a 10-round job."""
+    policy = DeadlinePolicy(min_sites=2, max_grace=30.0)
+    policy.record_unanswered("site-5", 60.0)
+    policy.record_round({"site-1": 12.0, "site-2": 14.0, "site-3": 14.0, "site-4": 16.0}, ["site-5"])
+    assert policy.due["site-5"] == 5
+    quick = {"site-1": 1.8, "site-2": 2.0, "site-3": 2.0, "site-4": 2.2}
+    waited = [r for r in range(1, 10) if policy.waits_for(SITES) or policy.record_round(quick, ["site-5"]) is None]
+    assert waited == [] and policy.due["site-5"] == 30 and policy.missed["site-5"] == 10
