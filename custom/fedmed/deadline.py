@@ -18,10 +18,10 @@ Pure module (no FLARE import); the controller (``fedmed.flare.controller``) poll
    when it never answered, 2.5 x the longest it held a task unanswered, or 10 x the median site's
    when it never even took one; at least ``max_grace``; at most the round timeout). A site seen
    holding a task for k median replies (in the latest round's pace) gets its first catch-up only
-   after k missed rounds, and a
-   failed catch-up pushes the next one back by its cost as well, so waits for a site that takes
-   tasks and never answers cost about as much wall time as the rounds between them. A slow site that answers then contributes to one round in ``catch_up_after + 1``, or
-   fewer: its next catch-up comes after as many missed rounds as its catch-up took median reply
+   after k missed rounds, and a failed catch-up pushes the next one back by its cost as well, so
+   waits for a site that takes tasks and never answers cost about as much wall time as the rounds
+   between them. A slow site that answers then contributes to one round in ``catch_up_after + 1``,
+   or fewer: its next catch-up comes after as many missed rounds as its catch-up took median reply
    times, so catch-up waits cost about as much wall time as the rounds between them (the job takes
    at most about twice as long as without the slow site);
    one that still misses it waits twice as many rounds for its next catch-up (2, 4, 8, ...), so a
@@ -38,7 +38,6 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-
 
 
 class DeadlinePolicy:
@@ -152,8 +151,8 @@ class DeadlinePolicy:
             cost = self._rounds_of(self.unanswered_seconds.get(site) if site not in self.reply_seconds else None)
             if site in waited_for:  # a failed catch-up: back off, at least by what the next one will cost
                 self.due[site] = max(2 * self.missed[site], self.missed[site] + cost)
-            elif cost > self.catch_up_after:  # seen needing long: its catch-up spaced by its cost in today's median
-                self.due[site] = max(self.due.get(site, 0), cost)  # rounds (round 1's start-up inflates the first median)
+            elif cost > self.catch_up_after:  # seen needing long: its catch-up spaced by its cost in the latest
+                self.due[site] = max(self.due.get(site, 0), cost)  # round's pace (round 1's start-up inflates its median)
             due = self.due.get(site, self.catch_up_after)
             notes.append(f"{site} left out ({self.missed[site]} round(s) in a row); "
                          + (f"a round waits for it after {due} missed in a row" if self.missed[site] < due
