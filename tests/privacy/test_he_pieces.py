@@ -191,3 +191,17 @@ def test_the_he_spec_survives_the_job_folder_round_trip_with_its_protocol_execut
     assert spec.scope == "dp_he" and {"secagg_keys", "train"} <= set(spec.client_tasks())
     step = {c.id: c for c in spec.server_components}[HE_STEP_ID]
     assert step.args["threshold"] == 3
+
+
+def test_every_step_method_of_secure_aggregation_is_the_steps_own_not_flares():
+    """SecureAggregation is an FLComponent too, and FLARE's StatePersistable.restore (returning None)
+    used to come first: a 1-round dp_he job whose gate rolled back to the initial model found "no
+    copy of version 0" and failed (the flaky CI failure of test_he_secure_aggregation_and_compressed_bytes)."""
+    from fedmed.flare.controller import _STEP_METHODS
+
+    step = SecureAggregation()
+    for name in _STEP_METHODS:
+        assert not getattr(step, name).__module__.startswith("nvflare"), name
+    arrays = {"w": np.arange(4.0), "b": np.zeros(2)}
+    restored = step.restore(arrays, None)
+    assert restored is not None and all(np.array_equal(restored[k], arrays[k]) for k in arrays)

@@ -265,6 +265,10 @@ class FedAvgController(Controller):
             return self._plaintext_step(fl_ctx)
         step = fl_ctx.get_engine().get_component(self.aggregation_step_id)
         missing = [name for name in _STEP_METHODS if not callable(getattr(step, name, None))]
+        # a step that is also an FLComponent can have a step method shadowed by FLARE's own (StatePersistable.restore)
+        missing += [f"{name} (FLARE's {getattr(step, name).__qualname__} comes first)" for name in _STEP_METHODS
+                    if name not in missing and step is not None
+                    and getattr(getattr(step, name), "__module__", "").startswith("nvflare")]
         if step is None or missing:
             raise TypeError(f"FedAvgController args.aggregation_step_id '{self.aggregation_step_id}': "
                             + ("no such server component" if step is None else

@@ -107,6 +107,11 @@ class SecureAggregation(FLComponent, PlaintextAggregation):
         self.round: dict = {}
         self.audit: list[dict] = []
 
+    def restore(self, arrays, context):
+        """The plaintext step's restore: FLComponent's ``StatePersistable.restore`` (which returns None)
+        would otherwise come first and a rollback to a kept version would find no model."""
+        return PlaintextAggregation.restore(self, arrays, context)
+
     def settings(self) -> dict:
         return {"aggregation": {"name": "fedavg", "args": {}}, "server_optimizer": self.server_optimizer_spec,
                 "step": "secure_aggregation", "threshold": self.threshold_arg or "majority", "min_sites": self.floor}
