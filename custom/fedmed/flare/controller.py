@@ -267,8 +267,7 @@ class FedAvgController(Controller):
         missing = [name for name in _STEP_METHODS if not callable(getattr(step, name, None))]
         # a step that is also an FLComponent can have a step method shadowed by FLARE's own (StatePersistable.restore)
         missing += [f"{name} (FLARE's {getattr(step, name).__qualname__} comes first)" for name in _STEP_METHODS
-                    if name not in missing and step is not None
-                    and getattr(getattr(step, name), "__module__", "").startswith("nvflare")]
+                    if name not in missing and getattr(getattr(step, name), "__module__", "").startswith("nvflare")]
         if step is None or missing:
             raise TypeError(f"FedAvgController args.aggregation_step_id '{self.aggregation_step_id}': "
                             + ("no such server component" if step is None else
@@ -375,7 +374,7 @@ class FedAvgController(Controller):
             time.sleep(0.05)
         times = answered()
         for ct in list(task.client_tasks):  # took the task, no answer yet: it needs at least this long
-            if ct.client.name not in times and not ct.result_received_time:
+            if not ct.result_received_time:
                 self.deadline.record_unanswered(ct.client.name, closed_after)
         answers, errors = collect_replies(task, clients)
         notes = self.deadline.record_round({s: t for s, t in times.items() if s in answers}, sorted(s for s in errors if s in names), waiting_for)
